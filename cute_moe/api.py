@@ -1,0 +1,204 @@
+"""Public entry points: argument checks, backend dispatch, torch/cupy in and out.
+
+``backend="reference"`` runs :mod:`cute_moe.reference`; ``"cute"`` runs the GPU kernels of
+``cute_moe.layer`` and raises ``NotImplementedError`` (with the reason) when they cannot take the
+call; ``"auto"`` picks cute when it can, else the reference. :func:`last_backend` says which ran.
+
+The cute kernel module hook: ``cute_moe.layer`` must provide
+
+- ``unsupported_reason(op, **kwargs) -> str | None``: None if its kernels run these inputs;
+- ``route(**kwargs) -> (topk_weights float32 [T, k], topk_ids int32 [T, k])`` for op ``"route"``;
+- ``fused_moe(**kwargs) -> [T, H] tensor`` for op ``"fused_moe"``, written into ``kwargs["out"]``
+  when it is not None;
+
+where ``kwargs`` are the public function's keyword arguments without ``backend`` (torch tensors,
+already validated). Only non-CPU inputs are offered to it; route/fused_moe are not called for T == 0
+(the API returns the empty result itself).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import threading
+
+import torch
+
+from .interop import array_kind, as_torch, to_kind
+from .quant import QuantizedWeights
+from .reference import experts_reference, route_reference, router_logits_reference
+from .validate import (BACKENDS, check_choice, check_experts, check_ids_in_range, check_route,
+                       check_router_weight, check_routing, check_topk, check_weight_on_input, check_x,
+                       debug_checks_enabled)
+
+_LAYER = f"{__package__}.layer"
+_layer_missing: str | None = None
+_state = threading.local()
+
+
+def last_backend() -> str | None:
+    """'cute' or 'reference': the backend of this thread's last route/fused_moe/moe call (None before
+    any). For ``moe`` it is 'cute' only if both routing and the experts ran on cute kernels."""
+    return getattr(_state, "backend", None)
+
+
+def _load_layer():
+    """(the cute kernel module or None, suffix explaining an import failure); failures are cached."""
+    global _layer_missing
+    module = sys.modules.get(_LAYER)
+    if module is not None or _layer_missing is not None:
+        return module, _layer_missing
+    try:
+        return importlib.import_module(_LAYER), None
+    except ImportError as e:
+        _layer_missing = "" if e.name == _LAYER else f" ({e})"
+        return None, _layer_missing
+
+
+def _cute_unsupported_reason(op: str, **kwargs) -> str | None:
+    """Why the cute kernels cannot run ``op`` on these (validated) arguments, or None if they can."""
+    first = next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+    if first.device.type == "cpu":
+        return "inputs are on the CPU"
+    layer, missing = _load_layer()
+    if layer is None:
+        return f"the cute kernels for {op} are not available in this build{missing}"
+    return layer.unsupported_reason(op, **kwargs)
+
+
+def _select(op: str, backend: str, kwargs: dict) -> str:
+    """The backend that runs this call: 'cute' or 'reference'."""
+    if backend == "reference":
+        return "reference"
+    reason = _cute_unsupported_reason(op, **kwargs)
+    if reason is None:
+        return "cute"
+    if backend == "cute":
+        raise NotImplementedError(f"backend='cute' cannot run this call: {reason}")
+    return "reference"
+
+
+def _route(kwargs: dict, backend: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Run routing on the selected backend: (topk_weights, topk_ids, backend name)."""
+    name = _select("route", backend, kwargs)
+    logits, top_k = kwargs["router_logits"], kwargs["top_k"]
+    if logits.shape[0] == 0:
+        empty = logits.new_empty(0, top_k, dtype=torch.float32)
+        return empty, empty.to(torch.int32), name
+    impl = _load_layer()[0].route if name == "cute" else route_reference
+    return (*impl(**kwargs), name)
+
+
+def _fused_moe(kwargs: dict, num_experts: int, backend: str) -> tuple[torch.Tensor, str]:
+    """Run the experts on the selected backend: (output, backend name)."""
+    name = _select("fused_moe", backend, kwargs)
+    x, out = kwargs["x"], kwargs["out"]
+    if name == "reference" or debug_checks_enabled():
+        check_ids_in_range(kwargs["topk_ids"], num_experts)
+    if x.shape[0] == 0:
+        result = x.new_empty(0, x.shape[1])
+    elif name == "cute":
+        result = _load_layer()[0].fused_moe(**kwargs)
+    else:
+        result = experts_reference(**{k: v for k, v in kwargs.items() if k != "out"})
+    if out is None:
+        return result, name
+    if result is not out:
+        out.copy_(result)
+    return out, name
+
+
+def route(router_logits, top_k: int, *, scoring: str = "softmax", renormalize: bool = False,
+          num_groups: int | None = None, topk_groups: int | None = None, correction_bias=None,
+          routed_scaling_factor: float = 1.0, backend: str = "auto"):
+    """Top-k expert selection for ``router_logits`` [T, E] (torch tensor or cupy array).
+
+    Returns (topk_weights float32 [T, top_k], topk_ids int32 [T, top_k]) in the caller's array
+    type. Semantics (scoring, groups, correction bias, tie-breaking toward the lower expert index)
+    are those of :func:`cute_moe.reference.route_reference`; model presets are in
+    ``cute_moe.ROUTING_PRESETS``. NaN logits give NaN weights for that token.
+    """
+    kind = array_kind(router_logits)
+    kwargs = dict(router_logits=as_torch(router_logits, "router_logits"), top_k=top_k, scoring=scoring,
+                  renormalize=renormalize, num_groups=num_groups, topk_groups=topk_groups,
+                  correction_bias=as_torch(correction_bias, "correction_bias"),
+                  routed_scaling_factor=routed_scaling_factor)
+    check_choice("backend", backend, BACKENDS)
+    check_route(kwargs["router_logits"], top_k, scoring=scoring, num_groups=num_groups,
+                topk_groups=topk_groups, correction_bias=kwargs["correction_bias"])
+    weights, ids, _state.backend = _route(kwargs, backend)
+    return to_kind(weights, kind), to_kind(ids, kind)
+
+
+def _expert_kwargs(x, w1, w2, *, activation, w1_bias, w2_bias, quant, apply_router_weight_on_input,
+                   shared_output, out) -> tuple[dict, int]:
+    """Torch views of the expert-stage arguments, checked; returns (kwargs, E)."""
+    kwargs = dict(x=as_torch(x, "x"), w1=as_torch(w1, "w1"), w2=as_torch(w2, "w2"), activation=activation,
+                  w1_bias=as_torch(w1_bias, "w1_bias"), w2_bias=as_torch(w2_bias, "w2_bias"), quant=quant,
+                  apply_router_weight_on_input=apply_router_weight_on_input,
+                  shared_output=as_torch(shared_output, "shared_output"), out=as_torch(out, "out"))
+    check_x(kwargs["x"])
+    num_experts = check_experts(kwargs["x"], kwargs["w1"], kwargs["w2"], activation=activation,
+                                w1_bias=kwargs["w1_bias"], w2_bias=kwargs["w2_bias"], quant=quant,
+                                shared_output=kwargs["shared_output"], out=kwargs["out"])
+    return kwargs, num_experts
+
+
+def fused_moe(x, w1, w2, topk_weights, topk_ids, *, activation: str = "silu", w1_bias=None, w2_bias=None,
+              quant: QuantizedWeights | None = None, apply_router_weight_on_input: bool = False,
+              shared_output=None, out=None, backend: str = "auto"):
+    """Routed experts: out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) (+ shared_output).
+
+    x [T, H]; w1 [E, 2I, H] ([gate | up] rows); w2 [E, H, I]; topk_weights/topk_ids [T, k];
+    biases [E, 2I] / [E, H]; ``activation`` in ACTIVATIONS. With ``quant`` (a QuantizedWeights) the
+    fp8 weights come from it and w1, w2 must be None. ``apply_router_weight_on_input`` (Llama-4,
+    top_k == 1) scales x by the weight instead of the output. Returns [T, H] in x's dtype and array
+    type, written into ``out`` when given. NaN inputs propagate to the affected tokens. topk_ids
+    must lie in [0, E): checked on the reference path, and on the cute path only with debug checks
+    (``set_debug_checks(True)`` / ``CUTE_MOE_DEBUG=1``) because the check syncs with the host.
+    """
+    kind = array_kind(x)
+    check_choice("backend", backend, BACKENDS)
+    kwargs, num_experts = _expert_kwargs(
+        x, w1, w2, activation=activation, w1_bias=w1_bias, w2_bias=w2_bias, quant=quant,
+        apply_router_weight_on_input=apply_router_weight_on_input, shared_output=shared_output, out=out)
+    kwargs["topk_weights"] = as_torch(topk_weights, "topk_weights")
+    kwargs["topk_ids"] = as_torch(topk_ids, "topk_ids")
+    x_t = kwargs["x"]
+    top_k = check_topk(kwargs["topk_weights"], kwargs["topk_ids"], x_t.shape[0], num_experts, x_t.device)
+    check_weight_on_input(apply_router_weight_on_input, top_k)
+    result, _state.backend = _fused_moe(kwargs, num_experts, backend)
+    return out if out is not None else to_kind(result, kind)
+
+
+def moe(x, router_weight, w1, w2, top_k: int, *, scoring: str = "softmax", renormalize: bool = False,
+        num_groups: int | None = None, topk_groups: int | None = None, correction_bias=None,
+        routed_scaling_factor: float = 1.0, activation: str = "silu", w1_bias=None, w2_bias=None,
+        quant: QuantizedWeights | None = None, apply_router_weight_on_input: bool = False,
+        shared_output=None, out=None, backend: str = "auto"):
+    """The whole MoE layer: router logits x @ router_weight.T (float32), :func:`route`, :func:`fused_moe`.
+
+    ``router_weight`` is [E, H]; the other arguments are those of route and fused_moe. Every
+    argument is checked before any work starts. :func:`last_backend` reports 'cute' only if both
+    steps ran on cute kernels.
+    """
+    kind = array_kind(x)
+    check_choice("backend", backend, BACKENDS)
+    kwargs, num_experts = _expert_kwargs(
+        x, w1, w2, activation=activation, w1_bias=w1_bias, w2_bias=w2_bias, quant=quant,
+        apply_router_weight_on_input=apply_router_weight_on_input, shared_output=shared_output, out=out)
+    x_t = kwargs["x"]
+    router_weight = as_torch(router_weight, "router_weight")
+    correction_bias = as_torch(correction_bias, "correction_bias")
+    check_router_weight(router_weight, num_experts, x_t.shape[1], x_t.device)
+    check_routing(num_experts, x_t.device, top_k, scoring=scoring, num_groups=num_groups,
+                  topk_groups=topk_groups, correction_bias=correction_bias)
+    check_weight_on_input(apply_router_weight_on_input, top_k)
+    route_kwargs = dict(router_logits=router_logits_reference(x_t, router_weight), top_k=top_k,
+                        scoring=scoring, renormalize=renormalize, num_groups=num_groups,
+                        topk_groups=topk_groups, correction_bias=correction_bias,
+                        routed_scaling_factor=routed_scaling_factor)
+    kwargs["topk_weights"], kwargs["topk_ids"], route_backend = _route(route_kwargs, backend)
+    result, experts_backend = _fused_moe(kwargs, num_experts, backend)
+    _state.backend = "cute" if route_backend == experts_backend == "cute" else "reference"
+    return out if out is not None else to_kind(result, kind)

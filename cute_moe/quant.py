@@ -1,0 +1,189 @@
+"""FP8 (e4m3) quantization emulation shared by the reference path and the fp8 kernels' tests.
+
+Every scheme computes ``scale = max(amax, AMAX_EPS) / 448`` in float32 over its group, stores
+``q = clamp(x / scale, -448, 448)`` as ``torch.float8_e4m3fn`` and dequantizes as ``q * scale``
+(``AMAX_EPS`` keeps all-zero groups at a tiny scale instead of 0/0 = NaN). Schemes per ``mode``
+(activations [M, K] / expert weights [E, N, K]):
+
+- ``per_tensor``: one scale ``[]`` / one scale per expert ``[E, 1, 1]`` (vLLM, Mixtral-FP8).
+- ``per_token``: one scale per row ``[M, 1]`` / one per output channel ``[E, N, 1]``.
+- ``blockwise``: 1x128 groups ``[M, ceil(K/128)]`` / 128x128 tiles ``[E, ceil(N/128), ceil(K/128)]``
+  (DeepSeek-V3's ``weight_scale_inv``: dequantized = q * scale_inv).
+
+Ragged trailing groups/blocks (K or N not a multiple of 128) are scaled by the amax of the elements
+they do contain. Activation scales are dynamic (computed from the data on every call).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "AMAX_EPS", "BLOCK", "FP8_DTYPE", "FP8_MAX", "QUANT_DTYPES", "QUANT_MODES", "QuantConfig",
+    "QuantizedWeights", "dequantize", "dequantize_blockwise_act", "dequantize_blockwise_weight",
+    "dequantize_per_channel", "dequantize_per_expert", "dequantize_per_tensor", "dequantize_per_token",
+    "dequantize_weight", "fake_quantize_act", "quantize_blockwise_act", "quantize_blockwise_weight",
+    "quantize_per_channel", "quantize_per_expert", "quantize_per_tensor", "quantize_per_token",
+    "quantize_weights",
+]
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+AMAX_EPS = 1e-10
+BLOCK = 128
+QUANT_MODES = ("per_tensor", "per_token", "blockwise")
+QUANT_DTYPES = ("e4m3",)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Which fp8 scheme a layer uses: ``mode`` in QUANT_MODES, ``dtype`` in QUANT_DTYPES."""
+
+    mode: str
+    dtype: str = "e4m3"
+
+    def __post_init__(self):
+        if self.mode not in QUANT_MODES:
+            raise ValueError(f"mode: expected one of {QUANT_MODES}, got {self.mode!r}")
+        if self.dtype not in QUANT_DTYPES:
+            raise ValueError(f"dtype: expected one of {QUANT_DTYPES}, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class QuantizedWeights:
+    """Quantized expert weights for the ``quant=`` path: fp8 ``w1_q`` [E, 2I, H], ``w2_q`` [E, H, I]
+    and their float32 scales in ``mode``'s weight layout (see the module docstring)."""
+
+    w1_q: torch.Tensor
+    w1_scale: torch.Tensor
+    w2_q: torch.Tensor
+    w2_scale: torch.Tensor
+    mode: str
+
+
+def _scale(amax: torch.Tensor) -> torch.Tensor:
+    """float32 scale for a group whose largest magnitude is ``amax``."""
+    return amax.float().clamp(min=AMAX_EPS) / FP8_MAX
+
+
+def _cast(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x / scale`` saturated to the e4m3 range and rounded to fp8 (``scale`` broadcastable)."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def _quantize(x: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` with one scale per element of ``amax`` (broadcastable to ``x``)."""
+    scale = _scale(amax)
+    return _cast(x, scale), scale
+
+
+def _blocks(x: torch.Tensor, block: int, ndims: int) -> torch.Tensor:
+    """|x| zero-padded to whole blocks along its last ``ndims`` dims, each dim split as (n, block)."""
+    pad: list[int] = []
+    for n in reversed(x.shape[x.dim() - ndims:]):
+        pad += [0, -n % block]
+    padded = F.pad(x.float().abs(), pad)
+    for i in range(ndims):
+        dim = x.dim() - ndims + 2 * i
+        padded = padded.unflatten(dim, (-1, block))
+    return padded
+
+
+def _expand(scale: torch.Tensor, block: int, sizes: torch.Size) -> torch.Tensor:
+    """Repeat each scale ``block`` times along the trailing ``len(sizes)`` dims, cropped to ``sizes``."""
+    for i, n in enumerate(sizes):
+        dim = scale.dim() - len(sizes) + i
+        scale = scale.repeat_interleave(block, dim=dim).narrow(dim, 0, n)
+    return scale
+
+
+def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale for the whole tensor: (q, scale []); an empty ``x`` gets the epsilon scale."""
+    amax = x.float().abs().amax() if x.numel() else x.new_zeros((), dtype=torch.float32)
+    return _quantize(x, amax)
+
+
+def quantize_per_expert(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor scale for each expert matrix of ``w`` [E, N, K]: (q, scale [E, 1, 1])."""
+    return _quantize(w, w.float().abs().amax(dim=(1, 2), keepdim=True))
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale per row of ``x`` [M, K]: (q, scale [M, 1])."""
+    return _quantize(x, x.float().abs().amax(dim=-1, keepdim=True))
+
+
+def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale per output channel of ``w`` [E, N, K]: (q, scale [E, N, 1])."""
+    return _quantize(w, w.float().abs().amax(dim=-1, keepdim=True))
+
+
+def quantize_blockwise_act(x: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale per 1 x ``group`` slice of ``x`` [M, K]: (q, scale [M, ceil(K/group)])."""
+    scale = _scale(_blocks(x, group, 1).amax(-1))
+    return _cast(x, _expand(scale, group, x.shape[-1:])), scale
+
+
+def quantize_blockwise_weight(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale per ``block`` x ``block`` tile of ``w`` [E, N, K]:
+    (q, scale_inv [E, ceil(N/block), ceil(K/block)]), dequantized as ``q * scale_inv``."""
+    scale = _scale(_blocks(w, block, 2).amax(dim=(-3, -1)))
+    return _cast(w, _expand(scale, block, w.shape[-2:])), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``q * scale`` in float32 for the broadcasting layouts (per-tensor/expert/token/channel)."""
+    return q.float() * scale
+
+
+dequantize_per_tensor = dequantize_per_expert = dequantize_per_token = dequantize_per_channel = dequantize
+
+
+def dequantize_blockwise_act(q: torch.Tensor, scale: torch.Tensor, group: int = BLOCK) -> torch.Tensor:
+    """Inverse of :func:`quantize_blockwise_act`, in float32."""
+    return q.float() * _expand(scale, group, q.shape[-1:])
+
+
+def dequantize_blockwise_weight(q: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """Inverse of :func:`quantize_blockwise_weight`, in float32."""
+    return q.float() * _expand(scale_inv, block, q.shape[-2:])
+
+
+_WEIGHT_SCHEMES = {
+    "per_tensor": (quantize_per_expert, dequantize),
+    "per_token": (quantize_per_channel, dequantize),
+    "blockwise": (quantize_blockwise_weight, dequantize_blockwise_weight),
+}
+_ACT_SCHEMES = {
+    "per_tensor": (quantize_per_tensor, dequantize),
+    "per_token": (quantize_per_token, dequantize),
+    "blockwise": (quantize_blockwise_act, dequantize_blockwise_act),
+}
+
+
+def _mode(config: QuantConfig | str) -> str:
+    return config.mode if isinstance(config, QuantConfig) else QuantConfig(config).mode
+
+
+def quantize_weights(w1: torch.Tensor, w2: torch.Tensor, config: QuantConfig | str) -> QuantizedWeights:
+    """Quantize expert weights w1 [E, 2I, H] and w2 [E, H, I] in ``config``'s weight scheme."""
+    mode = _mode(config)
+    quantize, _ = _WEIGHT_SCHEMES[mode]
+    w1_q, w1_scale = quantize(w1)
+    w2_q, w2_scale = quantize(w2)
+    return QuantizedWeights(w1_q, w1_scale, w2_q, w2_scale, mode)
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, mode: str) -> torch.Tensor:
+    """float32 weights [E, N, K] from ``q`` and its ``mode`` weight scale (also for E-slices)."""
+    return _WEIGHT_SCHEMES[mode][1](q, scale)
+
+
+def fake_quantize_act(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """Quantize then dequantize activations [M, K] in ``mode``'s activation scheme (float32):
+    the values an fp8 kernel multiplies, with the scale folded back in."""
+    quantize, dequantize_fn = _ACT_SCHEMES[mode]
+    return dequantize_fn(*quantize(x))
