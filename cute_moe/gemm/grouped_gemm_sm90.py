@@ -1,0 +1,506 @@
+"""Hopper (sm_90a) MoE grouped GEMM in CuTe DSL: C[rows of expert e] = A[rows of e] @ B[e]^T.
+
+A `[M_total, K]` holds every expert's rows back to back; expert e owns rows
+`[start_e, start_e + count_e)`, given on the device either by `cu_seqlens[E+1]` (varlen layout:
+start = cu[e], count = cu[e+1] - cu[e]) or by `masked_m[E]` (masked layout, A is `[E, max_m, K]`:
+start = e * max_m, count = masked_m[e]). B is `[E, N, K]` (K-major), C is `[M_total, N_out]`.
+
+Design:
+- warp specialization: warpgroup 0 is the producer (one warp issues TMA loads), one or two consumer
+  warpgroups issue WGMMA on a (tile_m x tile_n) fp32 accumulator; setmaxnreg moves registers to them.
+- persistent: each CTA walks tiles t = blockIdx.x, + gridDim.x, ... over all experts' tiles. The tile
+  list (per expert: ceil(count_e / tile_m) M-tiles x N-tiles, M fastest so co-resident CTAs share a
+  weight tile in L2) is prefix-summed once per CTA into shared memory from the device offsets:
+  no host sync, any routing, same binary.
+- tiles never straddle experts: an M-tile starts at start_e + i * tile_m; its A rows past the expert's
+  end belong to the next expert (or are zero-filled past M_total) and are never stored, because the
+  output TMA store goes through a "clipped" view of C whose row bound is the expert's end row (see
+  `_clipped_store_view`).
+- gated epilogue (GEMM1 + activation): the tile loads gate rows [n0, n0 + tile_n/2) and up rows
+  [I + n0, ...) of the user's `[E, 2I, H]` weight as two TMA boxes into one B stage, so each thread's
+  accumulator holds matching gate and up columns; the activated (tile_m x tile_n/2) result is stored.
+- optional per-(expert, column) bias and per-row scale (the router weight) in the epilogue.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.pipeline as pipeline
+import cutlass.utils as utils
+import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass import Float32, Int32, const_expr
+from cutlass.cute.nvgpu import cpasync, warpgroup
+from cutlass.tensor_utils import LayoutEnum
+
+from .config import GemmConfig
+
+_SWIGLU_ALPHA = 1.702
+_SWIGLU_LIMIT = 7.0
+
+
+@cute.jit
+def _sigmoid(x: Float32) -> Float32:
+    return cute.arch.rcp_approx(1.0 + cute.math.exp(-x, fastmath=True))
+
+
+@cute.jit
+def _gated(gate: Float32, up: Float32, activation: cutlass.Constexpr) -> Float32:
+    """act(gate) * up for the gated activations of `cute_moe.reference`."""
+    out = gate
+    if const_expr(activation == "silu"):
+        out = gate * _sigmoid(gate) * up
+    elif const_expr(activation == "gelu"):
+        # exact (erf) GELU, as torch.nn.functional.gelu's default
+        out = 0.5 * gate * (1.0 + cute.math.erf(gate * 0.7071067811865476)) * up
+    else:  # swiglu_oai
+        g = cute.arch.fmin(gate, Float32(_SWIGLU_LIMIT))
+        u = cute.arch.fmax(cute.arch.fmin(up, Float32(_SWIGLU_LIMIT)), Float32(-_SWIGLU_LIMIT))
+        out = g * _sigmoid(g * _SWIGLU_ALPHA) * (u + 1.0)
+    return out
+
+
+class GroupedGemmSm90:
+    """One compiled grouped GEMM: a `GemmConfig`, an epilogue and a segment layout (varlen or masked)."""
+
+    def __init__(
+        self,
+        config: GemmConfig,
+        activation: str = "none",
+        has_bias: bool = False,
+        has_row_scale: bool = False,
+        masked: bool = False,
+    ):
+        self.cfg = config
+        self.activation = activation
+        self.gated = activation != "none"
+        self.has_bias = has_bias
+        self.has_row_scale = has_row_scale
+        self.masked = masked
+        self.acc_dtype = cutlass.Float32
+        self.tile_m, self.tile_n = config.tile_m, config.tile_n
+        self.tile_n_out = self.tile_n // 2 if self.gated else self.tile_n
+        self.num_mma_wg = self.tile_m // 64
+        self.threads = 128 * (1 + self.num_mma_wg)
+        self.num_mma_threads = 128 * self.num_mma_wg
+        self.epi_store_warp = 4
+        self.epi_barrier = pipeline.NamedBarrier(barrier_id=1, num_threads=self.num_mma_threads)
+        self.smem_capacity = utils.get_smem_capacity_in_bytes("sm_90")
+
+    # ------------------------------------------------------------------ host-side (trace time)
+    def _setup(self, a_dtype, c_dtype, num_experts: int):
+        self.a_dtype = a_dtype
+        self.c_dtype = c_dtype
+        self.tiled_mma = sm90_utils.make_trivial_tiled_mma(
+            a_dtype, a_dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K,
+            self.acc_dtype, (self.num_mma_wg, 1, 1), tiler_mn=(64, self.tile_n),
+        )
+        # the output-shaped MMA: never issued, only used to partition the activated result
+        self.tiled_mma_out = self.tiled_mma
+        if const_expr(self.gated):
+            self.tiled_mma_out = sm90_utils.make_trivial_tiled_mma(
+                a_dtype, a_dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K,
+                self.acc_dtype, (self.num_mma_wg, 1, 1), tiler_mn=(64, self.tile_n_out),
+            )
+        tile_k = 128 * 8 // a_dtype.width  # one 128-byte swizzle atom
+        self.tile_k = tile_k
+        self.tile_mnk = (self.tile_m, self.tile_n, tile_k)
+        self.epi_tile = (self.tile_m, min(32, self.tile_n_out))
+        self.epi_stage = 4 if self.tile_n_out >= 128 else 2
+
+        a_layout = LayoutEnum.ROW_MAJOR
+        b_layout = LayoutEnum.ROW_MAJOR  # (N, K) with K contiguous: K-major for WGMMA
+        self.c_layout = LayoutEnum.ROW_MAJOR
+        ab_bytes = (self.tile_m + self.tile_n) * tile_k * a_dtype.width // 8
+        epi_bytes = self.epi_tile[0] * self.epi_tile[1] * c_dtype.width // 8 * self.epi_stage
+        reserve = 1024 + 4 * (num_experts + 1) + 1024
+        stages = (self.smem_capacity - reserve - epi_bytes) // ab_bytes
+        if self.cfg.stages:
+            stages = min(stages, self.cfg.stages)
+        self.ab_stage = stages
+        self.a_smem_staged = sm90_utils.make_smem_layout_a(a_layout, self.tile_mnk, a_dtype, stages)
+        self.b_smem_staged = sm90_utils.make_smem_layout_b(b_layout, self.tile_mnk, a_dtype, stages)
+        # B as TMA sees it: one box per stage, or two half-height boxes (gate, up) per stage.
+        # With tile_k equal to the swizzle atom width, the two halves of a stage are the two
+        # contiguous halves of the full stage layout.
+        b_box_n = self.tile_n // 2 if self.gated else self.tile_n
+        self.b_box_n = b_box_n
+        self.b_tma_staged = sm90_utils.make_smem_layout_b(
+            b_layout, (self.tile_m, b_box_n, tile_k), a_dtype, stages * (2 if self.gated else 1)
+        )
+        self.epi_smem_staged = sm90_utils.make_smem_layout_epi(
+            c_dtype, self.c_layout, self.epi_tile, self.epi_stage
+        )
+
+    @cute.jit
+    def __call__(
+        self,
+        mA: cute.Tensor,  # (M_total, K)
+        mB_enk: cute.Tensor,  # (E, N, K)
+        mC: cute.Tensor,  # (M_total, N_out)
+        mSeg: cute.Tensor,  # int32 cu_seqlens (E+1,) or masked_m (E,)
+        mBias: Optional[cute.Tensor],  # (E, N) or None: N = 2 * N_out when gated
+        mRowScale: Optional[cute.Tensor],  # (M_total,) float32 or None
+        max_m: Int32,  # masked layout: rows per expert slot (ignored for varlen)
+        num_sms: cutlass.Constexpr,
+        stream,
+    ):
+        num_experts = cute.size(mB_enk, mode=[0])
+        self._setup(mA.element_type, mC.element_type, num_experts)
+        n_b = cute.size(mB_enk, mode=[1])
+        n_out = cute.size(mC, mode=[1])
+        m_total = cute.size(mA, mode=[0])
+        # (N, K, E) view of B: the expert is TMA's third coordinate
+        mB = cute.make_tensor(mB_enk.iterator, cute.select(mB_enk.layout, mode=[1, 2, 0]))
+
+        tma_a, tma_tensor_a = cpasync.make_tiled_tma_atom(
+            cpasync.CopyBulkTensorTileG2SOp(), mA,
+            cute.slice_(self.a_smem_staged, (None, None, 0)), (self.tile_m, self.tile_k),
+        )
+        tma_b, tma_tensor_b = cpasync.make_tiled_tma_atom(
+            cpasync.CopyBulkTensorTileG2SOp(), mB,
+            cute.slice_(self.b_tma_staged, (None, None, 0)), (self.b_box_n, self.tile_k),
+        )
+        mC_clip = self._clipped_store_view(mC, m_total, n_out)
+        tma_c, tma_tensor_c = cpasync.make_tiled_tma_atom(
+            cpasync.CopyBulkTensorTileS2GOp(), mC_clip,
+            cute.slice_(self.epi_smem_staged, (None, None, 0)), self.epi_tile,
+        )
+
+        n_tiles = (n_out + self.tile_n_out - 1) // self.tile_n_out
+        # an upper bound of the M-tiles over all experts: every tile holds >= 1 row, and each
+        # non-empty expert adds at most one partial tile
+        m_tiles_ub = (m_total + (self.tile_m - 1) * cutlass.min(num_experts, m_total)) // self.tile_m
+        grid_x = cutlass.min(m_tiles_ub * n_tiles, num_sms)
+        grid_x = cutlass.max(grid_x, 1)
+
+        @cute.struct
+        class SharedStorage:
+            pipe_mbar: cute.struct.MemRange[cutlass.Int64, self.ab_stage * 2]
+            tile_prefix: cute.struct.MemRange[Int32, num_experts + 1]
+            sA: cute.struct.Align[
+                cute.struct.MemRange[self.a_dtype, cute.cosize(self.a_smem_staged)], 1024
+            ]
+            sB: cute.struct.Align[
+                cute.struct.MemRange[self.a_dtype, cute.cosize(self.b_smem_staged)], 1024
+            ]
+            sC: cute.struct.Align[
+                cute.struct.MemRange[self.c_dtype, cute.cosize(self.epi_smem_staged)], 1024
+            ]
+
+        self.shared_storage = SharedStorage
+        self.smem_bytes = SharedStorage.size_in_bytes()
+        self.kernel(
+            tma_a, tma_tensor_a, tma_b, tma_tensor_b, tma_c, tma_tensor_c,
+            mSeg, mBias, mRowScale, max_m, n_tiles, n_b,
+            self.tiled_mma, self.tiled_mma_out,
+            self.a_smem_staged, self.b_smem_staged, self.b_tma_staged, self.epi_smem_staged,
+        ).launch(
+            grid=[grid_x, 1, 1],
+            block=[self.threads, 1, 1],
+            min_blocks_per_mp=1,
+            stream=stream,
+        )
+
+    def _clipped_store_view(self, mC: cute.Tensor, m_total, n_out):
+        """A 3-D view `(tile_m, N_out, M_total + tile_m)` of C whose row mode is at most one tile tall.
+
+        Element (m, n, l) is C[l + m - tile_m, n]. A tile whose rows [r0, r0 + tile_m) end past its
+        expert's end row `end` is stored at l = end, m = r0 + tile_m - end + i: TMA's bounds check on
+        m (< tile_m) then drops exactly the rows >= end. The base pointer sits tile_m rows before C;
+        TMA stores only touch in-bound elements, so that address is never written.
+        """
+        base = cute.domain_offset((-self.tile_m, 0), mC).iterator
+        layout = cute.make_layout(
+            (self.tile_m, n_out, m_total + self.tile_m),
+            stride=(n_out, 1, n_out),
+        )
+        return cute.make_tensor(base, layout)
+
+    # ------------------------------------------------------------------ device
+    @cute.jit
+    def _segment(self, mSeg: cute.Tensor, e: Int32, max_m: Int32):
+        """(first row, row count) of expert e."""
+        start = Int32(0)
+        count = Int32(0)
+        if const_expr(self.masked):
+            start = e * max_m
+            count = cutlass.min(mSeg[e], max_m)
+        else:
+            start = mSeg[e]
+            count = mSeg[e + 1] - start
+        return start, count
+
+    @cute.kernel
+    def kernel(
+        self,
+        tma_a: cute.CopyAtom,
+        mA_tma: cute.Tensor,
+        tma_b: cute.CopyAtom,
+        mB_tma: cute.Tensor,
+        tma_c: cute.CopyAtom,
+        mC_tma: cute.Tensor,
+        mSeg: cute.Tensor,
+        mBias: Optional[cute.Tensor],
+        mRowScale: Optional[cute.Tensor],
+        max_m: Int32,
+        n_tiles: Int32,
+        n_b: Int32,
+        tiled_mma: cute.TiledMma,
+        tiled_mma_out: cute.TiledMma,
+        a_smem_staged: cute.ComposedLayout,
+        b_smem_staged: cute.ComposedLayout,
+        b_tma_staged: cute.ComposedLayout,
+        epi_smem_staged: cute.ComposedLayout,
+    ):
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        gdim, _, _ = cute.arch.grid_dim()
+        warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        lane = cute.arch.lane_idx()
+        num_experts = cute.size(mB_tma, mode=[2])
+
+        if warp_idx == 0:
+            cpasync.prefetch_descriptor(tma_a)
+            cpasync.prefetch_descriptor(tma_b)
+            cpasync.prefetch_descriptor(tma_c)
+
+        smem = utils.SmemAllocator()
+        storage = smem.allocate(self.shared_storage)
+
+        tma_bytes = cute.size_in_bytes(
+            self.a_dtype, cute.slice_(a_smem_staged, (None, None, 0))
+        ) + cute.size_in_bytes(self.a_dtype, cute.slice_(b_smem_staged, (None, None, 0)))
+        mainloop = pipeline.PipelineTmaAsync.create(
+            barrier_storage=storage.pipe_mbar.data_ptr(),
+            num_stages=self.ab_stage,
+            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
+            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.num_mma_wg * 4),
+            tx_count=tma_bytes,
+            cta_layout_vmnk=cute.make_layout((1, 1, 1, 1)),
+        )
+
+        # ---- per-CTA tile list: sPrefix[e] = first tile of expert e (in units of output tiles)
+        sPrefix = storage.tile_prefix.get_tensor(cute.make_layout(num_experts + 1))
+        if warp_idx == 0:
+            carry = Int32(0)
+            if lane == 0:
+                sPrefix[0] = Int32(0)
+            for chunk in cutlass.range_constexpr((num_experts + 31) // 32):
+                e = chunk * 32 + lane
+                x = Int32(0)
+                if e < num_experts:
+                    _, count = self._segment(mSeg, e, max_m)
+                    x = (count + self.tile_m - 1) // self.tile_m * n_tiles
+                for s in cutlass.range_constexpr(5):
+                    y = cute.arch.shuffle_sync_up(x, 1 << s, mask_and_clamp=0)
+                    if lane >= (1 << s):
+                        x = x + y
+                if e < num_experts:
+                    sPrefix[e + 1] = carry + x
+                carry = carry + cute.arch.shuffle_sync(x, 31)
+        cute.arch.sync_threads()
+        total_tiles = sPrefix[num_experts]
+
+        sA = storage.sA.get_tensor(a_smem_staged.outer, swizzle=a_smem_staged.inner)
+        sB = storage.sB.get_tensor(b_smem_staged.outer, swizzle=b_smem_staged.inner)
+        sB_tma = storage.sB.get_tensor(b_tma_staged.outer, swizzle=b_tma_staged.inner)
+        sC = storage.sC.get_tensor(epi_smem_staged.outer, swizzle=epi_smem_staged.inner)
+
+        k_tiles = cute.size(
+            cute.local_tile(mA_tma, (self.tile_m, self.tile_k), (0, None)), mode=[2]
+        )
+        wg_idx = cute.arch.make_warp_uniform(tidx // 128)
+
+        if wg_idx == 0:
+            cute.arch.setmaxregister_decrease(40)
+            if warp_idx == 0:
+                state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.ab_stage)
+                t = bidx
+                e = Int32(0)
+                while t < total_tiles:
+                    while sPrefix[e + 1] <= t:
+                        e = e + 1
+                    start, count = self._segment(mSeg, e, max_m)
+                    m_tiles = (sPrefix[e + 1] - sPrefix[e]) // n_tiles
+                    local = t - sPrefix[e]
+                    m_idx = local % m_tiles
+                    n_idx = local // m_tiles
+                    # A: (tile_m, tile_k, k_tiles) starting at this expert's row m_idx * tile_m
+                    gA = cute.local_tile(
+                        cute.domain_offset((start, 0), mA_tma), (self.tile_m, self.tile_k), (m_idx, None)
+                    )
+                    tAsA, tAgA = cpasync.tma_partition(
+                        tma_a, 0, cute.make_layout(1), cute.group_modes(sA, 0, 2), cute.group_modes(gA, 0, 2)
+                    )
+                    mB_e = mB_tma[None, None, e]
+                    gB0 = cute.local_tile(mB_e, (self.b_box_n, self.tile_k), (n_idx, None))
+                    tBsB, tBgB0 = cpasync.tma_partition(
+                        tma_b, 0, cute.make_layout(1), cute.group_modes(sB_tma, 0, 2), cute.group_modes(gB0, 0, 2)
+                    )
+                    tBgB1 = tBgB0
+                    if const_expr(self.gated):
+                        # up rows start at I = N_b / 2
+                        gB1 = cute.local_tile(
+                            cute.domain_offset((n_b // 2, 0), mB_e), (self.b_box_n, self.tile_k), (n_idx, None)
+                        )
+                        _, tBgB1 = cpasync.tma_partition(
+                            tma_b, 0, cute.make_layout(1), cute.group_modes(sB_tma, 0, 2), cute.group_modes(gB1, 0, 2)
+                        )
+                    for kt in range(k_tiles):
+                        mainloop.producer_acquire(state)
+                        bar = mainloop.producer_get_barrier(state)
+                        cute.copy(tma_a, tAgA[None, kt], tAsA[None, state.index], tma_bar_ptr=bar)
+                        if const_expr(self.gated):
+                            cute.copy(tma_b, tBgB0[None, kt], tBsB[None, 2 * state.index], tma_bar_ptr=bar)
+                            cute.copy(tma_b, tBgB1[None, kt], tBsB[None, 2 * state.index + 1], tma_bar_ptr=bar)
+                        else:
+                            cute.copy(tma_b, tBgB0[None, kt], tBsB[None, state.index], tma_bar_ptr=bar)
+                        mainloop.producer_commit(state)
+                        state.advance()
+                    t = t + gdim
+                mainloop.producer_tail(state)
+        else:
+            cute.arch.setmaxregister_increase(232)
+            self._consumer(
+                tidx, warp_idx, bidx, gdim, total_tiles, sPrefix, mSeg, mBias, mRowScale, max_m,
+                n_tiles, k_tiles, mainloop, tiled_mma, tiled_mma_out, sA, sB, sC,
+                tma_c, mC_tma,
+            )
+
+    @cute.jit
+    def _consumer(
+        self, tidx, warp_idx, bidx, gdim, total_tiles, sPrefix, mSeg, mBias, mRowScale, max_m,
+        n_tiles, k_tiles, mainloop, tiled_mma, tiled_mma_out, sA, sB, sC, tma_c, mC_tma,
+    ):
+        mma_tidx = tidx - 128
+        thr_mma = tiled_mma.get_slice(mma_tidx)
+        thr_mma_out = tiled_mma_out.get_slice(mma_tidx)
+        tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
+        tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
+        acc = cute.make_rmem_tensor(
+            thr_mma.partition_C(cute.make_identity_tensor((self.tile_m, self.tile_n))).shape, self.acc_dtype
+        )
+        # output-shaped accumulator and its (row, col) coordinates within the tile
+        tOcO = thr_mma_out.partition_C(cute.make_identity_tensor((self.tile_m, self.tile_n_out)))
+        out = cute.make_rmem_tensor(tOcO.shape, self.acc_dtype)
+        num_k_blocks = cute.size(tCrA, mode=[2])
+
+        copy_atom_r2s = sm90_utils.sm90_get_smem_store_op(
+            self.c_layout, elem_ty_d=self.c_dtype, elem_ty_acc=self.acc_dtype
+        )
+        copy_atom_c = cute.make_copy_atom(cute.nvgpu.warp.StMatrix8x8x16bOp(False, 4), self.c_dtype)
+        tiled_copy_r2s = cute.make_tiled_copy_S(copy_atom_r2s, cute.make_tiled_copy_C_atom(copy_atom_c, tiled_mma_out))
+        thr_copy_r2s = tiled_copy_r2s.get_slice(mma_tidx)
+        tRS_sD = thr_copy_r2s.partition_D(sC)
+        tRS_rAcc = tiled_copy_r2s.retile(out)
+        rD_shape = cute.shape(thr_copy_r2s.partition_S(sC))
+        tRS_rD = cute.make_rmem_tensor(rD_shape[:3], self.acc_dtype)
+        tRS_rD_out = cute.make_rmem_tensor(rD_shape[:3], self.c_dtype)
+        size_rD = cute.size(tRS_rD)
+
+        store_pipe = pipeline.PipelineTmaStore.create(
+            num_stages=self.epi_stage,
+            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.num_mma_threads),
+        )
+        read_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.ab_stage)
+        release_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.ab_stage)
+
+        n_acc = cute.size(acc)
+        n_out_frag = cute.size(out)
+        tile_count = Int32(0)
+        t = bidx
+        e = Int32(0)
+        while t < total_tiles:
+            while sPrefix[e + 1] <= t:
+                e = e + 1
+            start, count = self._segment(mSeg, e, max_m)
+            m_tiles = (sPrefix[e + 1] - sPrefix[e]) // n_tiles
+            local = t - sPrefix[e]
+            m_idx = local % m_tiles
+            n_idx = local // m_tiles
+
+            # ---- mainloop: keep one WGMMA batch in flight, release its stage one k-tile later
+            tiled_mma.set(warpgroup.Field.ACCUMULATE, False)
+            warpgroup.fence()
+            mainloop.consumer_wait(read_state)
+            for kb in cutlass.range_constexpr(num_k_blocks):
+                cute.gemm(tiled_mma, acc, tCrA[None, None, kb, read_state.index],
+                          tCrB[None, None, kb, read_state.index], acc)
+                tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
+            warpgroup.commit_group()
+            read_state.advance()
+            for kt in range(1, k_tiles):
+                mainloop.consumer_wait(read_state)
+                warpgroup.fence()
+                for kb in cutlass.range_constexpr(num_k_blocks):
+                    cute.gemm(tiled_mma, acc, tCrA[None, None, kb, read_state.index],
+                              tCrB[None, None, kb, read_state.index], acc)
+                warpgroup.commit_group()
+                warpgroup.wait_group(1)
+                mainloop.consumer_release(release_state)
+                release_state.advance()
+                read_state.advance()
+            warpgroup.wait_group(0)
+            mainloop.consumer_release(release_state)
+            release_state.advance()
+
+            # ---- epilogue math in registers: bias (before the activation), activation, row scale
+            row0 = m_idx * self.tile_m
+            col0 = n_idx * self.tile_n_out
+            n_out_total = cute.size(mC_tma, mode=[1])
+            half = n_acc // 2
+            for i in cutlass.range_constexpr(n_out_frag):
+                r, c = tOcO[i]
+                col = cutlass.min(col0 + c, n_out_total - 1)
+                v = acc[i]
+                if const_expr(self.gated):
+                    up = acc[i + half]
+                    if const_expr(self.has_bias):
+                        v = v + mBias[e, col].to(Float32)
+                        up = up + mBias[e, n_out_total + col].to(Float32)
+                    v = _gated(v, up, self.activation)
+                elif const_expr(self.has_bias):
+                    v = v + mBias[e, col].to(Float32)
+                if const_expr(self.has_row_scale):
+                    v = v * mRowScale[start + cutlass.min(row0 + r, count - 1)]
+                out[i] = v
+
+            # ---- epilogue store: registers -> smem (stmatrix) -> clipped TMA store
+            r0 = start + row0
+            end = start + count
+            l = r0 + self.tile_m
+            m_off = Int32(0)
+            if r0 + self.tile_m > end:
+                l = end
+                m_off = r0 + self.tile_m - end
+            gC = cute.local_tile(
+                cute.domain_offset((m_off, 0), mC_tma[None, None, l]),
+                (self.tile_m, self.tile_n_out), (0, n_idx),
+            )
+            gC_epi = cute.zipped_divide(gC, self.epi_tile)
+            bSG_sD, bSG_gD = cpasync.tma_partition(
+                tma_c, 0, cute.make_layout(1), cute.group_modes(sC, 0, 2), gC_epi
+            )
+            epi_num = cute.size(gC_epi, mode=[1])
+            epi_shape = gC_epi.shape[1]
+            epi_layout = cute.make_layout(epi_shape, stride=(epi_shape[1], 1))
+            for epi_idx in cutlass.range_constexpr(epi_num):
+                for v in cutlass.range_constexpr(size_rD):
+                    tRS_rD[v] = tRS_rAcc[epi_idx * size_rD + v]
+                tRS_rD_out.store(tRS_rD.load().to(self.c_dtype))
+                buf = (tile_count * epi_num + epi_idx) % self.epi_stage
+                cute.copy(tiled_copy_r2s, tRS_rD_out, tRS_sD[None, None, None, buf])
+                cute.arch.fence_proxy("async.shared", space="cta")
+                self.epi_barrier.arrive_and_wait()
+                if warp_idx == self.epi_store_warp:
+                    cute.copy(tma_c, bSG_sD[None, buf], bSG_gD[None, epi_layout.get_hier_coord(epi_idx)])
+                    store_pipe.producer_commit()
+                    store_pipe.producer_acquire()
+                self.epi_barrier.arrive_and_wait()
+            tile_count = tile_count + 1
+            t = t + gdim
+        store_pipe.producer_tail()

@@ -1,0 +1,204 @@
+"""torch-facing grouped GEMM: validation, the compiled-kernel cache, and the call.
+
+Kernels are compiled once per static key (arch, dtypes, config, epilogue, E, N, K) with every
+token-dependent size symbolic, so a new routing never recompiles. They are compiled with TVM-FFI:
+the compiled function takes torch tensors directly and launches on torch's current stream, which
+keeps host work per call to a few microseconds and makes the call capturable in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .config import EPILOGUES, GemmConfig, pick_config
+
+_TORCH_TO_CUTE = {}
+_LOCK = threading.Lock()
+_CACHE: dict = {}
+
+
+def _cute_dtype(dt: torch.dtype):
+    import cutlass
+
+    if not _TORCH_TO_CUTE:
+        _TORCH_TO_CUTE.update({
+            torch.bfloat16: cutlass.BFloat16,
+            torch.float16: cutlass.Float16,
+            torch.float32: cutlass.Float32,
+            torch.float8_e4m3fn: cutlass.Float8E4M3FN,
+            torch.int32: cutlass.Int32,
+        })
+    return _TORCH_TO_CUTE[dt]
+
+
+@dataclass(frozen=True)
+class KernelKey:
+    """Everything a compiled grouped GEMM is specialized on."""
+
+    arch: str
+    ab_dtype: torch.dtype
+    out_dtype: torch.dtype
+    config: GemmConfig
+    activation: str
+    has_bias: bool
+    has_row_scale: bool
+    masked: bool
+    num_experts: int
+    n: int
+    k: int
+    num_sms: int
+
+    @property
+    def n_out(self) -> int:
+        return self.n // 2 if self.activation != "none" else self.n
+
+
+def compile_kernel(key: KernelKey) -> Callable:
+    """Compile (or fetch from the in-process cache) the kernel for ``key``. Thread-safe."""
+    fn = _CACHE.get(key)
+    if fn is not None:
+        return fn
+    with _LOCK:
+        fn = _CACHE.get(key)
+        if fn is None:
+            fn = _compile(key)
+            _CACHE[key] = fn
+    return fn
+
+
+def _compile(key: KernelKey, extra_options: str = "") -> Callable:
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
+
+    from .grouped_gemm_sm90 import GroupedGemmSm90
+
+    if key.arch != "sm_90a":
+        raise NotImplementedError(f"no grouped GEMM kernel for {key.arch} yet (sm_90a only)")
+    ab = _cute_dtype(key.ab_dtype)
+    m = cute.sym_int()
+    a = make_fake_compact_tensor(ab, (m, key.k), stride_order=(1, 0), assumed_align=16)
+    b = make_fake_compact_tensor(ab, (key.num_experts, key.n, key.k), stride_order=(2, 1, 0), assumed_align=16)
+    c = make_fake_compact_tensor(_cute_dtype(key.out_dtype), (m, key.n_out), stride_order=(1, 0), assumed_align=16)
+    seg_len = key.num_experts if key.masked else key.num_experts + 1
+    seg = make_fake_compact_tensor(cutlass.Int32, (seg_len,), assumed_align=4)
+    bias = (
+        make_fake_compact_tensor(ab if key.ab_dtype != torch.float8_e4m3fn else cutlass.BFloat16,
+                                 (key.num_experts, key.n), stride_order=(1, 0), assumed_align=4)
+        if key.has_bias else None
+    )
+    row_scale = make_fake_compact_tensor(cutlass.Float32, (m,), assumed_align=4) if key.has_row_scale else None
+    gemm = GroupedGemmSm90(key.config, key.activation, key.has_bias, key.has_row_scale, key.masked)
+    fn = cute.compile(
+        gemm, a, b, c, seg, bias, row_scale, cutlass.Int32(1), key.num_sms,
+        make_fake_stream(use_tvm_ffi_env_stream=True),
+        options=f"--gpu-arch {key.arch} --enable-tvm-ffi {extra_options}",
+    )
+    fn.smem_bytes = gemm.smem_bytes
+    return fn
+
+
+def _check(cond: bool, msg: str):
+    if not cond:
+        raise ValueError(msg)
+
+
+_DEVICE_INFO: dict = {}
+
+
+def _device_info(device: torch.device) -> tuple[str, int]:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    info = _DEVICE_INFO.get(idx)
+    if info is None:
+        props = torch.cuda.get_device_properties(idx)
+        arch = f"sm_{props.major}{props.minor}" + ("a" if props.major >= 9 else "")
+        info = _DEVICE_INFO[idx] = (arch, props.multi_processor_count)
+    return info
+
+
+def grouped_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    cu_seqlens: torch.Tensor | None = None,
+    *,
+    masked_m: torch.Tensor | None = None,
+    activation: str = "none",
+    bias: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """Grouped GEMM over experts on the GPU: ``out[rows of e] = epilogue(a[rows of e] @ b[e].T)``.
+
+    Layouts (exactly one of ``cu_seqlens`` / ``masked_m``):
+      varlen: a `[M, K]`, cu_seqlens int32 `[E+1]` (expert e owns rows cu[e]:cu[e+1]), out `[M, N_out]`;
+      masked: a `[E, max_m, K]`, masked_m int32 `[E]` (rows 0:masked_m[e] of slot e), out `[E, max_m, N_out]`.
+    b: `[E, N, K]` weights (vLLM/HF convention, K contiguous). activation "none" gives N_out = N;
+    a gated activation ("silu", "gelu", "swiglu_oai") treats b's rows [0, N/2) as gate and [N/2, N) as
+    up (w1 `[E, 2I, H]`) and gives N_out = N/2. bias: `[E, N]`, added before the activation.
+    row_scale: float32 per row of ``a`` (e.g. the router weight), applied last.
+    Rows of out outside every expert's segment are not written.
+    """
+    masked = masked_m is not None
+    _check((cu_seqlens is None) != masked, "pass exactly one of cu_seqlens (varlen layout) or masked_m (masked layout)")
+    _check(activation in EPILOGUES, f"activation: expected one of {EPILOGUES}, got {activation!r}")
+    _check(a.is_cuda, f"a: expected a CUDA tensor, got device {a.device}")
+    _check(b.dim() == 3, f"b: expected [E, N, K], got shape {tuple(b.shape)}")
+    num_experts, n, k = b.shape
+    _check(a.dtype in (torch.bfloat16, torch.float16), f"a: expected bfloat16 or float16, got {a.dtype}")
+    _check(b.dtype == a.dtype, f"b: expected dtype {a.dtype} (same as a), got {b.dtype}")
+    _check(b.device == a.device, f"b: expected device {a.device}, got {b.device}")
+    _check(b.is_contiguous(), "b: expected a contiguous [E, N, K] tensor")
+    _check(k % 8 == 0 and n % 8 == 0, f"b: K and N must be multiples of 8 (16-byte TMA rows), got N={n}, K={k}")
+    gated = activation != "none"
+    _check(not gated or n % 16 == 0, f"b: a gated activation needs N = 2I with I a multiple of 8, got N={n}")
+    n_out = n // 2 if gated else n
+    if masked:
+        _check(a.dim() == 3 and a.shape[0] == num_experts and a.shape[2] == k,
+               f"a: expected [E={num_experts}, max_m, K={k}] for the masked layout, got {tuple(a.shape)}")
+        seg = masked_m
+        _check(seg.dim() == 1 and seg.shape[0] == num_experts, f"masked_m: expected shape [{num_experts}], got {tuple(seg.shape)}")
+        max_m = a.shape[1]
+        a2 = a.reshape(-1, k)
+    else:
+        _check(a.dim() == 2 and a.shape[1] == k, f"a: expected [M, K={k}], got {tuple(a.shape)}")
+        seg = cu_seqlens
+        _check(seg.dim() == 1 and seg.shape[0] == num_experts + 1,
+               f"cu_seqlens: expected shape [{num_experts + 1}], got {tuple(seg.shape)}")
+        max_m = 0
+        a2 = a
+    _check(seg.dtype == torch.int32, f"{'masked_m' if masked else 'cu_seqlens'}: expected int32, got {seg.dtype}")
+    _check(seg.device == a.device, f"{'masked_m' if masked else 'cu_seqlens'}: expected device {a.device}, got {seg.device}")
+    _check(a2.is_contiguous(), "a: expected contiguous rows")
+    out_dtype = out.dtype if out is not None else (out_dtype or a.dtype)
+    m_rows = a2.shape[0]
+    if out is None:
+        out = torch.empty((*a.shape[:-1], n_out), dtype=out_dtype, device=a.device)
+    else:
+        _check(out.shape == (*a.shape[:-1], n_out), f"out: expected shape {(*a.shape[:-1], n_out)}, got {tuple(out.shape)}")
+        _check(out.device == a.device and out.is_contiguous(), "out: expected a contiguous tensor on a's device")
+    _check(out_dtype in (torch.bfloat16, torch.float16, torch.float32), f"out: expected bf16/fp16/fp32, got {out_dtype}")
+    if bias is not None:
+        _check(bias.shape == (num_experts, n) and bias.is_contiguous() and bias.device == a.device,
+               f"bias: expected a contiguous [{num_experts}, {n}] tensor on {a.device}, got {tuple(bias.shape)}")
+        bias = bias.to(a.dtype)
+    if row_scale is not None:
+        _check(row_scale.dtype == torch.float32 and row_scale.numel() == m_rows and row_scale.device == a.device,
+               f"row_scale: expected float32 with {m_rows} elements on {a.device}")
+        row_scale = row_scale.reshape(m_rows)
+    if m_rows == 0:
+        return out
+    arch, num_sms = _device_info(a.device)
+    if config is None:
+        rows_per_expert = (max_m if masked else m_rows / max(1, min(num_experts, m_rows)))
+        config = pick_config(rows_per_expert, n, k, num_experts, gated)
+    key = KernelKey(arch, a.dtype, out_dtype, config, activation, bias is not None, row_scale is not None,
+                    masked, num_experts, n, k, num_sms)
+    fn = compile_kernel(key)
+    fn(a2, b, out.view(m_rows, n_out), seg, bias, row_scale, max_m)
+    return out
