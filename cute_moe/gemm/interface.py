@@ -145,7 +145,7 @@ def grouped_gemm(
     Rows of out outside every expert's segment are not written.
     """
     masked = masked_m is not None
-    _check((cu_seqlens is None) != masked, "pass exactly one of cu_seqlens (varlen layout) or masked_m (masked layout)")
+    _check((cu_seqlens is not None) != masked, "pass exactly one of cu_seqlens (varlen layout) or masked_m (masked layout)")
     _check(activation in EPILOGUES, f"activation: expected one of {EPILOGUES}, got {activation!r}")
     _check(a.is_cuda, f"a: expected a CUDA tensor, got device {a.device}")
     _check(b.dim() == 3, f"b: expected [E, N, K], got shape {tuple(b.shape)}")
