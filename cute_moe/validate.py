@@ -101,15 +101,14 @@ def check_routing(num_experts: int, device: torch.device, top_k, *, scoring, num
     _optional(correction_bias, "correction_bias", "[E]", (num_experts,), FLOAT_DTYPES, device)
     if num_groups is None:
         if topk_groups is not None:
-            raise ValueError(f"topk_groups: only valid with num_groups, got topk_groups={topk_groups} "
-                             "and num_groups=None")
+            raise ValueError(f"topk_groups: expected None when num_groups is None, got {topk_groups}")
         return
     _int("num_groups", num_groups, 1, num_experts, "the number of experts E")
     if num_experts % num_groups:
         raise ValueError(f"num_groups: expected a divisor of the number of experts E = {num_experts}, "
                          f"got {num_groups}")
     if topk_groups is None:
-        raise ValueError("topk_groups: required with num_groups, got None")
+        raise ValueError("topk_groups: expected an int when num_groups is set, got None")
     _int("topk_groups", topk_groups, 1, num_groups, "num_groups")
     group_size = num_experts // num_groups
     if top_k > topk_groups * group_size:
@@ -152,7 +151,8 @@ def check_topk(topk_weights, topk_ids, num_tokens: int, num_experts: int, device
 def check_weight_on_input(apply_router_weight_on_input: bool, top_k: int) -> None:
     """Scaling the expert input by the router weight is only defined for one expert per token."""
     if apply_router_weight_on_input and top_k != 1:
-        raise ValueError(f"apply_router_weight_on_input: requires top_k == 1, got top_k = {top_k}")
+        raise ValueError(f"apply_router_weight_on_input: expected top_k == 1 (the weight scales the "
+                         f"expert's input), got top_k = {top_k}")
 
 
 def _expert_dims(w1: torch.Tensor, name: str) -> tuple[int, int]:

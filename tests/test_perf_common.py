@@ -1,0 +1,45 @@
+"""perf.common result files (the timing helpers need a GPU and are exercised by the benchmarks)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from perf import common
+
+
+def test_write_results(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "INDEX", tmp_path / "README.md")
+    rows = [{"tokens": 1, "ms": 0.123456, "note": None}, {"tokens": 8, "ms": 2.0, "note": "x"}]
+    plotted = []
+    paths = common.write_results("demo", rows, {"title": "Demo result"}, md_columns=["tokens", "ms"],
+                                 plot=lambda ax, r: plotted.append(len(r)))
+    data = json.loads((tmp_path / "demo.json").read_text())
+    assert data["rows"] == rows and data["meta"] == {"title": "Demo result"}
+    assert {"card", "date", "commit", "dirty", "torch", "cutlass_dsl"} <= set(data["stamp"])
+    md = (tmp_path / "demo.md").read_text().splitlines()
+    assert md[0] == "# Demo result" and data["stamp"]["date"] in md[2] and data["stamp"]["commit"] in md[2]
+    assert md[4:] == ["| tokens | ms |", "|---|---|", "| 1 | 0.1235 |", "| 8 | 2 |"]
+    assert paths[:2] == [tmp_path / "demo.json", tmp_path / "demo.md"]
+    if len(paths) == 3:
+        assert plotted == [2] and paths[2].exists()
+    common.write_results("demo", rows, {"title": "Demo again"}, md_columns=["tokens"])
+    index = (tmp_path / "README.md").read_text()
+    assert index.count("- [demo](demo.md):") == 1 and "Demo again" in index
+
+
+def test_commit_falls_back_to_env(monkeypatch):
+    monkeypatch.setattr(common, "_git", lambda *args: None)
+    monkeypatch.setenv("CUTE_MOE_COMMIT", "abc1234")
+    stamp = common.device_stamp()
+    assert stamp["commit"] == "abc1234" and stamp["dirty"] is None
+
+
+def test_bench_reference_refuses_without_cuda(monkeypatch):
+    from perf import bench_reference
+
+    monkeypatch.setattr(bench_reference.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        bench_reference.main()
