@@ -37,7 +37,7 @@ def shipped_kernels(arch: str):
     out = []
     # representative static sizes; tiles and epilogues are what vary between shipped kernels
     e, h, i = 8, 4096, 1024
-    for tile in (GemmConfig(128, 256), GemmConfig(64, 256), GemmConfig(64, 128)):
+    for tile in (GemmConfig(128, 256), GemmConfig(64, 256), GemmConfig(64, 128), GemmConfig(64, 64)):
         for act in ("silu", "gelu", "swiglu_oai"):
             key = KernelKey(arch, bf16, bf16, tile, act, False, False, False, e, 2 * i, h, 132)
             out.append((f"gemm1_{act}_{tile.tile_m}x{tile.tile_n}", "bf16", key))

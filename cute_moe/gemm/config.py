@@ -24,22 +24,29 @@ class GemmConfig:
     def __post_init__(self):
         if self.tile_m not in (64, 128):
             raise ValueError(f"tile_m must be 64 or 128, got {self.tile_m}")
-        if self.tile_n % 16 or not 16 <= self.tile_n <= 256:
-            raise ValueError(f"tile_n must be a multiple of 16 in [16, 256], got {self.tile_n}")
+        if self.tile_n not in (64, 128, 256):
+            raise ValueError(f"tile_n must be 64, 128 or 256, got {self.tile_n}")
         if self.stages < 0:
             raise ValueError(f"stages must be >= 0, got {self.stages}")
 
 
-def pick_config(rows_per_expert: float, n: int, k: int, num_experts: int, gated: bool) -> GemmConfig:
-    """Choose a tile for a problem with about ``rows_per_expert`` rows in each active expert.
+def pick_config(rows: int, n: int, k: int, num_experts: int, gated: bool, num_sms: int = 132,
+                masked_max_m: int = 0) -> GemmConfig:
+    """Choose a tile for ``rows`` routed rows over ``num_experts`` experts (or masked slots of
+    ``masked_max_m`` rows).
 
-    Few rows (decode): 64-row tiles waste less of each weight tile's reuse. Many rows: 128x256 tiles,
-    the largest that keep the fp32 accumulators of two consumer warpgroups in registers.
+    Many rows per expert: 128x256 tiles, the largest whose fp32 accumulators stay in the registers of
+    two consumer warpgroups. Few rows (decode): the GEMM streams each active expert's weights once and
+    is memory-bound, so take 64-row tiles and narrow the N tile until the tiles cover every SM.
     """
-    tile_m = 64 if rows_per_expert <= 64 else 128
+    active = max(1, min(num_experts, rows))
+    rows_per_expert = masked_max_m or rows / active
+    if rows_per_expert > 64:
+        return GemmConfig(128, 256)
+    m_tiles = active * max(1, -(-int(rows_per_expert) // 64))
     n_cols = n // 2 if gated else n
-    if gated:
-        tile_n = 256 if n_cols >= 128 else 128
-    else:
-        tile_n = 256 if n_cols >= 256 and tile_m == 128 else 128
-    return GemmConfig(tile_m=tile_m, tile_n=tile_n)
+    for tile_n in (256, 128):
+        tile_n_out = tile_n // 2 if gated else tile_n
+        if m_tiles * -(-n_cols // tile_n_out) >= num_sms:
+            return GemmConfig(64, tile_n)
+    return GemmConfig(64, 64)

@@ -195,8 +195,7 @@ def grouped_gemm(
         return out
     arch, num_sms = _device_info(a.device)
     if config is None:
-        rows_per_expert = (max_m if masked else m_rows / max(1, min(num_experts, m_rows)))
-        config = pick_config(rows_per_expert, n, k, num_experts, gated)
+        config = pick_config(m_rows, n, k, num_experts, gated, num_sms, max_m)
     key = KernelKey(arch, a.dtype, out_dtype, config, activation, bias is not None, row_scale is not None,
                     masked, num_experts, n, k, num_sms)
     fn = compile_kernel(key)

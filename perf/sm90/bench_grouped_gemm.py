@@ -19,7 +19,8 @@ from cute_moe.gemm import GemmConfig, grouped_gemm, pick_config
 from cute_moe.shapes import REFERENCE_SHAPES
 from perf.common import bench_ms, dense_mm_tflops, write_results
 
-SWEEP = [GemmConfig(128, 256), GemmConfig(128, 128), GemmConfig(64, 256), GemmConfig(64, 128)]
+SWEEP = [GemmConfig(128, 256), GemmConfig(128, 128), GemmConfig(64, 256), GemmConfig(64, 128), GemmConfig(64, 64)]
+NUM_SMS = 132
 
 
 def routing_offsets(tokens: int, num_experts: int, top_k: int) -> torch.Tensor:
@@ -50,7 +51,6 @@ def bench_shape(shape, tokens_list, sweep: bool) -> list[dict]:
         x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
         a2 = torch.randn(m, i, device="cuda", dtype=torch.bfloat16)
         offs = cu[1:]
-        rpe = m / min(e, m)
 
         def ours1(cfg):
             return grouped_gemm(x, w1, cu, activation="silu", config=cfg)
@@ -64,8 +64,8 @@ def bench_shape(shape, tokens_list, sweep: bool) -> list[dict]:
         err1 = rel_err(ours1(None), ref1)
         err2 = rel_err(ours2(None), torch._grouped_mm(a2, w2.transpose(1, 2), offs=offs))
 
-        ms1, cfg1 = best_time(ours1, pick_config(rpe, 2 * i, h, e, True), sweep)
-        ms2, cfg2 = best_time(ours2, pick_config(rpe, h, i, e, False), sweep)
+        ms1, cfg1 = best_time(ours1, pick_config(m, 2 * i, h, e, True, NUM_SMS), sweep)
+        ms2, cfg2 = best_time(ours2, pick_config(m, h, i, e, False, NUM_SMS), sweep)
         tms1 = bench_ms(lambda: torch._grouped_mm(x, w1.transpose(1, 2), offs=offs), warmup=3, rep=20)
         tms2 = bench_ms(lambda: torch._grouped_mm(a2, w2.transpose(1, 2), offs=offs), warmup=3, rep=20)
         f1, f2 = 2 * m * 2 * i * h, 2 * m * h * i
@@ -107,6 +107,8 @@ def main(argv=None) -> int:
         print("bench_grouped_gemm needs a Hopper (sm_90) GPU", file=sys.stderr)
         return 2
     tokens = [int(t) for t in args.tokens.split(",")]
+    global NUM_SMS
+    NUM_SMS = torch.cuda.get_device_properties(0).multi_processor_count
     dense = dense_mm_tflops()
     print(f"dense bf16 torch.mm 8192^3: {dense:.1f} TFLOP/s", flush=True)
     rows = []
