@@ -49,6 +49,10 @@ def shipped_kernels(arch: str):
                 KernelKey(arch, bf16, bf16, GemmConfig(128, 256), "none", True, False, False, e, h, i, 132)))
     out.append(("gemm1_silu_masked_64x256", "bf16",
                 KernelKey(arch, bf16, bf16, GemmConfig(64, 256), "silu", False, False, True, e, 2 * i, h, 132)))
+    for act in ("silu", "none"):
+        out.append((f"gemm_{act}_128x256_cluster2", "bf16",
+                    KernelKey(arch, bf16, bf16, GemmConfig(128, 256, 2), act, False, act == "none", False, e,
+                              2 * i if act != "none" else h, h if act != "none" else i, 132)))
     out.append(("gemm_plain_128x256", "bf16",
                 KernelKey(arch, bf16, bf16, GemmConfig(128, 256), "none", False, False, False, e, h, i, 132)))
     return out

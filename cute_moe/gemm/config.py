@@ -14,11 +14,14 @@ class GemmConfig:
     tile_n is the accumulator width; a gated epilogue (GEMM1 + activation) writes tile_n // 2
     output columns because each tile holds gate and up columns side by side.
     tile_k is fixed by the operand type (one 128-byte swizzle atom): 64 for bf16, 128 for fp8.
+    cluster_m=2 pairs CTAs on consecutive M-tiles of one expert and multicasts their shared weight
+    tile (halving its L2->SM traffic); an expert with an odd M-tile count gets one empty tile.
     stages=0 means "as many as shared memory holds".
     """
 
     tile_m: int = 128
     tile_n: int = 256
+    cluster_m: int = 1
     stages: int = 0
 
     def __post_init__(self):
@@ -26,6 +29,8 @@ class GemmConfig:
             raise ValueError(f"tile_m must be 64 or 128, got {self.tile_m}")
         if self.tile_n not in (64, 128, 256):
             raise ValueError(f"tile_n must be 64, 128 or 256, got {self.tile_n}")
+        if self.cluster_m not in (1, 2):
+            raise ValueError(f"cluster_m must be 1 or 2, got {self.cluster_m}")
         if self.stages < 0:
             raise ValueError(f"stages must be >= 0, got {self.stages}")
 
@@ -42,7 +47,7 @@ def pick_config(rows: int, n: int, k: int, num_experts: int, gated: bool, num_sm
     active = max(1, min(num_experts, rows))
     rows_per_expert = masked_max_m or rows / active
     if rows_per_expert > 64:
-        return GemmConfig(128, 256)
+        return GemmConfig(128, 256, cluster_m=2 if rows_per_expert >= 256 else 1)
     m_tiles = active * max(1, -(-int(rows_per_expert) // 64))
     n_cols = n // 2 if gated else n
     for tile_n in (256, 128):

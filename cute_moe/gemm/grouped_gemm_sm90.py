@@ -34,6 +34,7 @@ import cutlass.utils as utils
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32, const_expr
 from cutlass.cute.nvgpu import cpasync, warpgroup
+from cutlass.pipeline import pipeline_init_arrive, pipeline_init_wait
 from cutlass.tensor_utils import LayoutEnum
 
 from .config import GemmConfig
@@ -82,6 +83,7 @@ class GroupedGemmSm90:
         self.masked = masked
         self.acc_dtype = cutlass.Float32
         self.tile_m, self.tile_n = config.tile_m, config.tile_n
+        self.cm = config.cluster_m
         self.tile_n_out = self.tile_n // 2 if self.gated else self.tile_n
         self.num_mma_wg = self.tile_m // 64
         self.threads = 128 * (1 + self.num_mma_wg)
@@ -161,8 +163,9 @@ class GroupedGemmSm90:
             cute.slice_(self.a_smem_staged, (None, None, 0)), (self.tile_m, self.tile_k),
         )
         tma_b, tma_tensor_b = cpasync.make_tiled_tma_atom(
-            cpasync.CopyBulkTensorTileG2SOp(), mB,
-            cute.slice_(self.b_tma_staged, (None, None, 0)), (self.b_box_n, self.tile_k),
+            cpasync.CopyBulkTensorTileG2SMulticastOp() if self.cm > 1 else cpasync.CopyBulkTensorTileG2SOp(),
+            mB, cute.slice_(self.b_tma_staged, (None, None, 0)), (self.b_box_n, self.tile_k),
+            num_multicast=self.cm,
         )
         mC_clip = self._clipped_store_view(mC, m_total, n_out)
         tma_c, tma_tensor_c = cpasync.make_tiled_tma_atom(
@@ -174,8 +177,9 @@ class GroupedGemmSm90:
         # an upper bound of the M-tiles over all experts: every tile holds >= 1 row, and each
         # non-empty expert adds at most one partial tile
         m_tiles_ub = (m_total + (self.tile_m - 1) * cutlass.min(num_experts, m_total)) // self.tile_m
-        grid_x = cutlass.min(m_tiles_ub * n_tiles, num_sms)
-        grid_x = cutlass.max(grid_x, 1)
+        # clusters of cm CTAs take cm consecutive M-tiles of one expert (rounded up per expert)
+        cluster_tiles_ub = (m_tiles_ub + (self.cm - 1) * cutlass.min(num_experts, m_total)) // self.cm * n_tiles
+        grid_x = cutlass.max(cutlass.min(cluster_tiles_ub, num_sms // self.cm), 1) * self.cm
 
         @cute.struct
         class SharedStorage:
@@ -201,6 +205,7 @@ class GroupedGemmSm90:
         ).launch(
             grid=[grid_x, 1, 1],
             block=[self.threads, 1, 1],
+            cluster=[self.cm, 1, 1],
             min_blocks_per_mp=1,
             stream=stream,
         )
@@ -233,6 +238,16 @@ class GroupedGemmSm90:
             start = mSeg[e]
             count = mSeg[e + 1] - start
         return start, count
+
+    @cute.jit
+    def _tile_coords(self, sPrefix: cute.Tensor, t: Int32, e: Int32, n_tiles: Int32, rank: Int32):
+        """(expert, M-tile, N-tile) of cluster tile t; e is the expert of the previous tile (tiles only
+        move forward, so the search resumes there). Within an expert, M is fastest."""
+        while sPrefix[e + 1] <= t:
+            e = e + 1
+        m_groups = (sPrefix[e + 1] - sPrefix[e]) // n_tiles
+        local = t - sPrefix[e]
+        return e, local % m_groups * self.cm + rank, local // m_groups
 
     @cute.kernel
     def kernel(
@@ -278,10 +293,18 @@ class GroupedGemmSm90:
             barrier_storage=storage.pipe_mbar.data_ptr(),
             num_stages=self.ab_stage,
             producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
-            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.num_mma_wg * 4),
+            # each consumer warp releases a stage in every CTA that multicast into it
+            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.num_mma_wg * 4 * self.cm),
             tx_count=tma_bytes,
-            cta_layout_vmnk=cute.make_layout((1, 1, 1, 1)),
+            cta_layout_vmnk=cute.make_layout((1, self.cm, 1, 1)),
+            defer_sync=True,
         )
+        pipeline_init_arrive(cluster_shape_mn=(self.cm, 1), is_relaxed=True)
+        rank = Int32(0)
+        if const_expr(self.cm > 1):
+            rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
+        cluster_id = bidx // self.cm
+        num_clusters = gdim // self.cm
 
         # ---- per-CTA tile list: sPrefix[e] = first tile of expert e (in units of output tiles)
         sPrefix = storage.tile_prefix.get_tensor(cute.make_layout(num_experts + 1))
@@ -294,7 +317,7 @@ class GroupedGemmSm90:
                 x = Int32(0)
                 if e < num_experts:
                     _, count = self._segment(mSeg, e, max_m)
-                    x = (count + self.tile_m - 1) // self.tile_m * n_tiles
+                    x = ((count + self.tile_m - 1) // self.tile_m + self.cm - 1) // self.cm * n_tiles
                 for s in cutlass.range_constexpr(5):
                     y = cute.arch.shuffle_sync_up(x, 1 << s, mask_and_clamp=0)
                     if lane >= (1 << s):
@@ -303,6 +326,7 @@ class GroupedGemmSm90:
                     sPrefix[e + 1] = carry + x
                 carry = carry + cute.arch.shuffle_sync(x, 31)
         cute.arch.sync_threads()
+        pipeline_init_wait(cluster_shape_mn=(self.cm, 1))
         total_tiles = sPrefix[num_experts]
 
         sA = storage.sA.get_tensor(a_smem_staged.outer, swizzle=a_smem_staged.inner)
@@ -319,16 +343,12 @@ class GroupedGemmSm90:
             cute.arch.setmaxregister_decrease(40)
             if warp_idx == 0:
                 state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.ab_stage)
-                t = bidx
+                b_mcast_mask = cutlass.Int16((1 << self.cm) - 1 if self.cm > 1 else 0)
+                t = cluster_id
                 e = Int32(0)
                 while t < total_tiles:
-                    while sPrefix[e + 1] <= t:
-                        e = e + 1
+                    e, m_idx, n_idx = self._tile_coords(sPrefix, t, e, n_tiles, rank)
                     start, count = self._segment(mSeg, e, max_m)
-                    m_tiles = (sPrefix[e + 1] - sPrefix[e]) // n_tiles
-                    local = t - sPrefix[e]
-                    m_idx = local % m_tiles
-                    n_idx = local // m_tiles
                     # A: (tile_m, tile_k, k_tiles) starting at this expert's row m_idx * tile_m
                     gA = cute.local_tile(
                         cute.domain_offset((start, 0), mA_tma), (self.tile_m, self.tile_k), (m_idx, None)
@@ -339,7 +359,7 @@ class GroupedGemmSm90:
                     mB_e = mB_tma[None, None, e]
                     gB0 = cute.local_tile(mB_e, (self.b_box_n, self.tile_k), (n_idx, None))
                     tBsB, tBgB0 = cpasync.tma_partition(
-                        tma_b, 0, cute.make_layout(1), cute.group_modes(sB_tma, 0, 2), cute.group_modes(gB0, 0, 2)
+                        tma_b, rank, cute.make_layout(self.cm), cute.group_modes(sB_tma, 0, 2), cute.group_modes(gB0, 0, 2)
                     )
                     tBgB1 = tBgB0
                     if const_expr(self.gated):
@@ -348,32 +368,35 @@ class GroupedGemmSm90:
                             cute.domain_offset((n_b // 2, 0), mB_e), (self.b_box_n, self.tile_k), (n_idx, None)
                         )
                         _, tBgB1 = cpasync.tma_partition(
-                            tma_b, 0, cute.make_layout(1), cute.group_modes(sB_tma, 0, 2), cute.group_modes(gB1, 0, 2)
+                            tma_b, rank, cute.make_layout(self.cm), cute.group_modes(sB_tma, 0, 2), cute.group_modes(gB1, 0, 2)
                         )
                     for kt in range(k_tiles):
                         mainloop.producer_acquire(state)
                         bar = mainloop.producer_get_barrier(state)
                         cute.copy(tma_a, tAgA[None, kt], tAsA[None, state.index], tma_bar_ptr=bar)
                         if const_expr(self.gated):
-                            cute.copy(tma_b, tBgB0[None, kt], tBsB[None, 2 * state.index], tma_bar_ptr=bar)
-                            cute.copy(tma_b, tBgB1[None, kt], tBsB[None, 2 * state.index + 1], tma_bar_ptr=bar)
+                            cute.copy(tma_b, tBgB0[None, kt], tBsB[None, 2 * state.index], tma_bar_ptr=bar,
+                                      mcast_mask=b_mcast_mask)
+                            cute.copy(tma_b, tBgB1[None, kt], tBsB[None, 2 * state.index + 1], tma_bar_ptr=bar,
+                                      mcast_mask=b_mcast_mask)
                         else:
-                            cute.copy(tma_b, tBgB0[None, kt], tBsB[None, state.index], tma_bar_ptr=bar)
+                            cute.copy(tma_b, tBgB0[None, kt], tBsB[None, state.index], tma_bar_ptr=bar,
+                                      mcast_mask=b_mcast_mask)
                         mainloop.producer_commit(state)
                         state.advance()
-                    t = t + gdim
+                    t = t + num_clusters
                 mainloop.producer_tail(state)
         else:
             cute.arch.setmaxregister_increase(232)
             self._consumer(
-                tidx, warp_idx, bidx, gdim, total_tiles, sPrefix, mSeg, mBias, mRowScale, max_m,
+                tidx, warp_idx, cluster_id, num_clusters, rank, total_tiles, sPrefix, mSeg, mBias, mRowScale, max_m,
                 n_tiles, k_tiles, mainloop, tiled_mma, tiled_mma_out, sA, sB, sC,
                 tma_c, mC_tma,
             )
 
     @cute.jit
     def _consumer(
-        self, tidx, warp_idx, bidx, gdim, total_tiles, sPrefix, mSeg, mBias, mRowScale, max_m,
+        self, tidx, warp_idx, cluster_id, num_clusters, rank, total_tiles, sPrefix, mSeg, mBias, mRowScale, max_m,
         n_tiles, k_tiles, mainloop, tiled_mma, tiled_mma_out, sA, sB, sC, tma_c, mC_tma,
     ):
         mma_tidx = tidx - 128
@@ -412,16 +435,11 @@ class GroupedGemmSm90:
         n_acc = cute.size(acc)
         n_out_frag = cute.size(out)
         tile_count = Int32(0)
-        t = bidx
+        t = cluster_id
         e = Int32(0)
         while t < total_tiles:
-            while sPrefix[e + 1] <= t:
-                e = e + 1
+            e, m_idx, n_idx = self._tile_coords(sPrefix, t, e, n_tiles, rank)
             start, count = self._segment(mSeg, e, max_m)
-            m_tiles = (sPrefix[e + 1] - sPrefix[e]) // n_tiles
-            local = t - sPrefix[e]
-            m_idx = local % m_tiles
-            n_idx = local // m_tiles
 
             # ---- mainloop: keep one WGMMA batch in flight, release its stage one k-tile later
             tiled_mma.set(warpgroup.Field.ACCUMULATE, False)
@@ -502,5 +520,5 @@ class GroupedGemmSm90:
                     store_pipe.producer_acquire()
                 self.epi_barrier.arrive_and_wait()
             tile_count = tile_count + 1
-            t = t + gdim
+            t = t + num_clusters
         store_pipe.producer_tail()

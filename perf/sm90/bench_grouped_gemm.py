@@ -19,7 +19,7 @@ from cute_moe.gemm import GemmConfig, grouped_gemm, pick_config
 from cute_moe.shapes import REFERENCE_SHAPES
 from perf.common import bench_ms, dense_mm_tflops, write_results
 
-SWEEP = [GemmConfig(128, 256), GemmConfig(128, 128), GemmConfig(64, 256), GemmConfig(64, 128), GemmConfig(64, 64)]
+SWEEP = [GemmConfig(128, 256, 2), GemmConfig(128, 256), GemmConfig(128, 128), GemmConfig(64, 256), GemmConfig(64, 128), GemmConfig(64, 64)]
 NUM_SMS = 132
 
 
@@ -71,8 +71,8 @@ def bench_shape(shape, tokens_list, sweep: bool) -> list[dict]:
         f1, f2 = 2 * m * 2 * i * h, 2 * m * h * i
         row = {
             "shape": shape.name, "T": t, "rows": m,
-            "gemm1_ms": ms1, "gemm1_tflops": f1 / ms1 / 1e9, "gemm1_tile": f"{cfg1.tile_m}x{cfg1.tile_n}",
-            "gemm2_ms": ms2, "gemm2_tflops": f2 / ms2 / 1e9, "gemm2_tile": f"{cfg2.tile_m}x{cfg2.tile_n}",
+            "gemm1_ms": ms1, "gemm1_tflops": f1 / ms1 / 1e9, "gemm1_tile": f"{cfg1.tile_m}x{cfg1.tile_n}c{cfg1.cluster_m}",
+            "gemm2_ms": ms2, "gemm2_tflops": f2 / ms2 / 1e9, "gemm2_tile": f"{cfg2.tile_m}x{cfg2.tile_n}c{cfg2.cluster_m}",
             "torch_gemm1_ms": tms1, "torch_gemm2_ms": tms2,
             "ours_total_ms": ms1 + ms2, "torch_total_ms": tms1 + tms2,
             "speedup_vs_torch": (tms1 + tms2) / (ms1 + ms2),
