@@ -102,6 +102,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default="1,64,1024,8192")
     ap.add_argument("--shapes", default="", help="comma-separated name prefixes (default: all)")
     ap.add_argument("--sweep", action="store_true", help="time every tile config, keep the best")
+    ap.add_argument("--name", default="sm90_grouped_gemm", help="result file name under perf/results/")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         print("bench_grouped_gemm needs a Hopper (sm_90) GPU", file=sys.stderr)
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
     for r in rows:
         r["frac_of_dense_mm"] = r["tflops_total"] / dense
     write_results(
-        "sm90_grouped_gemm", rows,
+        args.name, rows,
         {"title": "sm90 grouped GEMM (bf16): GEMM1+SwiGLU and GEMM2 vs torch._grouped_mm",
          "dense_mm_tflops": dense, "sweep": args.sweep},
         md_columns=["shape", "T", "gemm1_ms", "gemm2_ms", "torch_gemm1_ms", "torch_gemm2_ms",
