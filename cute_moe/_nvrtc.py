@@ -1,0 +1,200 @@
+"""NVRTC compilation and per-device caching of the CuPy raw kernels (routing, plan, permute, combine).
+
+Kernel sources live in ``cute_moe/kernels/*.cu`` and include ``common.cuh`` from memory; they need no
+CUDA headers, so compiling works on any machine with NVRTC (``nvidia-cuda-nvrtc``), GPU or not.
+Specializations are selected with ``-D`` defines. We compile to a cubin for the device's exact
+``sm_XX`` with NVRTC's IEEE defaults (no ``-ftz``, precise division: CuPy's ``RawModule`` always adds
+``-ftz=true``, which would break bitwise agreement with torch's routing math), then load the cubin
+through ``cupy.cuda.function.Module`` and launch with CuPy on torch's current stream.
+
+Cubins are cached in memory per (device, source, defines) and on disk under
+``$CUTE_MOE_CACHE_DIR`` (default ``~/.cache/cute_moe/nvrtc``; set it to an empty string to disable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from importlib import resources
+from typing import Any, Iterable, Mapping
+
+KERNEL_SOURCES = ("routing.cu", "plan.cu", "permute.cu", "combine.cu")
+HEADERS = ("common.cuh",)
+
+_lock = threading.Lock()
+_text_cache: dict[str, str] = {}
+_modules: dict[tuple, Any] = {}
+_functions: dict[tuple, Any] = {}
+_streams: dict[tuple, Any] = {}
+_device_info: dict[int, tuple[str, int]] = {}
+
+
+class CompileError(RuntimeError):
+    """NVRTC rejected a kernel source; the message holds the compile log."""
+
+
+def _read(name: str) -> str:
+    text = _text_cache.get(name)
+    if text is None:
+        text = resources.files("cute_moe").joinpath("kernels", name).read_text()
+        _text_cache[name] = text
+    return text
+
+
+def _options(arch: str, defines: Iterable[tuple[str, Any]]) -> list[bytes]:
+    opts = ["-std=c++17", f"-arch={arch}", "-lineinfo", "-DCUTE_MOE_NVRTC=1"]
+    opts += [f"-D{k}={int(v) if isinstance(v, bool) else v}" for k, v in defines]
+    return [o.encode() for o in opts]
+
+
+def _nvrtc_version() -> tuple[int, int]:
+    from cuda.bindings import nvrtc
+
+    err, major, minor = nvrtc.nvrtcVersion()
+    _check(err, "nvrtcVersion")
+    return major, minor
+
+
+def _check(err, what: str, log: str = "") -> None:
+    from cuda.bindings import nvrtc
+
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        raise CompileError(f"{what} failed: {err}\n{log}")
+
+
+def compile_source(source: str, arch: str, defines: Mapping[str, Any] | Iterable[tuple[str, Any]] = (), *,
+                   cache: bool = True) -> tuple[bytes, str]:
+    """Compile kernel file ``source`` for ``arch`` ('sm_90') with ``defines``: (cubin, compile log).
+
+    Raises CompileError with the log on failure. Uses the disk cache when enabled and ``cache``.
+    """
+    from cuda.bindings import nvrtc
+
+    items = tuple(sorted(dict(defines).items()))
+    text = _read(source)
+    headers = [_read(h) for h in HEADERS]
+    opts = _options(arch, items)
+    cache_path = _disk_cache_path(source, text, headers, opts) if cache else None
+    if cache_path is not None and os.path.exists(cache_path):
+        with open(cache_path, "rb") as f:
+            return f.read(), ""
+
+    err, prog = nvrtc.nvrtcCreateProgram(text.encode(), source.encode(), len(HEADERS),
+                                         [h.encode() for h in headers], [h.encode() for h in HEADERS])
+    _check(err, "nvrtcCreateProgram")
+    try:
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        _, log_size = nvrtc.nvrtcGetProgramLogSize(prog)
+        log_buf = b" " * log_size
+        nvrtc.nvrtcGetProgramLog(prog, log_buf)
+        log = log_buf.decode(errors="replace").rstrip("\x00").strip()
+        _check(err, f"NVRTC compile of {source} {dict(items)} for {arch}", log)
+        err, size = nvrtc.nvrtcGetCUBINSize(prog)
+        _check(err, "nvrtcGetCUBINSize")
+        cubin = b" " * size
+        (err,) = nvrtc.nvrtcGetCUBIN(prog, cubin)
+        _check(err, "nvrtcGetCUBIN")
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+    if cache_path is not None:
+        _disk_cache_store(cache_path, cubin)
+    return cubin, log
+
+
+def _disk_cache_path(source: str, text: str, headers: list[str], opts: list[bytes]) -> str | None:
+    root = os.environ.get("CUTE_MOE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "cute_moe",
+                                                            "nvrtc"))
+    if not root:
+        return None
+    h = hashlib.sha256()
+    for part in (text, *headers, *(o.decode() for o in opts), repr(_nvrtc_version())):
+        h.update(part.encode())
+        h.update(b"\0")
+    return os.path.join(root, f"{source.split('.')[0]}-{h.hexdigest()[:40]}.cubin")
+
+
+def _disk_cache_store(path: str, cubin: bytes) -> None:
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(cubin)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def device_info(index: int) -> tuple[str, int]:
+    """('sm_XX', number of SMs) of CUDA device ``index`` (cached)."""
+    info = _device_info.get(index)
+    if info is None:
+        import torch
+
+        props = torch.cuda.get_device_properties(index)
+        info = (f"sm_{props.major}{props.minor}", props.multi_processor_count)
+        _device_info[index] = info
+    return info
+
+
+def get_function(device_index: int, source: str, kernel: str, defines: tuple[tuple[str, Any], ...]):
+    """The cupy Function ``kernel`` of ``source`` compiled with ``defines`` (a sorted tuple of
+    (name, value)) and loaded on device ``device_index``; compiled once per process and device."""
+    key = (device_index, source, kernel, defines)
+    fn = _functions.get(key)
+    if fn is not None:
+        return fn
+    with _lock:
+        mod_key = (device_index, source, defines)
+        module = _modules.get(mod_key)
+        if module is None:
+            import cupy
+
+            cubin, _ = compile_source(source, device_info(device_index)[0], defines)
+            with cupy.cuda.Device(device_index):
+                module = cupy.cuda.function.Module()
+                module.load(cubin)
+            _modules[mod_key] = module
+        fn = module.get_function(kernel)
+        _functions[key] = fn
+    return fn
+
+
+def current_stream(device_index: int):
+    """torch's current stream on ``device_index`` as a (cached) cupy ExternalStream."""
+    import torch
+
+    ptr = torch.cuda.current_stream(device_index).cuda_stream
+    key = (device_index, ptr)
+    s = _streams.get(key)
+    if s is None:
+        import cupy
+
+        s = cupy.cuda.ExternalStream(ptr, device_index)
+        _streams[key] = s
+    return s
+
+
+def launch(fn, device_index: int, grid: int, block: int, args: tuple, shared_mem: int = 0) -> None:
+    """Launch ``fn`` on torch's current stream of ``device_index`` (1-D grid and block)."""
+    import cupy
+
+    with cupy.cuda.Device(device_index):
+        fn((grid, 1, 1), (block, 1, 1), args, shared_mem=shared_mem, stream=current_stream(device_index))
+
+
+def compile_check(arch: str = "sm_90", *, specializations: Iterable[tuple[str, dict]] | None = None
+                  ) -> list[tuple[str, dict, str]]:
+    """Compile every kernel source in its representative specializations for ``arch`` through NVRTC
+    (no GPU needed, no cache). Returns [(source, defines, log)]; raises CompileError on the first
+    failure."""
+    if specializations is None:
+        from . import permute, plan, routing
+
+        specializations = [*routing.compile_specializations(), *plan.compile_specializations(),
+                           *permute.compile_specializations()]
+    results = []
+    for source, defines in specializations:
+        _, log = compile_source(source, arch, defines, cache=False)
+        results.append((source, dict(defines), log))
+    return results

@@ -1,0 +1,285 @@
+"""The token -> expert plan: where each (token, slot) goes in the expert-contiguous row space.
+
+:func:`make_plan` builds a :class:`RoutingPlan` on the GPU with one or two CuPy raw kernels
+(``kernels/plan.cu``: a stable counting sort of the flat indices t*k + j by expert), without host
+synchronization and with every output sized from shapes alone, so it can be captured in a CUDA
+graph. :func:`plan_reference` is the plain-torch definition (CPU or GPU) it is tested against.
+
+Three row spaces (layouts) are described, each with a ``*_row_src`` (row -> flat index t*k + j, or
+-1 for a row that holds no token) and a ``*_token_rows`` [T, k] (flat index -> row, or -1):
+
+- ``"flat"``: ``T*k`` rows, expert e owns rows ``cu_seqlens[e] : cu_seqlens[e+1]``;
+- ``"padded"`` (``block_m``): each segment rounded up to a multiple of ``block_m``
+  (``padded_cu_seqlens``), in a buffer of fixed capacity ``padded_rows``; ``expert_of_block[b]`` is
+  the expert of rows ``b*block_m : (b+1)*block_m`` or -1 past the end (DeepGEMM contiguous layout);
+- ``"masked"`` (``max_m``): expert e owns slots ``e*max_m : (e+1)*max_m``, the first ``masked_m[e]``
+  used. Callers size ``max_m`` to hold every row; if an expert gets more than ``max_m`` rows the
+  rows past ``max_m`` are dropped (token row -1) and ``overflow[0]`` is set to 1 -- an error the
+  caller checks when convenient (reading it syncs).
+
+Within a segment rows are in ascending flat index (stable, deterministic). Ids outside [0, E) are
+dropped (token row -1, not counted), which serves expert parallelism (-1 = expert on another rank);
+then flat rows past ``cu_seqlens[E]`` are -1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import _nvrtc
+from .interop import as_torch
+
+LAYOUTS = ("flat", "padded", "masked")
+MAX_EXPERTS = 1024
+_SOURCE = "plan.cu"
+_SMEM_BYTES = 48 * 1024
+_SINGLE_CTA_MAX_ROWS = 2048  # up to this many (token, slot) pairs one CTA does the whole plan
+_MAX_CHUNKS = 128            # above it, at most this many CTAs (each reads all chunk histograms)
+_MIN_CHUNK = 1024
+_fn_cache: dict[tuple, object] = {}
+
+
+@dataclass(frozen=True, eq=False)
+class RoutingPlan:
+    """Routing bookkeeping for ``num_tokens`` tokens, ``top_k`` slots, ``num_experts`` experts.
+
+    All tensors are int32 on the routing device (see the module docstring for the layouts).
+    """
+
+    num_tokens: int
+    top_k: int
+    num_experts: int
+    counts: torch.Tensor             # [E] (token, slot) pairs per expert
+    cu_seqlens: torch.Tensor         # [E + 1] segment offsets in the flat layout
+    row_src: torch.Tensor            # [T*k] flat row -> t*k + j
+    token_rows: torch.Tensor         # [T, k] -> flat row
+    block_m: int | None = None
+    padded_cu_seqlens: torch.Tensor | None = None  # [E + 1]
+    padded_row_src: torch.Tensor | None = None     # [padded_rows], -1 = padding
+    padded_token_rows: torch.Tensor | None = None  # [T, k]
+    expert_of_block: torch.Tensor | None = None    # [padded_rows // block_m], -1 past the end
+    max_m: int | None = None
+    masked_m: torch.Tensor | None = None           # [E] = min(counts, max_m)
+    masked_row_src: torch.Tensor | None = None     # [E, max_m], -1 = empty slot
+    masked_token_rows: torch.Tensor | None = None  # [T, k] -> e*max_m + i
+    overflow: torch.Tensor | None = None           # [1]: 1 if some expert got more than max_m rows
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the flat layout, T*k."""
+        return self.num_tokens * self.top_k
+
+    @property
+    def padded_rows(self) -> int:
+        """Capacity of the padded layout: (T*k + E*(block_m-1)) // block_m * block_m."""
+        return padded_capacity(self.num_rows, self.num_experts, self.block_m)
+
+    @property
+    def device(self) -> torch.device:
+        return self.counts.device
+
+    def rows(self, layout: str) -> int:
+        """Size of ``layout``'s row space."""
+        if layout == "flat":
+            return self.num_rows
+        self._require(layout)
+        return self.padded_rows if layout == "padded" else self.num_experts * self.max_m
+
+    def dest_rows(self, layout: str) -> torch.Tensor:
+        """[T, k] row of each (token, slot) in ``layout`` (-1 = dropped)."""
+        if layout == "flat":
+            return self.token_rows
+        self._require(layout)
+        return self.padded_token_rows if layout == "padded" else self.masked_token_rows
+
+    def _require(self, layout: str) -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+        if layout == "padded" and self.block_m is None:
+            raise ValueError("layout: 'padded' needs a plan made with block_m")
+        if layout == "masked" and self.max_m is None:
+            raise ValueError("layout: 'masked' needs a plan made with max_m")
+
+
+def padded_capacity(num_rows: int, num_experts: int, block_m: int | None) -> int:
+    """Rows of the fixed-size padded buffer: enough for any routing, a multiple of block_m."""
+    if block_m is None:
+        return 0
+    return (num_rows + num_experts * (block_m - 1)) // block_m * block_m
+
+
+def _warps(num_experts: int) -> int:
+    """Warps per CTA of plan_scatter such that its shared memory fits in 48 KiB."""
+    return max(1, min(32, (_SMEM_BYTES - 4 * (4 * num_experts + 66)) // (4 * num_experts)))
+
+
+def _defines(num_experts: int, ids_i64: bool, padded: bool, masked: bool) -> tuple:
+    return tuple(sorted(dict(NUM_E=num_experts, NW=_warps(num_experts), IDS_I64=int(ids_i64),
+                             HAS_PADDED=int(padded), HAS_MASKED=int(masked)).items()))
+
+
+def compile_specializations() -> list[tuple[str, dict]]:
+    """Representative define sets covering every branch of plan.cu (for the CPU compile check)."""
+    cases = [(8, False, False, False), (256, False, True, True), (128, True, True, False),
+             (60, False, False, True), (1024, True, True, True)]
+    return [(_SOURCE, dict(_defines(*c))) for c in cases]
+
+
+def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{name}: expected {lo} <= {name}" + (f" <= {hi}" if hi is not None else "")
+                         + f", got {value}")
+    return value
+
+
+def _check_ids(topk_ids, num_experts, block_m, max_m) -> torch.Tensor:
+    ids = as_torch(topk_ids, "topk_ids")
+    if ids.dim() != 2:
+        raise ValueError(f"topk_ids: expected a 2-D [T, k] tensor, got shape {tuple(ids.shape)}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"topk_ids: expected int32 or int64, got {ids.dtype}")
+    if not ids.is_contiguous():
+        raise ValueError(f"topk_ids: expected a contiguous tensor, got strides {ids.stride()}")
+    _check_int("num_experts", num_experts, 1, MAX_EXPERTS)
+    if block_m is not None:
+        _check_int("block_m", block_m, 1)
+    if max_m is not None:
+        _check_int("max_m", max_m, 1)
+        if num_experts * max_m >= 2**31:
+            raise ValueError(f"max_m: E * max_m must be < 2**31, got {num_experts} * {max_m}")
+    rows = ids.numel() + num_experts * ((block_m or 1) - 1)
+    if rows >= 2**31:
+        raise ValueError(f"topk_ids: T*k (+ E*(block_m-1)) must be < 2**31, got {rows}")
+    return ids
+
+
+def make_plan(topk_ids, num_experts: int, *, block_m: int | None = None, max_m: int | None = None
+              ) -> RoutingPlan:
+    """Build the :class:`RoutingPlan` of ``topk_ids`` [T, k] (int32/int64, torch or cupy, CUDA) on the
+    GPU: flat layout always, padded layout with ``block_m``, masked layout with ``max_m``.
+    No host sync; 1 kernel for T*k <= 2048, else 2."""
+    ids = _check_ids(topk_ids, num_experts, block_m, max_m)
+    if ids.device.type != "cuda":
+        raise ValueError(f"topk_ids: expected a CUDA tensor, got device {ids.device} (see plan_reference)")
+    num_tokens, top_k = ids.shape
+    n = num_tokens * top_k
+    E = num_experts
+    padded, masked = block_m is not None, max_m is not None
+    prows = padded_capacity(n, E, block_m)
+    nblocks = prows // block_m if padded else 0
+    sizes = [E, E + 1, n, n]
+    if padded:
+        sizes += [E + 1, prows, n, nblocks]
+    if masked:
+        sizes += [E, E * max_m, n, 1]
+    buf = torch.empty(sum(sizes), dtype=torch.int32, device=ids.device)
+    parts = list(buf.split(sizes))
+    counts, cu, row_src, token_rows = parts[:4]
+    pcu = prow_src = ptoken_rows = eob = mm = mrow_src = mtoken_rows = overflow = None
+    if padded:
+        pcu, prow_src, ptoken_rows, eob = parts[4:8]
+    if masked:
+        mm, mrow_src, mtoken_rows, overflow = parts[-4:]
+
+    dev = ids.device.index if ids.device.index is not None else torch.cuda.current_device()
+    key = (dev, E, ids.dtype == torch.int64, padded, masked)
+    fns = _fn_cache.get(key)
+    if fns is None:
+        d = _defines(*key[1:])
+        fns = (_nvrtc.get_function(dev, _SOURCE, "plan_count", d),
+               _nvrtc.get_function(dev, _SOURCE, "plan_scatter", d), 32 * _warps(E))
+        _fn_cache[key] = fns
+    count_fn, scatter_fn, threads = fns
+    if n <= _SINGLE_CTA_MAX_ROWS:
+        chunk, num_chunks = n, 1
+    else:
+        chunk = max(-(-n // _MAX_CHUNKS), _MIN_CHUNK)
+        chunk = -(-chunk // threads) * threads
+        num_chunks = -(-n // chunk)
+    import numpy as np
+
+    i32 = np.int32
+    hist_ptr = 0
+    if num_chunks > 1:
+        hist = torch.empty(num_chunks * E, dtype=torch.int32, device=ids.device)
+        hist_ptr = hist.data_ptr()
+        _nvrtc.launch(count_fn, dev, num_chunks, threads, (ids.data_ptr(), i32(n), i32(chunk), hist_ptr))
+
+    def ptr(t):
+        return 0 if t is None else t.data_ptr()
+
+    args = (ids.data_ptr(), i32(n), i32(chunk), i32(num_chunks), hist_ptr,
+            ptr(counts), ptr(cu), ptr(row_src), ptr(token_rows),
+            i32(block_m or 1), i32(prows), i32(nblocks), ptr(pcu), ptr(prow_src), ptr(ptoken_rows), ptr(eob),
+            i32(max_m or 0), ptr(mm), ptr(mrow_src), ptr(mtoken_rows), ptr(overflow))
+    _nvrtc.launch(scatter_fn, dev, num_chunks, threads, args)
+    return _assemble(num_tokens, top_k, E, counts, cu, row_src, token_rows, block_m, pcu, prow_src,
+                     ptoken_rows, eob, max_m, mm, mrow_src, mtoken_rows, overflow)
+
+
+def _assemble(T, k, E, counts, cu, row_src, token_rows, block_m, pcu, prow_src, ptoken_rows, eob,
+              max_m, mm, mrow_src, mtoken_rows, overflow) -> RoutingPlan:
+    def shape(t, *s):
+        return None if t is None else t.view(*s)
+
+    return RoutingPlan(T, k, E, counts, cu, row_src, shape(token_rows, T, k), block_m, pcu, prow_src,
+                       shape(ptoken_rows, T, k), eob, max_m, mm, shape(mrow_src, E, max_m or 0),
+                       shape(mtoken_rows, T, k), overflow)
+
+
+def plan_reference(topk_ids, num_experts: int, *, block_m: int | None = None, max_m: int | None = None
+                   ) -> RoutingPlan:
+    """Plain-torch definition of :func:`make_plan` (CPU or GPU; syncs with the host)."""
+    ids = _check_ids(topk_ids, num_experts, block_m, max_m)
+    num_tokens, top_k = ids.shape
+    E, n, device = num_experts, ids.numel(), ids.device
+    flat = ids.reshape(-1).long()
+    valid = (flat >= 0) & (flat < E)
+    order = torch.sort(torch.where(valid, flat, E), stable=True).indices  # by expert, then flat index
+    counts = torch.bincount(flat[valid], minlength=E)
+    cu = torch.zeros(E + 1, dtype=torch.long, device=device)
+    cu[1:] = counts.cumsum(0)
+    nvalid = int(cu[-1])
+    src = order[:nvalid]
+    expert = flat[src]
+    local = torch.arange(nvalid, device=device) - cu[expert]
+
+    def full(size, value=-1):
+        return torch.full((size,), value, dtype=torch.long, device=device)
+
+    row_src = full(n)
+    row_src[:nvalid] = src
+    token_rows = full(n)
+    token_rows[src] = torch.arange(nvalid, device=device)
+    i32 = torch.int32
+    pcu = prow_src = ptoken_rows = eob = mm = mrow_src = mtoken_rows = overflow = None
+    if block_m is not None:
+        pcounts = (counts + block_m - 1) // block_m * block_m
+        pcu = torch.zeros(E + 1, dtype=torch.long, device=device)
+        pcu[1:] = pcounts.cumsum(0)
+        prows = padded_capacity(n, E, block_m)
+        prow = pcu[expert] + local
+        prow_src = full(prows)
+        prow_src[prow] = src
+        ptoken_rows = full(n)
+        ptoken_rows[src] = prow
+        eob = full(prows // block_m)
+        used = torch.repeat_interleave(torch.arange(E, device=device), pcounts // block_m)
+        eob[:used.numel()] = used
+        pcu, prow_src, ptoken_rows, eob = (t.to(i32) for t in (pcu, prow_src, ptoken_rows, eob))
+    if max_m is not None:
+        mm = counts.clamp(max=max_m).to(i32)
+        keep = local < max_m
+        mrow = expert * max_m + local
+        mrow_src = full(E * max_m)
+        mrow_src[mrow[keep]] = src[keep]
+        mtoken_rows = full(n)
+        mtoken_rows[src[keep]] = mrow[keep]
+        overflow = (counts > max_m).any().to(i32).reshape(1)
+        mrow_src, mtoken_rows = mrow_src.to(i32), mtoken_rows.to(i32)
+    return _assemble(num_tokens, top_k, E, counts.to(i32), cu.to(i32), row_src.to(i32), token_rows.to(i32),
+                     block_m, pcu, prow_src, ptoken_rows, eob, max_m, mm, mrow_src, mtoken_rows, overflow)

@@ -1,0 +1,133 @@
+"""GPU top-k routing: one CuPy raw kernel (``kernels/routing.cu``), one warp per token.
+
+Semantics are exactly :func:`cute_moe.reference.route_reference` (softmax or sigmoid scores in
+float32, optional correction bias for selection only, group limiting, ties to the lower expert index,
+ids in descending selection order, renormalization, routed scaling factor). Softmax and sigmoid use
+the same float32 formulas as torch's CUDA kernels (``expf(x - max) / sum`` and ``1 / (1 + expf(-x))``)
+so selection agrees with the reference run on the GPU; only the order of the softmax and
+renormalization sums differs (weights within a few float32 ulps).
+
+No host synchronization and no allocation sized by device data: safe inside CUDA graphs (run it
+once eagerly before capture so the kernel is compiled and loaded).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _nvrtc
+from .interop import array_kind, as_torch, to_kind
+
+SCORINGS = ("softmax", "sigmoid")
+MAX_EXPERTS = 1024
+MAX_TOP_K = 32
+MAX_GROUPS = 32
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_WARPS = 4
+_SOURCE = "routing.cu"
+_fn_cache: dict[tuple, object] = {}
+
+
+def _defines(num_experts, top_k, logit_dt, scoring, bias_dt, num_groups, topk_groups, renormalize):
+    return tuple(sorted(dict(
+        NUM_E=num_experts, TOP_K=top_k, LOGIT_DT=logit_dt, SCORING=SCORINGS.index(scoring),
+        HAS_BIAS=int(bias_dt is not None), BIAS_DT=bias_dt or 0, NUM_GROUPS=num_groups,
+        TOPK_GROUPS=topk_groups, RENORM=int(bool(renormalize)), WARPS=_WARPS).items()))
+
+
+def compile_specializations() -> list[tuple[str, dict]]:
+    """Representative define sets covering every branch of routing.cu (for the CPU compile check)."""
+    cases = [
+        (8, 2, 2, "softmax", None, 0, 0, True),       # Mixtral
+        (128, 4, 0, "softmax", None, 0, 0, True),     # GPT-OSS, fp32 logits
+        (60, 4, 1, "softmax", None, 0, 0, False),     # Qwen2-MoE-like, E not a multiple of 32
+        (256, 8, 2, "sigmoid", 0, 8, 4, True),        # DeepSeek-V3, fp32 bias
+        (256, 8, 2, "sigmoid", 2, 8, 4, True),        # bf16 bias
+        (128, 1, 2, "sigmoid", None, 0, 0, False),    # Llama-4
+        (512, 16, 2, "softmax", None, 16, 8, True),   # groups without bias (group max)
+        (1024, 32, 0, "sigmoid", None, 0, 0, True),   # limits
+    ]
+    return [(_SOURCE, dict(_defines(*c))) for c in cases]
+
+
+def _check_int(name: str, value, lo: int, hi: int, hi_note: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}: expected {lo} <= {name} <= {hi} ({hi_note}), got {value}")
+    return value
+
+
+def route_gpu(router_logits, top_k: int, *, scoring: str = "softmax", renormalize: bool = False,
+              num_groups: int | None = None, topk_groups: int | None = None, correction_bias=None,
+              routed_scaling_factor: float = 1.0, out=None):
+    """Top-k routing of ``router_logits`` [T, E] (bf16/fp16/fp32, torch or cupy, on a CUDA device).
+
+    Returns (topk_weights float32 [T, k], topk_ids int32 [T, k]) in the caller's array type;
+    ``out=(weights, ids)`` writes into given buffers. E <= 1024, k <= 32, num_groups <= 32.
+    """
+    kind = array_kind(router_logits)
+    logits = as_torch(router_logits, "router_logits")
+    bias = as_torch(correction_bias, "correction_bias")
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"router_logits: expected a 2-D [T, E] tensor, got shape {tuple(logits.shape)}")
+    if logits.device.type != "cuda":
+        raise ValueError(f"router_logits: expected a CUDA tensor, got device {logits.device}")
+    logit_dt = DTYPE_CODES.get(logits.dtype)
+    if logit_dt is None:
+        raise TypeError(f"router_logits: expected bf16, fp16 or fp32, got {logits.dtype}")
+    num_tokens, num_experts = logits.shape
+    _check_int("num_experts (router_logits.shape[1])", num_experts, 1, MAX_EXPERTS, "kernel limit")
+    if num_experts > 1 and logits.stride(1) != 1:
+        raise ValueError(f"router_logits: expected a contiguous last dimension, got strides {logits.stride()}")
+    _check_int("top_k", top_k, 1, min(num_experts, MAX_TOP_K), "min(E, 32)")
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring: expected one of {SCORINGS}, got {scoring!r}")
+    if not num_groups:
+        if topk_groups:
+            raise ValueError(f"topk_groups: only valid with num_groups, got topk_groups={topk_groups}")
+        num_groups = topk_groups = 0
+    else:
+        _check_int("num_groups", num_groups, 1, min(num_experts, MAX_GROUPS), "min(E, 32)")
+        if num_experts % num_groups:
+            raise ValueError(f"num_groups: expected a divisor of E = {num_experts}, got {num_groups}")
+        if topk_groups is None:
+            raise ValueError("topk_groups: required with num_groups, got None")
+        _check_int("topk_groups", topk_groups, 1, num_groups, "num_groups")
+        if top_k > topk_groups * (num_experts // num_groups):
+            raise ValueError(f"top_k: expected <= topk_groups * E / num_groups = "
+                             f"{topk_groups * (num_experts // num_groups)}, got {top_k}")
+    bias_dt = None
+    if bias is not None:
+        bias_dt = DTYPE_CODES.get(bias.dtype)
+        if bias_dt is None:
+            raise TypeError(f"correction_bias: expected bf16, fp16 or fp32, got {bias.dtype}")
+        if tuple(bias.shape) != (num_experts,) or not bias.is_contiguous():
+            raise ValueError(f"correction_bias: expected a contiguous [E] = [{num_experts}] tensor, got shape "
+                             f"{tuple(bias.shape)} strides {bias.stride()}")
+        if bias.device != logits.device:
+            raise ValueError(f"correction_bias: expected device {logits.device}, got {bias.device}")
+
+    if out is None:
+        weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=logits.device)
+        ids = torch.empty((num_tokens, top_k), dtype=torch.int32, device=logits.device)
+    else:
+        weights, ids = (as_torch(o, n) for o, n in zip(out, ("out[0]", "out[1]")))
+        for t, name, dt in ((weights, "out[0]", torch.float32), (ids, "out[1]", torch.int32)):
+            if t.dtype != dt or tuple(t.shape) != (num_tokens, top_k) or not t.is_contiguous() \
+                    or t.device != logits.device:
+                raise ValueError(f"{name}: expected a contiguous {dt} [{num_tokens}, {top_k}] tensor on "
+                                 f"{logits.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if num_tokens:
+        dev = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
+        key = (dev, num_experts, top_k, logit_dt, scoring, bias_dt, num_groups, topk_groups, bool(renormalize))
+        fn = _fn_cache.get(key)
+        if fn is None:
+            fn = _nvrtc.get_function(dev, _SOURCE, "route_topk", _defines(*key[1:]))
+            _fn_cache[key] = fn
+        import numpy as np
+
+        args = (logits.data_ptr(), logits.stride(0), bias.data_ptr() if bias is not None else 0,
+                np.float32(routed_scaling_factor), weights.data_ptr(), ids.data_ptr(), np.int32(num_tokens))
+        _nvrtc.launch(fn, dev, (num_tokens + _WARPS - 1) // _WARPS, _WARPS * 32, args)
+    return to_kind(weights, kind), to_kind(ids, kind)
