@@ -47,7 +47,9 @@ def pick_config(rows: int, n: int, k: int, num_experts: int, gated: bool, num_sm
     active = max(1, min(num_experts, rows))
     rows_per_expert = masked_max_m or rows / active
     if rows_per_expert > 64:
-        return GemmConfig(128, 256, cluster_m=2 if rows_per_expert >= 256 else 1)
+        # measured on H200 (perf/results/sm90_grouped_gemm_sweep): multicast pays off for the wide
+        # gated GEMM1 of large experts only
+        return GemmConfig(128, 256, cluster_m=2 if gated and rows_per_expert >= 1024 else 1)
     m_tiles = active * max(1, -(-int(rows_per_expert) // 64))
     n_cols = n // 2 if gated else n
     for tile_n in (256, 128):

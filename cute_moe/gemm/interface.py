@@ -102,12 +102,15 @@ def _compile(key: KernelKey, extra_options: str = "") -> Callable:
     return fn
 
 
-def _check(cond: bool, msg: str):
+def _check(cond: bool, msg):
+    """Raise ValueError(msg) when cond is false; msg may be a callable so the message is only
+    formatted on failure (these checks run on every call)."""
     if not cond:
-        raise ValueError(msg)
+        raise ValueError(msg() if callable(msg) else msg)
 
 
 _DEVICE_INFO: dict = {}
+_FAST: dict = {}  # plain-tuple key -> compiled kernel: cheaper to hash than a KernelKey
 
 
 def _device_info(device: torch.device) -> tuple[str, int]:
@@ -146,58 +149,60 @@ def grouped_gemm(
     """
     masked = masked_m is not None
     _check((cu_seqlens is not None) != masked, "pass exactly one of cu_seqlens (varlen layout) or masked_m (masked layout)")
-    _check(activation in EPILOGUES, f"activation: expected one of {EPILOGUES}, got {activation!r}")
-    _check(a.is_cuda, f"a: expected a CUDA tensor, got device {a.device}")
-    _check(b.dim() == 3, f"b: expected [E, N, K], got shape {tuple(b.shape)}")
+    _check(activation in EPILOGUES, lambda: f"activation: expected one of {EPILOGUES}, got {activation!r}")
+    _check(a.is_cuda, lambda: f"a: expected a CUDA tensor, got device {a.device}")
+    _check(b.dim() == 3, lambda: f"b: expected [E, N, K], got shape {tuple(b.shape)}")
     num_experts, n, k = b.shape
-    _check(a.dtype in (torch.bfloat16, torch.float16), f"a: expected bfloat16 or float16, got {a.dtype}")
-    _check(b.dtype == a.dtype, f"b: expected dtype {a.dtype} (same as a), got {b.dtype}")
-    _check(b.device == a.device, f"b: expected device {a.device}, got {b.device}")
+    _check(a.dtype in (torch.bfloat16, torch.float16), lambda: f"a: expected bfloat16 or float16, got {a.dtype}")
+    _check(b.dtype == a.dtype, lambda: f"b: expected dtype {a.dtype} (same as a), got {b.dtype}")
+    _check(b.device == a.device, lambda: f"b: expected device {a.device}, got {b.device}")
     _check(b.is_contiguous(), "b: expected a contiguous [E, N, K] tensor")
-    _check(k % 8 == 0 and n % 8 == 0, f"b: K and N must be multiples of 8 (16-byte TMA rows), got N={n}, K={k}")
+    _check(k % 8 == 0 and n % 8 == 0, lambda: f"b: K and N must be multiples of 8 (16-byte TMA rows), got N={n}, K={k}")
     gated = activation != "none"
-    _check(not gated or n % 16 == 0, f"b: a gated activation needs N = 2I with I a multiple of 8, got N={n}")
+    _check(not gated or n % 16 == 0, lambda: f"b: a gated activation needs N = 2I with I a multiple of 8, got N={n}")
     n_out = n // 2 if gated else n
     if masked:
         _check(a.dim() == 3 and a.shape[0] == num_experts and a.shape[2] == k,
-               f"a: expected [E={num_experts}, max_m, K={k}] for the masked layout, got {tuple(a.shape)}")
+               lambda: f"a: expected [E={num_experts}, max_m, K={k}] for the masked layout, got {tuple(a.shape)}")
         seg = masked_m
-        _check(seg.dim() == 1 and seg.shape[0] == num_experts, f"masked_m: expected shape [{num_experts}], got {tuple(seg.shape)}")
+        _check(seg.dim() == 1 and seg.shape[0] == num_experts, lambda: f"masked_m: expected shape [{num_experts}], got {tuple(seg.shape)}")
         max_m = a.shape[1]
         a2 = a.reshape(-1, k)
     else:
-        _check(a.dim() == 2 and a.shape[1] == k, f"a: expected [M, K={k}], got {tuple(a.shape)}")
+        _check(a.dim() == 2 and a.shape[1] == k, lambda: f"a: expected [M, K={k}], got {tuple(a.shape)}")
         seg = cu_seqlens
         _check(seg.dim() == 1 and seg.shape[0] == num_experts + 1,
-               f"cu_seqlens: expected shape [{num_experts + 1}], got {tuple(seg.shape)}")
+               lambda: f"cu_seqlens: expected shape [{num_experts + 1}], got {tuple(seg.shape)}")
         max_m = 0
         a2 = a
-    _check(seg.dtype == torch.int32, f"{'masked_m' if masked else 'cu_seqlens'}: expected int32, got {seg.dtype}")
-    _check(seg.device == a.device, f"{'masked_m' if masked else 'cu_seqlens'}: expected device {a.device}, got {seg.device}")
+    _check(seg.dtype == torch.int32, lambda: f"{'masked_m' if masked else 'cu_seqlens'}: expected int32, got {seg.dtype}")
+    _check(seg.device == a.device, lambda: f"{'masked_m' if masked else 'cu_seqlens'}: expected device {a.device}, got {seg.device}")
     _check(a2.is_contiguous(), "a: expected contiguous rows")
     out_dtype = out.dtype if out is not None else (out_dtype or a.dtype)
     m_rows = a2.shape[0]
     if out is None:
         out = torch.empty((*a.shape[:-1], n_out), dtype=out_dtype, device=a.device)
     else:
-        _check(out.shape == (*a.shape[:-1], n_out), f"out: expected shape {(*a.shape[:-1], n_out)}, got {tuple(out.shape)}")
+        _check(out.shape == (*a.shape[:-1], n_out), lambda: f"out: expected shape {(*a.shape[:-1], n_out)}, got {tuple(out.shape)}")
         _check(out.device == a.device and out.is_contiguous(), "out: expected a contiguous tensor on a's device")
-    _check(out_dtype in (torch.bfloat16, torch.float16, torch.float32), f"out: expected bf16/fp16/fp32, got {out_dtype}")
+    _check(out_dtype in (torch.bfloat16, torch.float16, torch.float32), lambda: f"out: expected bf16/fp16/fp32, got {out_dtype}")
     if bias is not None:
         _check(bias.shape == (num_experts, n) and bias.is_contiguous() and bias.device == a.device,
-               f"bias: expected a contiguous [{num_experts}, {n}] tensor on {a.device}, got {tuple(bias.shape)}")
+               lambda: f"bias: expected a contiguous [{num_experts}, {n}] tensor on {a.device}, got {tuple(bias.shape)}")
         bias = bias.to(a.dtype)
     if row_scale is not None:
         _check(row_scale.dtype == torch.float32 and row_scale.numel() == m_rows and row_scale.device == a.device,
-               f"row_scale: expected float32 with {m_rows} elements on {a.device}")
+               lambda: f"row_scale: expected float32 with {m_rows} elements on {a.device}")
         row_scale = row_scale.reshape(m_rows)
     if m_rows == 0:
         return out
     arch, num_sms = _device_info(a.device)
     if config is None:
         config = pick_config(m_rows, n, k, num_experts, gated, num_sms, max_m)
-    key = KernelKey(arch, a.dtype, out_dtype, config, activation, bias is not None, row_scale is not None,
-                    masked, num_experts, n, k, num_sms)
-    fn = compile_kernel(key)
+    fast = (arch, a.dtype, out_dtype, config, activation, bias is not None, row_scale is not None,
+            masked, num_experts, n, k, num_sms)
+    fn = _FAST.get(fast)
+    if fn is None:
+        fn = _FAST[fast] = compile_kernel(KernelKey(*fast))
     fn(a2, b, out.view(m_rows, n_out), seg, bias, row_scale, max_m)
     return out

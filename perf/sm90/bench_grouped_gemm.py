@@ -5,7 +5,8 @@
 For each reference shape and token count: random top-k routing, then GEMM1 (x @ w1[e].T with the
 silu-gated epilogue; torch's GEMM1 is the plain grouped GEMM without the activation) and GEMM2
 (h @ w2[e].T). Reports ms, TFLOP/s and torch/ours speedups, with the dense bf16 8192^3 torch.mm rate
-of the same run as the ceiling. --sweep also times every tile config and reports the best.
+of the same run as the ceiling. Every time is a CUDA-graph replay (device time, no host launch
+overhead) for both sides. --sweep also times every tile config and reports the best.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def best_time(fn_of_config, default: GemmConfig, sweep: bool) -> tuple[float, GemmConfig]:
     configs = SWEEP if sweep else [default]
-    results = [(bench_ms(lambda c=c: fn_of_config(c), warmup=3, rep=20), c) for c in configs]
+    results = [(bench_ms(lambda c=c: fn_of_config(c), warmup=3, rep=20, graph=True), c) for c in configs]
     return min(results, key=lambda r: r[0])
 
 
@@ -66,8 +67,8 @@ def bench_shape(shape, tokens_list, sweep: bool) -> list[dict]:
 
         ms1, cfg1 = best_time(ours1, pick_config(m, 2 * i, h, e, True, NUM_SMS), sweep)
         ms2, cfg2 = best_time(ours2, pick_config(m, h, i, e, False, NUM_SMS), sweep)
-        tms1 = bench_ms(lambda: torch._grouped_mm(x, w1.transpose(1, 2), offs=offs), warmup=3, rep=20)
-        tms2 = bench_ms(lambda: torch._grouped_mm(a2, w2.transpose(1, 2), offs=offs), warmup=3, rep=20)
+        tms1 = bench_ms(lambda: torch._grouped_mm(x, w1.transpose(1, 2), offs=offs), warmup=3, rep=20, graph=True)
+        tms2 = bench_ms(lambda: torch._grouped_mm(a2, w2.transpose(1, 2), offs=offs), warmup=3, rep=20, graph=True)
         f1, f2 = 2 * m * 2 * i * h, 2 * m * h * i
         row = {
             "shape": shape.name, "T": t, "rows": m,
