@@ -160,8 +160,20 @@ def get_function(device_index: int, source: str, kernel: str, defines: tuple[tup
     return fn
 
 
+class _StreamRef:
+    """A raw CUDA stream handle speaking the CUDA stream protocol (for cupy.cuda.Stream.from_external)."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.ptr)
+
+
 def current_stream(device_index: int):
-    """torch's current stream on ``device_index`` as a (cached) cupy ExternalStream."""
+    """torch's current stream on ``device_index`` as a (cached) cupy stream."""
     import torch
 
     ptr = torch.cuda.current_stream(device_index).cuda_stream
@@ -170,7 +182,11 @@ def current_stream(device_index: int):
     if s is None:
         import cupy
 
-        s = cupy.cuda.ExternalStream(ptr, device_index)
+        from_external = getattr(cupy.cuda.Stream, "from_external", None)
+        if from_external is not None:
+            s = from_external(_StreamRef(ptr))
+        else:  # cupy < 14
+            s = cupy.cuda.ExternalStream(ptr, device_index)
         _streams[key] = s
     return s
 

@@ -78,9 +78,12 @@ def _grid(dev: int, items: int) -> int:
     return max(1, min(-(-items // _WARPS), _nvrtc.device_info(dev)[1] * _BLOCKS_PER_SM))
 
 
-def _check_plan(plan, layout: str, device: torch.device) -> None:
+def _check_plan_type(plan) -> None:
     if not isinstance(plan, RoutingPlan):
         raise TypeError(f"plan: expected a RoutingPlan (cute_moe.plan.make_plan), got {type(plan).__name__}")
+
+
+def _check_plan(plan, layout: str, device: torch.device) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     plan.rows(layout)  # raises if the plan lacks this layout
@@ -91,6 +94,7 @@ def _check_plan(plan, layout: str, device: torch.device) -> None:
 
 
 def _check_x(x: torch.Tensor, plan: RoutingPlan, name: str = "x") -> int:
+    _check_plan_type(plan)
     if x.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D [T, H] tensor, got shape {tuple(x.shape)}")
     if x.device.type != "cuda":
@@ -226,6 +230,7 @@ def combine(y, plan: RoutingPlan, topk_weights=None, *, layout: str = "flat", ad
     """
     kind = array_kind(y)
     yt = as_torch(y, "y")
+    _check_plan_type(plan)
     if yt.device.type != "cuda":
         raise ValueError(f"y: expected a CUDA tensor, got device {yt.device}")
     _check_plan(plan, layout, yt.device)

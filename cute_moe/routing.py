@@ -112,7 +112,7 @@ def route_gpu(router_logits, top_k: int, *, scoring: str = "softmax", renormaliz
         weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=logits.device)
         ids = torch.empty((num_tokens, top_k), dtype=torch.int32, device=logits.device)
     else:
-        weights, ids = (as_torch(o, n) for o, n in zip(out, ("out[0]", "out[1]")))
+        weights, ids = as_torch(out[0], "out[0]"), as_torch(out[1], "out[1]")
         for t, name, dt in ((weights, "out[0]", torch.float32), (ids, "out[1]", torch.int32)):
             if t.dtype != dt or tuple(t.shape) != (num_tokens, top_k) or not t.is_contiguous() \
                     or t.device != logits.device:
