@@ -111,8 +111,9 @@ def padded_capacity(num_rows: int, num_experts: int, block_m: int | None) -> int
 
 
 def _warps(num_experts: int) -> int:
-    """Warps per CTA of plan_scatter such that its shared memory fits in 48 KiB."""
-    return max(1, min(32, (_SMEM_BYTES - 4 * (4 * num_experts + 66)) // (4 * num_experts)))
+    """Warps per CTA of plan_scatter such that its shared memory (E * (NW + 2) + 4E + 66 ints at
+    most) fits in 48 KiB."""
+    return max(1, min(32, (_SMEM_BYTES - 4 * (4 * num_experts + 66)) // (4 * num_experts) - 2))
 
 
 def _defines(num_experts: int, ids_i64: bool, padded: bool, masked: bool) -> tuple:

@@ -43,6 +43,9 @@ def compile_specializations() -> list[tuple[str, dict]]:
         (60, 4, 1, "softmax", None, 0, 0, False),     # Qwen2-MoE-like, E not a multiple of 32
         (256, 8, 2, "sigmoid", 0, 8, 4, True),        # DeepSeek-V3, fp32 bias
         (256, 8, 2, "sigmoid", 2, 8, 4, True),        # bf16 bias
+        (64, 4, 1, "sigmoid", 0, 8, 3, True),         # groups of 8 (shared-memory group scan)
+        (16, 3, 0, "sigmoid", 0, 16, 5, True),        # groups of 1
+        (128, 6, 2, "sigmoid", 0, 2, 1, False),       # groups of 64 (two slots per lane), no renorm
         (128, 1, 2, "sigmoid", None, 0, 0, False),    # Llama-4
         (512, 16, 2, "softmax", None, 16, 8, True),   # groups without bias (group max)
         (1024, 32, 0, "sigmoid", None, 0, 0, True),   # limits

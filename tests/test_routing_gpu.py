@@ -30,6 +30,8 @@ CONFIGS = [
     ("llama4", 128, 1, dict(scoring="sigmoid", renormalize=False)),
     ("softmax_groups", 512, 16, dict(scoring="softmax", renormalize=True, num_groups=16, topk_groups=8)),
     ("group_size_1", 16, 3, dict(scoring="sigmoid", renormalize=True, num_groups=16, topk_groups=5, bias=True)),
+    ("group_size_8", 64, 4, dict(scoring="sigmoid", renormalize=True, num_groups=8, topk_groups=3, bias=True)),
+    ("group_size_64", 128, 6, dict(scoring="sigmoid", renormalize=False, num_groups=2, topk_groups=1, bias=True)),
     ("e_odd", 37, 5, dict(scoring="sigmoid", renormalize=False)),
 ]
 

@@ -106,3 +106,14 @@ __device__ __forceinline__ u32 lanemask_lt() {
 }
 
 __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Compile-time loop: f(IntC<B>{}), f(IntC<B + 1>{}), ..., f(IntC<E - 1>{}) (indices usable as constants).
+template <int V> struct IntC {
+    static constexpr int value = V;
+};
+template <int B, int E, typename F> __device__ __forceinline__ void static_for(F&& f) {
+    if constexpr (B < E) {
+        f(IntC<B>{});
+        static_for<B + 1, E>(f);
+    }
+}

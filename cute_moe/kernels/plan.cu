@@ -11,6 +11,8 @@
 // Defines: NUM_E, NW (warps per CTA), IDS_I64, HAS_PADDED, HAS_MASKED.
 #include "common.cuh"
 
+#define WSTRIDE (NW + 1 + NW % 2)  // odd, > NW
+
 #if IDS_I64
 typedef long long expert_id_t;
 #else
@@ -85,7 +87,9 @@ plan_scatter(const expert_id_t* __restrict__ ids, int n, int chunk, int num_chun
              int* __restrict__ padded_row_src, int* __restrict__ padded_token_rows, int* __restrict__ expert_of_block,
              int max_m, int* __restrict__ masked_m, int* __restrict__ masked_row_src,
              int* __restrict__ masked_token_rows, int* __restrict__ overflow) {
-    __shared__ int warp_off[NW][NUM_E];  // per-span counts, then each span's offset in the expert segment
+    // per-span counts, then each span's offset in its expert segment; [expert][span], odd row stride so
+    // lanes touching different experts hit different banks
+    __shared__ int warp_off[NUM_E][WSTRIDE];
     __shared__ int total[NUM_E];         // rows of each expert over all chunks
     __shared__ int before[NUM_E];        // rows of each expert in earlier chunks
     __shared__ int cu_s[NUM_E + 1];
@@ -96,7 +100,7 @@ plan_scatter(const expert_id_t* __restrict__ ids, int n, int chunk, int num_chun
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int nthreads = NW * 32;
-    for (int i = threadIdx.x; i < NW * NUM_E; i += nthreads) (&warp_off[0][0])[i] = 0;
+    for (int i = threadIdx.x; i < NUM_E * WSTRIDE; i += nthreads) (&warp_off[0][0])[i] = 0;
     for (int e = threadIdx.x; e < NUM_E; e += nthreads) {
         total[e] = 0;
         before[e] = 0;
@@ -112,7 +116,7 @@ plan_scatter(const expert_id_t* __restrict__ ids, int n, int chunk, int num_chun
     for (int base = span_start; base < span_end; base += 32) {
         const int e = load_expert(ids, base + lane, span_end);
         const u32 peers = __match_any_sync(FULL_MASK, e);
-        if (e >= 0 && (__ffs(peers) - 1) == lane) warp_off[warp][e] += __popc(peers);
+        if (e >= 0 && (__ffs(peers) - 1) == lane) warp_off[e][warp] += __popc(peers);
         __syncwarp();
     }
     if (num_chunks > 1) {
@@ -125,15 +129,18 @@ plan_scatter(const expert_id_t* __restrict__ ids, int n, int chunk, int num_chun
     }
     __syncthreads();
 
-    // 2. span offsets within each expert segment (and totals when this is the only chunk)
-    for (int e = threadIdx.x; e < NUM_E; e += nthreads) {
-        int run = before[e];
-        for (int w = 0; w < NW; ++w) {
-            const int c = warp_off[w][e];
-            warp_off[w][e] = run;
-            run += c;
+    // 2. span offsets within each expert segment (and totals when this is the only chunk): one warp
+    //    per expert, lane w scans span w
+    for (int e = warp; e < NUM_E; e += NW) {
+        const int c = lane < NW ? warp_off[e][lane] : 0;
+        int incl = c;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int x = __shfl_up_sync(FULL_MASK, incl, o);
+            if (lane >= o) incl += x;
         }
-        if (num_chunks == 1) total[e] = run;
+        if (lane < NW) warp_off[e][lane] = before[e] + incl - c;
+        if (lane == 31 && num_chunks == 1) total[e] = incl;
     }
     __syncthreads();
 
@@ -216,7 +223,7 @@ plan_scatter(const expert_id_t* __restrict__ ids, int n, int chunk, int num_chun
         const int e = load_expert(ids, i, span_end);
         const u32 peers = __match_any_sync(FULL_MASK, e);
         if (e >= 0) {
-            const int local = warp_off[warp][e] + __popc(peers & lt);
+            const int local = warp_off[e][warp] + __popc(peers & lt);
             const int row = cu_s[e] + local;
             row_src[row] = i;
             token_rows[i] = row;
@@ -243,7 +250,7 @@ plan_scatter(const expert_id_t* __restrict__ ids, int n, int chunk, int num_chun
 #endif
         }
         __syncwarp();
-        if (e >= 0 && (__ffs(peers) - 1) == lane) warp_off[warp][e] += __popc(peers);
+        if (e >= 0 && (__ffs(peers) - 1) == lane) warp_off[e][warp] += __popc(peers);
         __syncwarp();
     }
 }

@@ -10,6 +10,12 @@
 #include "common.cuh"
 
 #define VPT ((NUM_E + 31) / 32)  // experts per lane: expert v*32 + lane lives in slot v of that lane
+#define NP2 (VPT <= 1 ? 1 : VPT <= 2 ? 2 : VPT <= 4 ? 4 : VPT <= 8 ? 8 : VPT <= 16 ? 16 : 32)
+#define LOG2_NP2 (NP2 == 1 ? 0 : NP2 == 2 ? 1 : NP2 == 4 ? 2 : NP2 == 8 ? 3 : NP2 == 16 ? 4 : 5)
+#define KEEP (NP2 < TOP_K ? NP2 : TOP_K)  // a lane can win at most this many rounds
+#if NUM_GROUPS > 0
+#define GROUP_SIZE (NUM_E / NUM_GROUPS)
+#endif
 
 // Order-preserving float -> u32 map (larger float, larger key). -0 == +0, NaN (any sign) maps to
 // the maximum like torch's sort; 0 never comes from a float and marks "not selectable".
@@ -25,13 +31,33 @@ __device__ __forceinline__ float key_float(u32 k) {
     return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
 
+// Score of a logit: the same float32 expressions as torch's CUDA softmax / sigmoid kernels.
+__device__ __forceinline__ float score_of(float x, float m, float sum) {
+#if SCORING == 0
+    return expf(x - m) / sum;
+#else
+    return 1.0f / (1.0f + expf(-x));
+#endif
+}
+
+// Compare-and-swap putting the larger key first, the lower slot first among equal keys.
+__device__ __forceinline__ void cas(u32& ka, int& sa, u32& kb, int& sb) {
+    const bool swap = kb > ka || (kb == ka && sb < sa);
+    const u32 k = swap ? kb : ka;
+    const int s = swap ? sb : sa;
+    kb = swap ? ka : kb;
+    sb = swap ? sa : sb;
+    ka = k;
+    sa = s;
+}
+
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 route_topk(const void* __restrict__ logits_, i64 row_stride, const void* __restrict__ bias_, float scaling,
            float* __restrict__ out_w, int* __restrict__ out_ids, int num_tokens) {
     typedef Elem<LOGIT_DT> LE;
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-#if NUM_GROUPS > 0
+#if NUM_GROUPS > 0 && GROUP_SIZE % 32 != 0
     __shared__ u32 sel_s[WARPS][VPT * 32];
 #endif
     const int t = blockIdx.x * WARPS + warp;
@@ -39,21 +65,20 @@ route_topk(const void* __restrict__ logits_, i64 row_stride, const void* __restr
 
     const typename LE::T* row = (const typename LE::T*)logits_ + (i64)t * row_stride;
     float score[VPT];
-    u32 key[VPT];
-
 #pragma unroll
     for (int v = 0; v < VPT; ++v) {
         const int e = v * 32 + lane;
         score[v] = e < NUM_E ? LE::to_f32(row[e]) : neg_inf();
     }
 
+    float m = 0.f, sum = 1.f;  // softmax max and denominator (all lanes hold the same values)
 #if SCORING == 0
-    float m = neg_inf();
+    m = neg_inf();
 #pragma unroll
     for (int v = 0; v < VPT; ++v) m = fmaxf(m, score[v]);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(FULL_MASK, m, o));
-    float sum = 0.f;
+    sum = 0.f;
 #pragma unroll
     for (int v = 0; v < VPT; ++v) {
         if (v * 32 + lane < NUM_E) {
@@ -62,41 +87,68 @@ route_topk(const void* __restrict__ logits_, i64 row_stride, const void* __restr
         }
     }
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(FULL_MASK, sum, o);  // same value in all lanes
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(FULL_MASK, sum, o);  // commutative: same in all lanes
 #pragma unroll
-    for (int v = 0; v < VPT; ++v) score[v] = score[v] / sum;
+    for (int v = 0; v < VPT; ++v) score[v] = score[v] / sum;  // == score_of(logit, m, sum)
 #else
 #pragma unroll
-    for (int v = 0; v < VPT; ++v) score[v] = 1.0f / (1.0f + expf(-score[v]));
+    for (int v = 0; v < VPT; ++v) score[v] = score_of(score[v], m, sum);
 #endif
 
+    u32 key[NP2];  // selection keys by slot; 0 = not selectable
+    int slot[NP2];
 #pragma unroll
-    for (int v = 0; v < VPT; ++v) {
+    for (int v = 0; v < NP2; ++v) {
         const int e = v * 32 + lane;
-        float s = score[v];
+        slot[v] = v;
+        key[v] = 0u;
+        if (v < VPT && e < NUM_E) {
+            float s = score[v];
 #if HAS_BIAS
-        if (e < NUM_E) s += Elem<BIAS_DT>::to_f32(((const typename Elem<BIAS_DT>::T*)bias_)[e]);
+            s += Elem<BIAS_DT>::to_f32(((const typename Elem<BIAS_DT>::T*)bias_)[e]);
 #endif
-        key[v] = e < NUM_E ? float_key(s) : 0u;
+            key[v] = float_key(s);
+        }
     }
 
 #if NUM_GROUPS > 0
     {
-        constexpr int GS = NUM_E / NUM_GROUPS;
+        constexpr int GS = GROUP_SIZE;
+        u32 gkey = 0u;  // lane g < NUM_GROUPS: the score key of group g
+#if GROUP_SIZE % 32 == 0
+        // Whole slots per group (slot v belongs to group v / SPG): warp reductions per group.
+        constexpr int SPG = GS / 32;
+#pragma unroll
+        for (int g = 0; g < NUM_GROUPS; ++g) {
+            u32 l1 = 0u, l2 = 0u;  // this lane's best two keys of group g
+#pragma unroll
+            for (int i = 0; i < SPG; ++i) {
+                const u32 kk = key[g * SPG + i];
+                l2 = kk > l1 ? l1 : (kk > l2 ? kk : l2);
+                l1 = kk > l1 ? kk : l1;
+            }
+            const u32 k1 = __reduce_max_sync(FULL_MASK, l1);
+#if HAS_BIAS
+            const u32 first = __reduce_min_sync(FULL_MASK, l1 == k1 ? (u32)lane : 32u);
+            const u32 k2 = __reduce_max_sync(FULL_MASK, lane == (int)first ? l2 : l1);
+            const u32 gk = float_key(key_float(k1) + key_float(k2));
+#else
+            const u32 gk = k1;
+#endif
+            if (lane == g) gkey = gk;
+        }
+#else
+        // Groups cut through slots: lane g scans group g's keys in shared memory.
 #pragma unroll
         for (int v = 0; v < VPT; ++v) sel_s[warp][v * 32 + lane] = key[v];
         __syncwarp();
-        u32 gkey = 0u;
         if (lane < NUM_GROUPS) {
             u32 k1 = 0u, k2 = 0u;  // best two selection keys of group `lane`
+#pragma unroll 8
             for (int i = 0; i < GS; ++i) {
                 const u32 kk = sel_s[warp][lane * GS + i];
-                if (kk > k1) {
-                    k2 = k1;
-                    k1 = kk;
-                } else if (kk > k2) {
-                    k2 = kk;
-                }
+                k2 = kk > k1 ? k1 : (kk > k2 ? kk : k2);
+                k1 = kk > k1 ? kk : k1;
             }
 #if HAS_BIAS
             gkey = GS >= 2 ? float_key(key_float(k1) + key_float(k2)) : k1;
@@ -104,11 +156,12 @@ route_topk(const void* __restrict__ logits_, i64 row_stride, const void* __restr
             gkey = k1;
 #endif
         }
+#endif
         bool kept = false;
 #pragma unroll 1
         for (int g = 0; g < TOPK_GROUPS; ++g) {
-            const u32 m = __reduce_max_sync(FULL_MASK, gkey);
-            const u32 win = __reduce_min_sync(FULL_MASK, (gkey == m && lane < NUM_GROUPS) ? (u32)lane : 32u);
+            const u32 gm = __reduce_max_sync(FULL_MASK, gkey);
+            const u32 win = __reduce_min_sync(FULL_MASK, (gkey == gm && lane < NUM_GROUPS) ? (u32)lane : 32u);
             if (lane == (int)win) {
                 kept = true;
                 gkey = 0u;
@@ -123,36 +176,41 @@ route_topk(const void* __restrict__ logits_, i64 row_stride, const void* __restr
     }
 #endif
 
+    // Sort each lane's (key, slot) pairs: larger key first, lower slot (= lower expert) first on ties
+    // (bitonic network, unrolled at compile time). A lane's head is then its best candidate.
+    static_for<1, LOG2_NP2 + 1>([&](auto kc) {
+        static_for<0, decltype(kc)::value>([&](auto jc) {
+            static_for<0, NP2>([&](auto ic) {
+                constexpr int kb = 1 << decltype(kc)::value;
+                constexpr int i = decltype(ic)::value;
+                constexpr int l = i ^ (1 << (decltype(kc)::value - 1 - decltype(jc)::value));
+                if constexpr (l > i) {
+                    if constexpr ((i & kb) == 0) cas(key[i], slot[i], key[l], slot[l]);
+                    else cas(key[l], slot[l], key[i], slot[i]);
+                }
+            });
+        });
+    });
+
+    // TOP_K rounds: the best head wins (lowest expert index among equal keys); its lane pops it.
     int my_id = 0;
-    float my_w = 0.f;
 #pragma unroll 1
     for (int j = 0; j < TOP_K; ++j) {
-        u32 bk = 0u;
-        int bv = 0;
-        float bs = 0.f;
+        const u32 best = __reduce_max_sync(FULL_MASK, key[0]);
+        const u32 win = __reduce_min_sync(FULL_MASK, key[0] == best ? (u32)(slot[0] * 32 + lane) : 0xffffffffu);
+        if (lane == (int)(win & 31u)) {
 #pragma unroll
-        for (int v = 0; v < VPT; ++v) {  // strict '>' keeps the lowest slot (= lowest index) on ties
-            if (key[v] > bk) {
-                bk = key[v];
-                bv = v;
-                bs = score[v];
+            for (int i = 0; i + 1 < KEEP; ++i) {
+                key[i] = key[i + 1];
+                slot[i] = slot[i + 1];
             }
+            key[KEEP - 1] = 0u;
         }
-        const u32 m = __reduce_max_sync(FULL_MASK, bk);
-        const u32 win = __reduce_min_sync(FULL_MASK, bk == m ? (u32)(bv * 32 + lane) : 0xffffffffu);
-        const int win_lane = (int)(win & 31u);
-        const float ws = __shfl_sync(FULL_MASK, bs, win_lane);
-        if (lane == win_lane) {
-#pragma unroll
-            for (int v = 0; v < VPT; ++v)
-                if (v == bv) key[v] = 0u;
-        }
-        if (lane == j) {
-            my_id = (int)win;
-            my_w = ws;
-        }
+        if (lane == j) my_id = (int)win;
     }
 
+    // Weight = unbiased score of the selected expert, recomputed bit-exactly from its logit.
+    float my_w = lane < TOP_K ? score_of(LE::to_f32(row[min(my_id, NUM_E - 1)]), m, sum) : 0.f;
 #if RENORM
     float wsum = 0.f;
 #pragma unroll
