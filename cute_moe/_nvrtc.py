@@ -37,7 +37,7 @@ class CompileError(RuntimeError):
 def _read(name: str) -> str:
     text = _text_cache.get(name)
     if text is None:
-        text = resources.files("cute_moe").joinpath("kernels", name).read_text()
+        text = resources.files("cute_moe").joinpath("kernels").joinpath(name).read_text()
         _text_cache[name] = text
     return text
 

@@ -179,3 +179,22 @@ def test_plan_argument_validation():
         plan_reference(ids, 4, max_m=2.0)
     with pytest.raises(ValueError, match="CUDA"):
         make_plan(ids, 4)
+
+
+def test_gpu_ops_reject_cpu_tensors():
+    from cute_moe.permute import combine, permute, permute_fp8
+    from cute_moe.routing import route_gpu
+
+    ids = torch.tensor([[0, 1], [1, 2]], dtype=torch.int32)
+    plan = plan_reference(ids, 3, block_m=4)
+    x = torch.randn(2, 32)
+    with pytest.raises(ValueError, match="router_logits: expected a CUDA tensor"):
+        route_gpu(torch.randn(2, 3), 2)
+    with pytest.raises(ValueError, match="x: expected a CUDA tensor"):
+        permute(x, plan)
+    with pytest.raises(ValueError, match="x: expected a CUDA tensor"):
+        permute_fp8(x, plan, layout="padded")
+    with pytest.raises(ValueError, match="y: expected a CUDA tensor"):
+        combine(torch.randn(4, 32), plan, torch.rand(2, 2))
+    with pytest.raises(TypeError, match="plan"):
+        permute(x, "plan")
