@@ -143,7 +143,7 @@ def test_permute_masked_pad_to():
 
 def _combine_reference(y_rows, plan, layout, w, addend, dtype):
     rows = plan.dest_rows(layout).long()  # [T, k]
-    y = torch.where((rows >= 0)[..., None], y_rows.double()[rows.clamp(min=0)], 0.0)
+    y = torch.where((rows >= 0)[..., None], y_rows[rows.clamp(min=0)].double(), 0.0)
     w = torch.ones(rows.shape, dtype=torch.float64, device=DEV) if w is None else w.double()
     ref = (y * w[..., None]).sum(1)
     if addend is not None:
