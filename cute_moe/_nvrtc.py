@@ -43,7 +43,8 @@ def _read(name: str) -> str:
 
 
 def _options(arch: str, defines: Iterable[tuple[str, Any]]) -> list[bytes]:
-    opts = ["-std=c++17", f"-arch={arch}", "-lineinfo", "-DCUTE_MOE_NVRTC=1"]
+    # -default-device: NVRTC 13.0 treats unannotated lambdas in kernels as host code
+    opts = ["-std=c++17", f"-arch={arch}", "-default-device", "-lineinfo", "-DCUTE_MOE_NVRTC=1"]
     opts += [f"-D{k}={int(v) if isinstance(v, bool) else v}" for k, v in defines]
     return [o.encode() for o in opts]
 
