@@ -17,8 +17,7 @@ import sys
 import torch
 
 from cute_moe.gemm import GemmConfig, grouped_gemm, pick_config
-from cute_moe.shapes import REFERENCE_SHAPES
-from perf.common import bench_ms, dense_mm_tflops, write_results
+from perf.common import bench_ms, dense_mm_tflops, write_results, select_shapes, speedup_plot
 
 SWEEP = [GemmConfig(128, 256, 2), GemmConfig(128, 256), GemmConfig(128, 128), GemmConfig(64, 256), GemmConfig(64, 128), GemmConfig(64, 64)]
 NUM_SMS = 132
@@ -89,15 +88,6 @@ def bench_shape(shape, tokens_list, sweep: bool) -> list[dict]:
     return rows
 
 
-def plot(ax, rows):
-    labels = [f"{r['shape'].split('-')[0]}\nT={r['T']}" for r in rows]
-    ax.bar(range(len(rows)), [r["speedup_vs_torch"] for r in rows], color="tab:green")
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks(range(len(rows)), labels, fontsize=6, rotation=90)
-    ax.set_ylabel("torch._grouped_mm time / ours (GEMM1+GEMM2)")
-    ax.set_title("cute-moe sm90 grouped GEMM vs torch._grouped_mm (bf16)")
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="1,64,1024,8192")
@@ -114,9 +104,7 @@ def main(argv=None) -> int:
     dense = dense_mm_tflops()
     print(f"dense bf16 torch.mm 8192^3: {dense:.1f} TFLOP/s", flush=True)
     rows = []
-    for shape in REFERENCE_SHAPES:
-        if args.shapes and not any(shape.name.startswith(p) for p in args.shapes.split(",")):
-            continue
+    for shape in select_shapes(args.shapes):
         rows += bench_shape(shape, tokens, args.sweep)
     for r in rows:
         r["frac_of_dense_mm"] = r["tflops_total"] / dense
@@ -127,7 +115,8 @@ def main(argv=None) -> int:
         md_columns=["shape", "T", "gemm1_ms", "gemm2_ms", "torch_gemm1_ms", "torch_gemm2_ms",
                     "speedup_vs_torch", "tflops_total", "frac_of_dense_mm", "gemm1_tile", "gemm2_tile",
                     "err_gemm1", "err_gemm2"],
-        plot=plot,
+        plot=speedup_plot("torch._grouped_mm time / ours (GEMM1+GEMM2)",
+                          "cute-moe sm90 grouped GEMM vs torch._grouped_mm (bf16)", "tab:green"),
     )
     return 0
 

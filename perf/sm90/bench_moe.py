@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import cute_moe
-from cute_moe.shapes import REFERENCE_SHAPES
-from perf.common import bench_ms, dense_mm_tflops, write_results
+from perf.common import bench_ms, dense_mm_tflops, write_results, select_shapes, speedup_plot
 
 
 def read_bandwidth_gbs(nbytes: int = 4 << 30) -> float:
@@ -87,15 +86,6 @@ def bench_shape(shape, tokens_list, dense_tflops, read_gbs) -> list[dict]:
     return rows
 
 
-def plot(ax, rows):
-    labels = [f"{r['shape'].split('-')[0]}\nT={r['T']}" for r in rows]
-    ax.bar(range(len(rows)), [r["speedup_vs_torch"] for r in rows], color="tab:blue")
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks(range(len(rows)), labels, fontsize=6, rotation=90)
-    ax.set_ylabel("torch pipeline time / cute-moe (CUDA graphs)")
-    ax.set_title("Whole MoE layer (bf16): cute-moe vs torch._grouped_mm pipeline")
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="1,8,64,256,1024,8192")
@@ -109,9 +99,7 @@ def main(argv=None) -> int:
     read = read_bandwidth_gbs()
     print(f"dense bf16 mm {dense:.1f} TFLOP/s, read bandwidth {read:.0f} GB/s", flush=True)
     rows = []
-    for shape in REFERENCE_SHAPES:
-        if args.shapes and not any(shape.name.startswith(p) for p in args.shapes.split(",")):
-            continue
+    for shape in select_shapes(args.shapes):
         rows += bench_shape(shape, tokens, dense, read)
     write_results(
         "sm90_moe_layer", rows,
@@ -119,7 +107,8 @@ def main(argv=None) -> int:
          "dense_mm_tflops": dense, "read_gbs": read},
         md_columns=["shape", "T", "ours_eager_ms", "ours_graph_ms", "torch_graph_ms", "speedup_vs_torch",
                     "floor_ms", "ours_over_floor", "torch_over_floor", "err_vs_torch"],
-        plot=plot,
+        plot=speedup_plot("torch pipeline time / cute-moe (CUDA graphs)",
+                          "Whole MoE layer (bf16): cute-moe vs torch._grouped_mm pipeline", "tab:blue"),
     )
     return 0
 
