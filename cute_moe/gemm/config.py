@@ -36,16 +36,19 @@ class GemmConfig:
 
 
 def pick_config(rows: int, n: int, k: int, num_experts: int, gated: bool, num_sms: int = 132,
-                masked_max_m: int = 0) -> GemmConfig:
+                masked_max_m: int = 0, blockwise: bool = False) -> GemmConfig:
     """Choose a tile for ``rows`` routed rows over ``num_experts`` experts (or masked slots of
     ``masked_max_m`` rows).
 
     Many rows per expert: 128x256 tiles, the largest whose fp32 accumulators stay in the registers of
-    two consumer warpgroups. Few rows (decode): the GEMM streams each active expert's weights once and
+    two consumer warpgroups (blockwise fp8 keeps a second accumulator: 128 wide). Few rows (decode): the GEMM streams each active expert's weights once and
     is memory-bound, so take 64-row tiles and narrow the N tile until the tiles cover every SM.
     """
     active = max(1, min(num_experts, rows))
     rows_per_expert = masked_max_m or rows / active
+    if blockwise:
+        # the promotion keeps a second fp32 accumulator: 128-wide tiles fit the registers
+        return GemmConfig(128 if rows_per_expert > 64 else 64, 128)
     if rows_per_expert > 64:
         # measured on H200 (perf/results/sm90_grouped_gemm_sweep): multicast pays off for the wide
         # gated GEMM1 of large experts only

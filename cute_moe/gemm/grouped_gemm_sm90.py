@@ -74,6 +74,7 @@ class GroupedGemmSm90:
         has_bias: bool = False,
         has_row_scale: bool = False,
         masked: bool = False,
+        scale_mode: str = "none",
     ):
         self.cfg = config
         self.activation = activation
@@ -81,6 +82,7 @@ class GroupedGemmSm90:
         self.has_bias = has_bias
         self.has_row_scale = has_row_scale
         self.masked = masked
+        self.scale_mode = scale_mode
         self.acc_dtype = cutlass.Float32
         self.tile_m, self.tile_n = config.tile_m, config.tile_n
         self.cm = config.cluster_m
@@ -146,6 +148,8 @@ class GroupedGemmSm90:
         mSeg: cute.Tensor,  # int32 cu_seqlens (E+1,) or masked_m (E,)
         mBias: Optional[cute.Tensor],  # (E, N) or None: N = 2 * N_out when gated
         mRowScale: Optional[cute.Tensor],  # (M_total,) float32 or None
+        mSA: Optional[cute.Tensor],  # fp8 A scales: (1,) tensor | (M_total,) token | (ceil(K/128), M_total) block
+        mSB: Optional[cute.Tensor],  # fp8 B scales: (E,) tensor | (E, N) channel | (E, ceil(N/128), ceil(K/128)) block
         max_m: Int32,  # masked layout: rows per expert slot (ignored for varlen)
         num_sms: cutlass.Constexpr,
         stream,
@@ -199,7 +203,7 @@ class GroupedGemmSm90:
         self.smem_bytes = SharedStorage.size_in_bytes()
         self.kernel(
             tma_a, tma_tensor_a, tma_b, tma_tensor_b, tma_c, tma_tensor_c,
-            mSeg, mBias, mRowScale, max_m, n_tiles, n_b,
+            mSeg, mBias, mRowScale, mSA, mSB, max_m, n_tiles, n_b,
             self.tiled_mma, self.tiled_mma_out,
             self.a_smem_staged, self.b_smem_staged, self.b_tma_staged, self.epi_smem_staged,
         ).launch(
@@ -249,6 +253,59 @@ class GroupedGemmSm90:
         local = t - sPrefix[e]
         return e, local % m_groups * self.cm + rank, local // m_groups
 
+    @cute.jit
+    def _mainloop_blockwise(
+        self, acc, tmp, tCcAcc, tCrA, tCrB, tiled_mma, mainloop, read_state, mSA, mSB,
+        e, start, count, m_idx, n_idx, n_b, k_tiles, num_k_blocks,
+    ):
+        """fp8 with DeepSeek-V3 block scales: per 128-wide k-tile, WGMMA into `tmp`, then
+        acc += tmp * sa[kb, row] * sb[e, n-block, kb] in fp32 (promotion, as DeepGEMM does). While one
+        consumer warpgroup promotes, the other's WGMMA keeps the tensor cores busy.
+
+        Each thread's accumulator holds two rows (fragment index bit 1: +8 rows) and its columns split
+        into two halves (gate/up, or the tile's two column halves) that each sit in one 128-column
+        weight block.
+        """
+        half = cute.size(acc) // 2
+        row0 = m_idx * self.tile_m
+        ra = start + cutlass.min(row0 + tCcAcc[0][0], count - 1)
+        rb = start + cutlass.min(row0 + tCcAcc[2][0], count - 1)
+        nb_max = cute.size(mSB, mode=[1]) - 1
+        if const_expr(self.gated):
+            nb_lo = n_idx * self.tile_n_out // 128
+            nb_hi = (n_b // 2 + n_idx * self.tile_n_out) // 128
+        else:
+            nb_lo = n_idx * self.tile_n // 128
+            nb_hi = cutlass.min((n_idx * self.tile_n + self.tile_n // 2) // 128, nb_max)
+        acc.fill(0.0)
+        for kt in range(k_tiles):
+            sa0 = mSA[kt, ra]
+            sa1 = mSA[kt, rb]
+            sb_lo = mSB[e, nb_lo, kt]
+            sb_hi = mSB[e, nb_hi, kt]
+            mainloop.consumer_wait(read_state)
+            warpgroup.fence()
+            tiled_mma.set(warpgroup.Field.ACCUMULATE, False)
+            for kb in cutlass.range_constexpr(num_k_blocks):
+                cute.gemm(tiled_mma, tmp, tCrA[None, None, kb, read_state.index],
+                          tCrB[None, None, kb, read_state.index], tmp)
+                tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
+            warpgroup.commit_group()
+            warpgroup.wait_group(0)
+            mainloop.consumer_release(read_state)
+            read_state.advance()
+            s00 = sa0 * sb_lo
+            s10 = sa1 * sb_lo
+            s01 = sa0 * sb_hi
+            s11 = sa1 * sb_hi
+            for i in cutlass.range_constexpr(half):
+                if const_expr((i // 2) % 2 == 0):
+                    acc[i] = acc[i] + tmp[i] * s00
+                    acc[i + half] = acc[i + half] + tmp[i + half] * s01
+                else:
+                    acc[i] = acc[i] + tmp[i] * s10
+                    acc[i + half] = acc[i + half] + tmp[i + half] * s11
+
     @cute.kernel
     def kernel(
         self,
@@ -261,6 +318,8 @@ class GroupedGemmSm90:
         mSeg: cute.Tensor,
         mBias: Optional[cute.Tensor],
         mRowScale: Optional[cute.Tensor],
+        mSA: Optional[cute.Tensor],
+        mSB: Optional[cute.Tensor],
         max_m: Int32,
         n_tiles: Int32,
         n_b: Int32,
@@ -389,24 +448,26 @@ class GroupedGemmSm90:
         else:
             cute.arch.setmaxregister_increase(232)
             self._consumer(
-                tidx, warp_idx, cluster_id, num_clusters, rank, total_tiles, sPrefix, mSeg, mBias, mRowScale, max_m,
-                n_tiles, k_tiles, mainloop, tiled_mma, tiled_mma_out, sA, sB, sC,
+                tidx, warp_idx, cluster_id, num_clusters, rank, total_tiles, sPrefix, mSeg, mBias, mRowScale, mSA, mSB,
+                max_m, n_b, n_tiles, k_tiles, mainloop, tiled_mma, tiled_mma_out, sA, sB, sC,
                 tma_c, mC_tma,
             )
 
     @cute.jit
     def _consumer(
-        self, tidx, warp_idx, cluster_id, num_clusters, rank, total_tiles, sPrefix, mSeg, mBias, mRowScale, max_m,
-        n_tiles, k_tiles, mainloop, tiled_mma, tiled_mma_out, sA, sB, sC, tma_c, mC_tma,
+        self, tidx, warp_idx, cluster_id, num_clusters, rank, total_tiles, sPrefix, mSeg, mBias, mRowScale, mSA, mSB,
+        max_m, n_b, n_tiles, k_tiles, mainloop, tiled_mma, tiled_mma_out, sA, sB, sC, tma_c, mC_tma,
     ):
         mma_tidx = tidx - 128
         thr_mma = tiled_mma.get_slice(mma_tidx)
         thr_mma_out = tiled_mma_out.get_slice(mma_tidx)
         tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
         tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
-        acc = cute.make_rmem_tensor(
-            thr_mma.partition_C(cute.make_identity_tensor((self.tile_m, self.tile_n))).shape, self.acc_dtype
-        )
+        tCcAcc = thr_mma.partition_C(cute.make_identity_tensor((self.tile_m, self.tile_n)))
+        acc = cute.make_rmem_tensor(tCcAcc.shape, self.acc_dtype)
+        tmp = acc
+        if const_expr(self.scale_mode == "block"):
+            tmp = cute.make_rmem_tensor(tCcAcc.shape, self.acc_dtype)
         # output-shaped accumulator and its (row, col) coordinates within the tile
         tOcO = thr_mma_out.partition_C(cute.make_identity_tensor((self.tile_m, self.tile_n_out)))
         out = cute.make_rmem_tensor(tOcO.shape, self.acc_dtype)
@@ -441,42 +502,61 @@ class GroupedGemmSm90:
             e, m_idx, n_idx = self._tile_coords(sPrefix, t, e, n_tiles, rank)
             start, count = self._segment(mSeg, e, max_m)
 
-            # ---- mainloop: keep one WGMMA batch in flight, release its stage one k-tile later
-            tiled_mma.set(warpgroup.Field.ACCUMULATE, False)
-            warpgroup.fence()
-            mainloop.consumer_wait(read_state)
-            for kb in cutlass.range_constexpr(num_k_blocks):
-                cute.gemm(tiled_mma, acc, tCrA[None, None, kb, read_state.index],
-                          tCrB[None, None, kb, read_state.index], acc)
-                tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
-            warpgroup.commit_group()
-            read_state.advance()
-            for kt in range(1, k_tiles):
-                mainloop.consumer_wait(read_state)
+            if const_expr(self.scale_mode == "block"):
+                self._mainloop_blockwise(
+                    acc, tmp, tCcAcc, tCrA, tCrB, tiled_mma, mainloop, read_state, mSA, mSB,
+                    e, start, count, m_idx, n_idx, n_b, k_tiles, num_k_blocks,
+                )
+            else:
+                # keep one WGMMA batch in flight, release its stage one k-tile later
+                tiled_mma.set(warpgroup.Field.ACCUMULATE, False)
                 warpgroup.fence()
+                mainloop.consumer_wait(read_state)
                 for kb in cutlass.range_constexpr(num_k_blocks):
                     cute.gemm(tiled_mma, acc, tCrA[None, None, kb, read_state.index],
                               tCrB[None, None, kb, read_state.index], acc)
+                    tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
                 warpgroup.commit_group()
-                warpgroup.wait_group(1)
+                read_state.advance()
+                for kt in range(1, k_tiles):
+                    mainloop.consumer_wait(read_state)
+                    warpgroup.fence()
+                    for kb in cutlass.range_constexpr(num_k_blocks):
+                        cute.gemm(tiled_mma, acc, tCrA[None, None, kb, read_state.index],
+                                  tCrB[None, None, kb, read_state.index], acc)
+                    warpgroup.commit_group()
+                    warpgroup.wait_group(1)
+                    mainloop.consumer_release(release_state)
+                    release_state.advance()
+                    read_state.advance()
+                warpgroup.wait_group(0)
                 mainloop.consumer_release(release_state)
                 release_state.advance()
-                read_state.advance()
-            warpgroup.wait_group(0)
-            mainloop.consumer_release(release_state)
-            release_state.advance()
 
             # ---- epilogue math in registers: bias (before the activation), activation, row scale
             row0 = m_idx * self.tile_m
             col0 = n_idx * self.tile_n_out
             n_out_total = cute.size(mC_tma, mode=[1])
             half = n_acc // 2
+            s_tensor = Float32(1.0)
+            if const_expr(self.scale_mode == "tensor"):
+                s_tensor = mSA[0] * mSB[e]
             for i in cutlass.range_constexpr(n_out_frag):
                 r, c = tOcO[i]
                 col = cutlass.min(col0 + c, n_out_total - 1)
                 v = acc[i]
+                up = v
                 if const_expr(self.gated):
                     up = acc[i + half]
+                if const_expr(self.scale_mode == "tensor"):
+                    v = v * s_tensor
+                    up = up * s_tensor
+                elif const_expr(self.scale_mode == "token"):
+                    sa = mSA[start + cutlass.min(row0 + r, count - 1)]
+                    v = v * (sa * mSB[e, col])
+                    if const_expr(self.gated):
+                        up = up * (sa * mSB[e, n_out_total + col])
+                if const_expr(self.gated):
                     if const_expr(self.has_bias):
                         v = v + mBias[e, col].to(Float32)
                         up = up + mBias[e, n_out_total + col].to(Float32)

@@ -51,6 +51,7 @@ class KernelKey:
     n: int
     k: int
     num_sms: int
+    scale_mode: str = "none"
 
     @property
     def n_out(self) -> int:
@@ -92,9 +93,10 @@ def _compile(key: KernelKey, extra_options: str = "") -> Callable:
         if key.has_bias else None
     )
     row_scale = make_fake_compact_tensor(cutlass.Float32, (m,), assumed_align=4) if key.has_row_scale else None
-    gemm = GroupedGemmSm90(key.config, key.activation, key.has_bias, key.has_row_scale, key.masked)
+    sa, sb = _fake_scales(key, m)
+    gemm = GroupedGemmSm90(key.config, key.activation, key.has_bias, key.has_row_scale, key.masked, key.scale_mode)
     fn = cute.compile(
-        gemm, a, b, c, seg, bias, row_scale, cutlass.Int32(1), key.num_sms,
+        gemm, a, b, c, seg, bias, row_scale, sa, sb, cutlass.Int32(1), key.num_sms,
         make_fake_stream(use_tvm_ffi_env_stream=True),
         options=f"--gpu-arch {key.arch} --enable-tvm-ffi {extra_options}",
     )
@@ -102,11 +104,58 @@ def _compile(key: KernelKey, extra_options: str = "") -> Callable:
     return fn
 
 
+def _fake_scales(key: KernelKey, m):
+    """Symbolic fp8 scale tensors of ``key.scale_mode`` (see `grouped_gemm`)."""
+    import cutlass
+    from cutlass.cute.runtime import make_fake_compact_tensor
+
+    f32, e = cutlass.Float32, key.num_experts
+    if key.scale_mode == "none":
+        return None, None
+    if key.scale_mode == "tensor":
+        return (make_fake_compact_tensor(f32, (1,), assumed_align=4),
+                make_fake_compact_tensor(f32, (e,), assumed_align=4))
+    if key.scale_mode == "token":
+        return (make_fake_compact_tensor(f32, (m,), assumed_align=4),
+                make_fake_compact_tensor(f32, (e, key.n), stride_order=(1, 0), assumed_align=4))
+    kb, nb = -(-key.k // 128), -(-key.n // 128)
+    return (make_fake_compact_tensor(f32, (kb, m), stride_order=(1, 0), assumed_align=4),
+            make_fake_compact_tensor(f32, (e, nb, kb), stride_order=(2, 1, 0), assumed_align=4))
+
+
 def _check(cond: bool, msg):
     """Raise ValueError(msg) when cond is false; msg may be a callable so the message is only
     formatted on failure (these checks run on every call)."""
     if not cond:
         raise ValueError(msg() if callable(msg) else msg)
+
+
+_AB_DTYPES = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+
+
+def _scale_mode(fp8: bool, a_scale, b_scale, m: int, e: int, n: int, k: int, gated: bool) -> str:
+    """The fp8 scaling mode given by the scale shapes (see `grouped_gemm`); checks them."""
+    if not fp8:
+        _check(a_scale is None and b_scale is None, "a_scale/b_scale: only fp8 (float8_e4m3fn) operands take scales")
+        return "none"
+    _check(a_scale is not None and b_scale is not None, "a_scale, b_scale: fp8 operands need both (float32)")
+    _check(a_scale.dtype == torch.float32 and b_scale.dtype == torch.float32,
+           lambda: f"a_scale/b_scale: expected float32, got {a_scale.dtype}/{b_scale.dtype}")
+    _check(a_scale.is_contiguous() and b_scale.is_contiguous(), "a_scale/b_scale: expected contiguous tensors")
+    kb, nb = -(-k // 128), -(-n // 128)
+    if a_scale.numel() == 1 and a_scale.dim() <= 1:
+        mode, want_b = "tensor", (e,)
+    elif a_scale.dim() == 1:
+        mode, want_b = "token", (e, n)
+        _check(a_scale.shape[0] == m, lambda: f"a_scale: per-token scales need [{m}], got {tuple(a_scale.shape)}")
+    else:
+        mode, want_b = "block", (e, nb, kb)
+        _check(a_scale.shape == (kb, m),
+               lambda: f"a_scale: blockwise scales need [ceil(K/128)={kb}, M={m}] (group-major), got {tuple(a_scale.shape)}")
+        _check(not gated or (n // 2) % 128 == 0, lambda: f"b: blockwise fp8 with a gated activation needs I=N/2 a multiple of 128, got N={n}")
+    _check(tuple(b_scale.shape) == want_b,
+           lambda: f"b_scale: {mode} scaling needs shape {list(want_b)}, got {tuple(b_scale.shape)}")
+    return mode
 
 
 _DEVICE_INFO: dict = {}
@@ -132,6 +181,8 @@ def grouped_gemm(
     activation: str = "none",
     bias: torch.Tensor | None = None,
     row_scale: torch.Tensor | None = None,
+    a_scale: torch.Tensor | None = None,
+    b_scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     config: GemmConfig | None = None,
@@ -145,6 +196,13 @@ def grouped_gemm(
     a gated activation ("silu", "gelu", "swiglu_oai") treats b's rows [0, N/2) as gate and [N/2, N) as
     up (w1 `[E, 2I, H]`) and gives N_out = N/2. bias: `[E, N]`, added before the activation.
     row_scale: float32 per row of ``a`` (e.g. the router weight), applied last.
+    fp8 (a, b float8_e4m3fn, K-major; out bf16 by default) takes float32 scales, dequantizing
+    ``a = q_a * a_scale``, ``b = q_b * b_scale`` in the accumulator, with the mode read from a_scale:
+      per-tensor: a_scale `[1]`, b_scale `[E]` (one per expert);
+      per-token:  a_scale `[M]` (per row of a), b_scale `[E, N]` (per output channel);
+      blockwise:  a_scale `[ceil(K/128), M]` (1x128 groups, group-major), b_scale
+                  `[E, ceil(N/128), ceil(K/128)]` (128x128 blocks: DeepSeek-V3 weight_scale_inv);
+                  a gated activation then needs I = N/2 to be a multiple of 128.
     Rows of out outside every expert's segment are not written.
     """
     masked = masked_m is not None
@@ -153,8 +211,9 @@ def grouped_gemm(
     _check(a.is_cuda, lambda: f"a: expected a CUDA tensor, got device {a.device}")
     _check(b.dim() == 3, lambda: f"b: expected [E, N, K], got shape {tuple(b.shape)}")
     num_experts, n, k = b.shape
-    _check(a.dtype in (torch.bfloat16, torch.float16), lambda: f"a: expected bfloat16 or float16, got {a.dtype}")
+    _check(a.dtype in _AB_DTYPES, lambda: f"a: expected bfloat16, float16 or float8_e4m3fn, got {a.dtype}")
     _check(b.dtype == a.dtype, lambda: f"b: expected dtype {a.dtype} (same as a), got {b.dtype}")
+    _check(a.dtype != torch.float8_e4m3fn or (k % 16 == 0), lambda: f"b: fp8 needs K a multiple of 16, got K={k}")
     _check(b.device == a.device, lambda: f"b: expected device {a.device}, got {b.device}")
     _check(b.is_contiguous(), "b: expected a contiguous [E, N, K] tensor")
     _check(k % 8 == 0 and n % 8 == 0, lambda: f"b: K and N must be multiples of 8 (16-byte TMA rows), got N={n}, K={k}")
@@ -178,7 +237,11 @@ def grouped_gemm(
     _check(seg.dtype == torch.int32, lambda: f"{'masked_m' if masked else 'cu_seqlens'}: expected int32, got {seg.dtype}")
     _check(seg.device == a.device, lambda: f"{'masked_m' if masked else 'cu_seqlens'}: expected device {a.device}, got {seg.device}")
     _check(a2.is_contiguous(), "a: expected contiguous rows")
-    out_dtype = out.dtype if out is not None else (out_dtype or a.dtype)
+    fp8 = a.dtype == torch.float8_e4m3fn
+    scale_mode = _scale_mode(fp8, a_scale, b_scale, a2.shape[0], num_experts, n, k, gated)
+    if scale_mode == "tensor":
+        a_scale = a_scale.reshape(1)
+    out_dtype = out.dtype if out is not None else (out_dtype or (torch.bfloat16 if fp8 else a.dtype))
     m_rows = a2.shape[0]
     if out is None:
         out = torch.empty((*a.shape[:-1], n_out), dtype=out_dtype, device=a.device)
@@ -189,7 +252,7 @@ def grouped_gemm(
     if bias is not None:
         _check(bias.shape == (num_experts, n) and bias.is_contiguous() and bias.device == a.device,
                lambda: f"bias: expected a contiguous [{num_experts}, {n}] tensor on {a.device}, got {tuple(bias.shape)}")
-        bias = bias.to(a.dtype)
+        bias = bias.to(torch.bfloat16 if fp8 else a.dtype)
     if row_scale is not None:
         _check(row_scale.dtype == torch.float32 and row_scale.numel() == m_rows and row_scale.device == a.device,
                lambda: f"row_scale: expected float32 with {m_rows} elements on {a.device}")
@@ -198,11 +261,11 @@ def grouped_gemm(
         return out
     arch, num_sms = _device_info(a.device)
     if config is None:
-        config = pick_config(m_rows, n, k, num_experts, gated, num_sms, max_m)
+        config = pick_config(m_rows, n, k, num_experts, gated, num_sms, max_m, scale_mode == "block")
     fast = (arch, a.dtype, out_dtype, config, activation, bias is not None, row_scale is not None,
-            masked, num_experts, n, k, num_sms)
+            masked, num_experts, n, k, num_sms, scale_mode)
     fn = _FAST.get(fast)
     if fn is None:
         fn = _FAST[fast] = compile_kernel(KernelKey(*fast))
-    fn(a2, b, out.view(m_rows, n_out), seg, bias, row_scale, max_m)
+    fn(a2, b, out.view(m_rows, n_out), seg, bias, row_scale, a_scale, b_scale, max_m)
     return out

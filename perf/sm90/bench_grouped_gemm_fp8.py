@@ -1,0 +1,131 @@
+"""fp8 grouped GEMM on Hopper: each scaling mode vs our bf16 kernel and torch._scaled_grouped_mm.
+
+    python -m perf.sm90.bench_grouped_gemm_fp8 [--tokens 64,1024,8192]
+
+Per reference shape and token count, with random top-k routing: GEMM1 (+SwiGLU) and GEMM2 times for
+our bf16 kernel, our fp8 kernel with per-tensor, per-token x per-channel and blockwise (1x128 x
+128x128) scales, and torch._scaled_grouped_mm (rowwise scales, no fused activation) where this torch
+runs it. Operands are pre-quantized (activation quantization is not timed here). CUDA-graph timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from cute_moe import quant
+from cute_moe.gemm import grouped_gemm
+from perf.common import bench_ms, select_shapes, speedup_plot, write_results
+from perf.sm90.bench_grouped_gemm import rel_err, routing_offsets
+
+MODES = ("tensor", "token", "block")
+
+
+def _chunked(fn, w: torch.Tensor, chunk: int = 16):
+    """Apply a per-expert quantizer over expert chunks (bounds the float32 temporaries)."""
+    parts = [fn(w[i:i + chunk]) for i in range(0, w.shape[0], chunk)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def quantize_weight(mode: str, w: torch.Tensor):
+    """(q [E, N, K] fp8, scale in the kernel's layout) for ``mode``."""
+    if mode == "tensor":
+        q, s = _chunked(quant.quantize_per_expert, w)
+        return q, s.reshape(-1).contiguous()
+    if mode == "token":
+        q, s = _chunked(quant.quantize_per_channel, w)
+        return q, s.squeeze(-1).contiguous()
+    return _chunked(quant.quantize_blockwise_weight, w)
+
+
+def quantize_act(mode: str, x: torch.Tensor):
+    """(q [M, K] fp8, scale in the kernel's layout) for ``mode``."""
+    if mode == "tensor":
+        q, s = quant.quantize_per_tensor(x)
+        return q, s.reshape(1)
+    if mode == "token":
+        q, s = quant.quantize_per_token(x)
+        return q, s.reshape(-1).contiguous()
+    q, s = quant.quantize_blockwise_act(x)
+    return q, s.T.contiguous()
+
+
+def torch_scaled(x_q, sx, w_q, sw, offs):
+    """torch._scaled_grouped_mm with rowwise scales (per-token x per-channel)."""
+    return torch._scaled_grouped_mm(x_q, w_q.transpose(1, 2), sx, sw, offs=offs, out_dtype=torch.bfloat16)
+
+
+def bench_shape(shape, tokens_list) -> list[dict]:
+    e, k, h, i = shape.num_experts, shape.top_k, shape.hidden, shape.intermediate
+    w1 = torch.randn(e, 2 * i, h, device="cuda", dtype=torch.bfloat16) * h**-0.5
+    w2 = torch.randn(e, h, i, device="cuda", dtype=torch.bfloat16) * i**-0.5
+    qw = {m: (quantize_weight(m, w1), quantize_weight(m, w2)) for m in MODES}
+    rows = []
+    for t in tokens_list:
+        cu = routing_offsets(t, e, k)
+        m = t * k
+        x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
+        a2 = torch.randn(m, i, device="cuda", dtype=torch.bfloat16)
+        ref1 = grouped_gemm(x, w1, cu, activation="silu")
+        ref2 = grouped_gemm(a2, w2, cu)
+        bf16_ms = (bench_ms(lambda: grouped_gemm(x, w1, cu, activation="silu"), warmup=3, rep=20, graph=True)
+                   + bench_ms(lambda: grouped_gemm(a2, w2, cu), warmup=3, rep=20, graph=True))
+        row = {"shape": shape.name, "T": t, "bf16_ms": bf16_ms}
+        for mode in MODES:
+            (q1, s1), (q2, s2) = qw[mode]
+            xq, sx = quantize_act(mode, x)
+            aq, sa = quantize_act(mode, a2)
+            g1 = lambda: grouped_gemm(xq, q1, cu, activation="silu", a_scale=sx, b_scale=s1)  # noqa: E731
+            g2 = lambda: grouped_gemm(aq, q2, cu, a_scale=sa, b_scale=s2)  # noqa: E731
+            row[f"{mode}_err_vs_bf16"] = max(rel_err(g1(), ref1), rel_err(g2(), ref2))
+            row[f"{mode}_ms"] = (bench_ms(g1, warmup=3, rep=20, graph=True)
+                                 + bench_ms(g2, warmup=3, rep=20, graph=True))
+            row[f"{mode}_speedup_vs_bf16"] = bf16_ms / row[f"{mode}_ms"]
+        (q1, s1), (q2, s2) = qw["token"]
+        xq, sx = quantize_act("token", x)
+        aq, sa = quantize_act("token", a2)
+        offs = cu[1:]
+        try:
+            torch_scaled(xq, sx, q1, s1, offs)
+            row["torch_scaled_ms"] = (bench_ms(lambda: torch_scaled(xq, sx, q1, s1, offs), warmup=3, rep=20, graph=True)
+                                      + bench_ms(lambda: torch_scaled(aq, sa, q2, s2, offs), warmup=3, rep=20, graph=True))
+            row["token_speedup_vs_torch"] = row["torch_scaled_ms"] / row["token_ms"]
+        except (RuntimeError, NotImplementedError) as ex:
+            row["torch_scaled_ms"] = None
+            row["torch_note"] = str(ex).splitlines()[0][:120]
+        row["speedup_vs_torch"] = row.get("token_speedup_vs_torch") or 0.0
+        rows.append(row)
+        print(f"{shape.name:14s} T={t:5d} bf16 {bf16_ms:7.3f} | " + " | ".join(
+            f"{md} {row[f'{md}_ms']:7.3f} (x{row[f'{md}_speedup_vs_bf16']:.2f}, err {row[f'{md}_err_vs_bf16']:.1e})"
+            for md in MODES) + f" | torch rowwise {row['torch_scaled_ms'] or float('nan'):7.3f}", flush=True)
+    del w1, w2, qw
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", default="64,1024,8192")
+    ap.add_argument("--shapes", default="")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        print("bench_grouped_gemm_fp8 needs a Hopper (sm_90) GPU", file=sys.stderr)
+        return 2
+    rows = []
+    for shape in select_shapes(args.shapes):
+        rows += bench_shape(shape, [int(t) for t in args.tokens.split(",")])
+    write_results(
+        "sm90_grouped_gemm_fp8", rows,
+        {"title": "sm90 fp8 grouped GEMM (GEMM1+SwiGLU and GEMM2): scaling modes vs bf16 and torch._scaled_grouped_mm"},
+        md_columns=["shape", "T", "bf16_ms", "tensor_ms", "token_ms", "block_ms", "block_speedup_vs_bf16",
+                    "token_speedup_vs_bf16", "torch_scaled_ms", "token_speedup_vs_torch", "block_err_vs_bf16"],
+        plot=speedup_plot("torch._scaled_grouped_mm time / ours (per-token fp8)",
+                          "fp8 per-token grouped GEMM vs torch._scaled_grouped_mm"),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
