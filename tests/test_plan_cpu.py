@@ -198,3 +198,115 @@ def test_gpu_ops_reject_cpu_tensors():
         combine(torch.randn(4, 32), plan, torch.rand(2, 2))
     with pytest.raises(TypeError, match="plan"):
         permute(x, "plan")
+
+
+def _emulate_kernel_plan(ids: torch.Tensor, E: int, block_m, max_m, num_chunks: int, chunk: int, nw: int,
+                         stage_rows: int) -> dict:
+    """plan.cu's index arithmetic in plain Python: chunks of `chunk` flat indices (one per CTA, their
+    histograms combined in chunk order as plan_scatter / plan_cluster do), NW spans per chunk walked in
+    32-index steps, and the (expert, index)-ordered staging runs written out per expert."""
+    flat = [e if 0 <= e < E else -1 for e in ids.reshape(-1).tolist()]
+    n = len(flat)
+    span = -(-chunk // nw)
+    chunks = [range(c * chunk, min(n, (c + 1) * chunk)) for c in range(num_chunks)]
+    cnt = [[sum(1 for i in r if flat[i] == e) for e in range(E)] for r in chunks]
+    total = [sum(c[e] for c in cnt) for e in range(E)]
+    cu = [0]
+    pcu = [0]
+    for e in range(E):
+        cu.append(cu[-1] + total[e])
+        pcu.append(pcu[-1] + (-(-total[e] // block_m) * block_m if block_m else 0))
+    out = dict(row_src=[-1] * n, token_rows=[-1] * n)
+    prows = padded_capacity(n, E, block_m)
+    if block_m:
+        out.update(padded_row_src=[-1] * prows, padded_token_rows=[-1] * n)
+    if max_m:
+        out.update(masked_row_src=[-1] * (E * max_m), masked_token_rows=[-1] * n)
+    for c, r in enumerate(chunks):
+        if not len(r):
+            continue
+        before = [sum(cnt[p][e] for p in range(c)) for e in range(E)]
+        start, end = r.start, r.stop
+        spans = [range(min(end, start + w * span), min(end, min(end, start + w * span) + span)) for w in range(nw)]
+        warp_off = [[0] * nw for _ in range(E)]
+        for w, s in enumerate(spans):  # exclusive scan over spans of the per-span counts
+            for e in range(E):
+                warp_off[e][w] = sum(1 for p in spans[:w] for i in p if flat[i] == e)
+        cx = [0]
+        for e in range(E):
+            cx.append(cx[-1] + cnt[c][e])
+        staged = 0 < stage_rows and chunk <= stage_rows
+        stage = [None] * chunk
+        for w, s in enumerate(spans):
+            for base in range(s.start, s.stop, 32):
+                step = [(i, flat[i]) for i in range(base, min(base + 32, s.stop))]
+                for lane, (i, e) in enumerate(step):
+                    if e < 0:
+                        continue
+                    in_chunk = warp_off[e][w] + sum(1 for _, x in step[:lane] if x == e)
+                    local = before[e] + in_chunk
+                    out["token_rows"][i] = cu[e] + local
+                    if staged:
+                        stage[cx[e] + in_chunk] = i
+                    else:
+                        out["row_src"][cu[e] + local] = i
+                    if block_m:
+                        out["padded_token_rows"][i] = pcu[e] + local
+                        if not staged:
+                            out["padded_row_src"][pcu[e] + local] = i
+                    if max_m:
+                        out["masked_token_rows"][i] = e * max_m + local if local < max_m else -1
+                        if local < max_m and not staged:
+                            out["masked_row_src"][e * max_m + local] = i
+                for e in {x for _, x in step if x >= 0}:
+                    warp_off[e][w] += sum(1 for _, x in step if x == e)
+        if staged:
+            for e in range(E):
+                for q in range(cnt[c][e]):
+                    i, local = stage[cx[e] + q], before[e] + q
+                    out["row_src"][cu[e] + local] = i
+                    if block_m:
+                        out["padded_row_src"][pcu[e] + local] = i
+                    if max_m and local < max_m:
+                        out["masked_row_src"][e * max_m + local] = i
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(num_tokens=st.integers(0, 300), top_k=st.integers(1, 8), num_experts=st.integers(1, 40),
+       kind=st.sampled_from(ROUTINGS), block_m=st.sampled_from([None, 1, 4, 16]),
+       max_m=st.sampled_from([None, 1, 5, 64]), mode=st.sampled_from(["single", "cluster", "chunks"]),
+       nw=st.integers(1, 9), stage_rows=st.sampled_from([0, 96, 4096]), seed=st.integers(0, 2**31 - 1))
+def test_kernel_index_arithmetic(num_tokens, top_k, num_experts, kind, block_m, max_m, mode, nw, stage_rows, seed):
+    """The chunk / span / staging arithmetic of plan.cu gives plan_reference's rows in every launch mode."""
+    top_k = min(top_k, num_experts)
+    g = torch.Generator().manual_seed(seed)
+    ids = random_topk_ids(num_tokens, top_k, num_experts, kind, generator=g)
+    n = ids.numel()
+    num_chunks, chunk = {"single": (1, n), "cluster": (8, -(-n // 8)),
+                         "chunks": (-(-n // 100), 100)}[mode]
+    got = _emulate_kernel_plan(ids, num_experts, block_m, max_m, max(num_chunks, 1), max(chunk, 1), nw, stage_rows)
+    ref = plan_reference(ids, num_experts, block_m=block_m, max_m=max_m)
+    for name, v in got.items():
+        assert v == getattr(ref, name).reshape(-1).tolist(), name
+
+
+def test_kernel_launch_choices():
+    """Shared memory of plan.cu fits in 48 KiB; one launch (cluster) covers every reference shape up to
+    T = 4096 on the flat and padded layouts."""
+    from cute_moe.plan import _CLUSTER, _STAGE_ROWS, _chunking, _smem_layout
+
+    for E in (1, 8, 60, 128, 256, 512, 1000, 1024):
+        nw, stage = _smem_layout(E)
+        assert 1 <= nw <= 32 and stage in (0, _STAGE_ROWS)
+        assert 4 * (E * (nw + 2) + (6 if stage else 5) * E + 100 + stage) <= 48 * 1024
+    assert _smem_layout(256) == (23, _STAGE_ROWS)
+    for T, k, E in ((4096, 2, 8), (4096, 8, 256), (4096, 8, 128), (4096, 4, 128), (1024, 8, 256)):
+        n = T * k
+        for outputs in (2 * n, 3 * n + padded_capacity(n, E, 128)):
+            chunks, chunk, kernel = _chunking(n, outputs, 32 * _smem_layout(E)[0], True)
+            assert (chunks, kernel) == (_CLUSTER, "cluster") and chunk * chunks >= n and chunk <= _STAGE_ROWS
+        assert _chunking(n, 2 * n, 1024, False)[2] == "scatter"
+    assert _chunking(2048, 4096, 1024, True) == (1, 2048, "scatter")
+    chunks, chunk, kernel = _chunking(65536 * 8, 2 * 65536 * 8, 736, True)
+    assert kernel == "scatter" and chunks * chunk >= 65536 * 8 and chunks <= 128
