@@ -62,7 +62,6 @@ def main() -> None:
         for stage in ("permute_bf16", "combine"):
             for r in sorted((r for r in rows if r[0] == stage), key=lambda r: -r[1])[:6]:
                 print(f"  {r[0]:<13} {100 * r[1]:5.1f}%  {r[2]:8.1f} us  warps={r[3]} unroll={r[4]} blocks/SM={r[5]}")
-        del x, xp, y, out
         torch.cuda.empty_cache()
 
 
