@@ -118,7 +118,20 @@ def route(router_logits, top_k: int, *, scoring: str = "softmax", renormalize: b
     are those of :func:`cute_moe.reference.route_reference`; model presets are in
     ``cute_moe.ROUTING_PRESETS``. NaN logits give NaN weights for that token.
     """
+    if torch.compiler.is_compiling():  # torch.compile: the custom op cute_moe::route (cute_moe/ops.py)
+        return torch.ops.cute_moe.route(router_logits, top_k, scoring, renormalize, num_groups, topk_groups,
+                                        correction_bias, float(routed_scaling_factor), backend)
     kind = array_kind(router_logits)
+    kwargs = _check_route_args(router_logits, top_k, scoring=scoring, renormalize=renormalize,
+                               num_groups=num_groups, topk_groups=topk_groups, correction_bias=correction_bias,
+                               routed_scaling_factor=routed_scaling_factor, backend=backend)
+    weights, ids, _state.backend = _route(kwargs, backend)
+    return to_kind(weights, kind), to_kind(ids, kind)
+
+
+def _check_route_args(router_logits, top_k, *, scoring, renormalize, num_groups, topk_groups, correction_bias,
+                      routed_scaling_factor, backend) -> dict:
+    """route's checks; returns the torch kwargs of the backends' route."""
     kwargs = dict(router_logits=as_torch(router_logits, "router_logits"), top_k=top_k, scoring=scoring,
                   renormalize=renormalize, num_groups=num_groups, topk_groups=topk_groups,
                   correction_bias=as_torch(correction_bias, "correction_bias"),
@@ -126,8 +139,7 @@ def route(router_logits, top_k: int, *, scoring: str = "softmax", renormalize: b
     check_choice("backend", backend, BACKENDS)
     check_route(kwargs["router_logits"], top_k, scoring=scoring, num_groups=num_groups,
                 topk_groups=topk_groups, correction_bias=kwargs["correction_bias"])
-    weights, ids, _state.backend = _route(kwargs, backend)
-    return to_kind(weights, kind), to_kind(ids, kind)
+    return kwargs
 
 
 def _expert_kwargs(x, w1, w2, *, activation, w1_bias, w2_bias, quant, apply_router_weight_on_input,
@@ -157,7 +169,30 @@ def fused_moe(x, w1, w2, topk_weights, topk_ids, *, activation: str = "silu", w1
     must lie in [0, E): checked on the reference path, and on the cute path only with debug checks
     (``set_debug_checks(True)`` / ``CUTE_MOE_DEBUG=1``) because the check syncs with the host.
     """
+    if torch.compiler.is_compiling():  # torch.compile: the custom op cute_moe::fused_moe (cute_moe/ops.py)
+        result = torch.ops.cute_moe.fused_moe(x, w1, w2, topk_weights, topk_ids, activation, w1_bias, w2_bias,
+                                              *_quant_tensors(quant), apply_router_weight_on_input,
+                                              shared_output, backend)
+        return result if out is None else out.copy_(result)
     kind = array_kind(x)
+    kwargs, num_experts = _check_fused_moe_args(
+        x, w1, w2, topk_weights, topk_ids, activation=activation, w1_bias=w1_bias, w2_bias=w2_bias, quant=quant,
+        apply_router_weight_on_input=apply_router_weight_on_input, shared_output=shared_output, out=out,
+        backend=backend)
+    result, _state.backend = _fused_moe(kwargs, num_experts, backend)
+    return out if out is not None else to_kind(result, kind)
+
+
+def _quant_tensors(quant: QuantizedWeights | None) -> tuple:
+    """(w1_q, w1_scale, w2_q, w2_scale, mode) of ``quant`` (all None without it): the custom ops' form."""
+    if quant is None:
+        return None, None, None, None, None
+    return quant.w1_q, quant.w1_scale, quant.w2_q, quant.w2_scale, quant.mode
+
+
+def _check_fused_moe_args(x, w1, w2, topk_weights, topk_ids, *, activation, w1_bias, w2_bias, quant,
+                          apply_router_weight_on_input, shared_output, out, backend) -> tuple[dict, int]:
+    """fused_moe's checks; returns (the torch kwargs of the backends' fused_moe, E)."""
     check_choice("backend", backend, BACKENDS)
     kwargs, num_experts = _expert_kwargs(
         x, w1, w2, activation=activation, w1_bias=w1_bias, w2_bias=w2_bias, quant=quant,
@@ -167,8 +202,7 @@ def fused_moe(x, w1, w2, topk_weights, topk_ids, *, activation: str = "silu", w1
     x_t = kwargs["x"]
     top_k = check_topk(kwargs["topk_weights"], kwargs["topk_ids"], x_t.shape[0], num_experts, x_t.device)
     check_weight_on_input(apply_router_weight_on_input, top_k)
-    result, _state.backend = _fused_moe(kwargs, num_experts, backend)
-    return out if out is not None else to_kind(result, kind)
+    return kwargs, num_experts
 
 
 def moe(x, router_weight, w1, w2, top_k: int, *, scoring: str = "softmax", renormalize: bool = False,
@@ -182,7 +216,27 @@ def moe(x, router_weight, w1, w2, top_k: int, *, scoring: str = "softmax", renor
     argument is checked before any work starts. :func:`last_backend` reports 'cute' only if both
     steps ran on cute kernels.
     """
+    if torch.compiler.is_compiling():  # torch.compile: the custom op cute_moe::moe (cute_moe/ops.py)
+        result = torch.ops.cute_moe.moe(x, router_weight, w1, w2, top_k, scoring, renormalize, num_groups,
+                                        topk_groups, correction_bias, float(routed_scaling_factor), activation,
+                                        w1_bias, w2_bias, *_quant_tensors(quant), apply_router_weight_on_input,
+                                        shared_output, backend)
+        return result if out is None else out.copy_(result)
     kind = array_kind(x)
+    kwargs, num_experts, router_weight, routing = _check_moe_args(
+        x, router_weight, w1, w2, top_k, scoring=scoring, renormalize=renormalize, num_groups=num_groups,
+        topk_groups=topk_groups, correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor,
+        activation=activation, w1_bias=w1_bias, w2_bias=w2_bias, quant=quant,
+        apply_router_weight_on_input=apply_router_weight_on_input, shared_output=shared_output, out=out,
+        backend=backend)
+    result = _moe(kwargs, num_experts, router_weight, routing, backend)
+    return out if out is not None else to_kind(result, kind)
+
+
+def _check_moe_args(x, router_weight, w1, w2, top_k, *, scoring, renormalize, num_groups, topk_groups,
+                    correction_bias, routed_scaling_factor, activation, w1_bias, w2_bias, quant,
+                    apply_router_weight_on_input, shared_output, out, backend) -> tuple[dict, int, torch.Tensor, dict]:
+    """moe's checks; returns (expert kwargs, E, router_weight, routing kwargs without the logits)."""
     check_choice("backend", backend, BACKENDS)
     kwargs, num_experts = _expert_kwargs(
         x, w1, w2, activation=activation, w1_bias=w1_bias, w2_bias=w2_bias, quant=quant,
@@ -194,11 +248,16 @@ def moe(x, router_weight, w1, w2, top_k: int, *, scoring: str = "softmax", renor
     check_routing(num_experts, x_t.device, top_k, scoring=scoring, num_groups=num_groups,
                   topk_groups=topk_groups, correction_bias=correction_bias)
     check_weight_on_input(apply_router_weight_on_input, top_k)
-    route_kwargs = dict(router_logits=router_logits_reference(x_t, router_weight), top_k=top_k,
-                        scoring=scoring, renormalize=renormalize, num_groups=num_groups,
-                        topk_groups=topk_groups, correction_bias=correction_bias,
-                        routed_scaling_factor=routed_scaling_factor)
+    routing = dict(top_k=top_k, scoring=scoring, renormalize=renormalize, num_groups=num_groups,
+                   topk_groups=topk_groups, correction_bias=correction_bias,
+                   routed_scaling_factor=routed_scaling_factor)
+    return kwargs, num_experts, router_weight, routing
+
+
+def _moe(kwargs: dict, num_experts: int, router_weight: torch.Tensor, routing: dict, backend: str) -> torch.Tensor:
+    """The checked moe call: route, then the experts (sets this thread's last backend)."""
+    route_kwargs = dict(router_logits=router_logits_reference(kwargs["x"], router_weight), **routing)
     kwargs["topk_weights"], kwargs["topk_ids"], route_backend = _route(route_kwargs, backend)
     result, experts_backend = _fused_moe(kwargs, num_experts, backend)
     _state.backend = "cute" if route_backend == experts_backend == "cute" else "reference"
-    return out if out is not None else to_kind(result, kind)
+    return result

@@ -52,11 +52,25 @@ def route(**kw):
 
 
 def fused_moe(*, x, w1, w2, topk_weights, topk_ids, activation, w1_bias, w2_bias, quant,
-              apply_router_weight_on_input, shared_output, out):
-    """Experts of the MoE layer for already-routed tokens; writes ``out`` when given."""
+              apply_router_weight_on_input, shared_output, out, stage_hook=None):
+    """Experts of the MoE layer for already-routed tokens; writes ``out`` when given.
+
+    ``stage_hook(name)`` (cute_moe.profile) is called after each stage is enqueued: "plan",
+    "permute", "gemm1", "gemm2", "combine"."""
     num_experts = w1.shape[0]
     plan = make_plan(topk_ids.to(torch.int32), num_experts)
+    if stage_hook is not None:
+        stage_hook("plan")
     xp = permute(x, plan)
+    if stage_hook is not None:
+        stage_hook("permute")
     h = grouped_gemm(xp, w1, plan.cu_seqlens, activation=activation, bias=w1_bias)
+    if stage_hook is not None:
+        stage_hook("gemm1")
     y = grouped_gemm(h, w2, plan.cu_seqlens, bias=w2_bias)
-    return combine(y, plan, topk_weights.float(), addend=shared_output, out=out)
+    if stage_hook is not None:
+        stage_hook("gemm2")
+    result = combine(y, plan, topk_weights.float(), addend=shared_output, out=out)
+    if stage_hook is not None:
+        stage_hook("combine")
+    return result

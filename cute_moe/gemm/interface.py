@@ -58,15 +58,26 @@ class KernelKey:
         return self.n // 2 if self.activation != "none" else self.n
 
 
+COMPILE_STATS = {"disk": 0, "compiled": 0}  # kernels loaded from the disk cache / JIT-compiled
+
+
 def compile_kernel(key: KernelKey) -> Callable:
-    """Compile (or fetch from the in-process cache) the kernel for ``key``. Thread-safe."""
+    """The kernel for ``key``: from the in-process cache, else the on-disk cache
+    (:mod:`.disk_cache`, ``$CUTE_MOE_CACHE_DIR``), else compiled and exported there. Thread-safe."""
     fn = _CACHE.get(key)
     if fn is not None:
         return fn
     with _LOCK:
         fn = _CACHE.get(key)
         if fn is None:
-            fn = _compile(key)
+            from . import disk_cache
+
+            fn = disk_cache.load(key)
+            if fn is not None:
+                COMPILE_STATS["disk"] += 1
+            else:
+                fn = disk_cache.store(key, _compile(key))
+                COMPILE_STATS["compiled"] += 1
             _CACHE[key] = fn
     return fn
 

@@ -1,0 +1,163 @@
+"""On-disk cache of compiled grouped-GEMM kernels, so a restarted process pays no JIT.
+
+A compiled kernel (a TVM-FFI function from ``cute.compile``) is exported with CuTe DSL's
+``compiled.export_to_c(path.o, function_name=...)`` (host code + embedded cubin in one object file)
+and loaded back with ``cute.runtime.load_module(path.o, enable_tvm_ffi=True)``, whose attribute
+``<function_name>`` is a ``tvm_ffi.Function`` taking the same positional arguments as the compiled
+function (``a, b, c, seg, bias, row_scale, max_m``; constexprs and the env stream are not
+arguments). Loading needs no GPU (the cubin is loaded on the first call).
+
+Layout: ``$CUTE_MOE_CACHE_DIR/gemm/<digest>.o`` and ``<digest>.json`` (default root
+``~/.cache/cute_moe``; an empty ``CUTE_MOE_CACHE_DIR`` disables the cache). ``digest`` hashes the
+KernelKey, the CuTe DSL and tvm-ffi versions, this cache's format and the kernel source
+(``grouped_gemm_sm90.py``, ``config.py`` and the ``_compile`` function that builds the kernel's
+signature). The JSON records those inputs and the object's sha256; an entry whose record is missing,
+unreadable, for another key or version, or whose object does not match its sha256 or fails to load
+is recompiled and overwritten, never used. Writes go to a temporary file and are renamed into place
+(the object first, the JSON last), so concurrent processes only ever see complete entries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import threading
+import warnings
+from importlib import resources
+from typing import Callable
+
+FORMAT = 1
+ENABLED = True  # process-wide switch (tests, benchmarks); CUTE_MOE_CACHE_DIR="" disables it too
+
+_source_digest: str | None = None
+_versions: tuple[str, str] | None = None
+_warned = False
+
+
+def cache_dir() -> str | None:
+    """The directory holding exported GEMM kernels, or None when the disk cache is off."""
+    if not ENABLED:
+        return None
+    root = os.environ.get("CUTE_MOE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "cute_moe"))
+    return os.path.join(root, "gemm") if root else None
+
+
+def _versions_of() -> tuple[str, str]:
+    global _versions
+    if _versions is None:
+        import cutlass
+        import tvm_ffi
+
+        _versions = (str(getattr(cutlass, "__version__", "?")), str(getattr(tvm_ffi, "__version__", "?")))
+    return _versions
+
+
+def source_digest() -> str:
+    """sha256 over the kernel source files and the ``_compile`` function (cached per process)."""
+    global _source_digest
+    if _source_digest is None:
+        from . import interface
+
+        h = hashlib.sha256()
+        pkg = resources.files(__package__)
+        for name in ("grouped_gemm_sm90.py", "config.py"):
+            h.update(pkg.joinpath(name).read_bytes())
+            h.update(b"\0")
+        h.update(inspect.getsource(interface._compile).encode())
+        _source_digest = h.hexdigest()
+    return _source_digest
+
+
+def describe(key) -> str:
+    """A stable, human-readable description of a KernelKey (dtype and config spelled out)."""
+    c = key.config
+    return (f"{key.arch}|ab={str(key.ab_dtype).removeprefix('torch.')}|out={str(key.out_dtype).removeprefix('torch.')}"
+            f"|tile={c.tile_m}x{c.tile_n}|cluster_m={c.cluster_m}|stages={c.stages}|act={key.activation}"
+            f"|bias={int(key.has_bias)}|row_scale={int(key.has_row_scale)}|masked={int(key.masked)}"
+            f"|E={key.num_experts}|N={key.n}|K={key.k}|sms={key.num_sms}")
+
+
+def _record(key) -> dict:
+    dsl, ffi = _versions_of()
+    return {"format": FORMAT, "key": describe(key), "cutlass_dsl": dsl, "tvm_ffi": ffi, "source": source_digest()}
+
+
+def entry_paths(key) -> tuple[str, str, str] | None:
+    """(object path, json path, exported symbol name) of ``key``'s entry, or None if the cache is off."""
+    root = cache_dir()
+    if root is None:
+        return None
+    digest = hashlib.sha256(json.dumps(_record(key), sort_keys=True).encode()).hexdigest()[:32]
+    return os.path.join(root, f"{digest}.o"), os.path.join(root, f"{digest}.json"), f"cute_moe_gemm_{digest[:16]}"
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def load(key) -> Callable | None:
+    """The cached kernel for ``key`` (a ``tvm_ffi.Function`` with ``smem_bytes`` set), or None when
+    there is no valid entry (missing, stale, corrupt or unloadable: never trusted blindly)."""
+    paths = entry_paths(key)
+    if paths is None:
+        return None
+    obj, meta_path, symbol = paths
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        expected = _record(key)
+        if not isinstance(meta, dict) or any(meta.get(k) != v for k, v in expected.items()):
+            return None
+        if meta.get("symbol") != symbol or meta.get("object_sha256") != _sha256(obj):
+            return None
+        import cutlass.cute as cute
+
+        fn = getattr(cute.runtime.load_module(obj, enable_tvm_ffi=True), symbol)
+        fn.smem_bytes = int(meta.get("smem_bytes", 0))
+        return fn
+    except FileNotFoundError:
+        return None
+    except Exception:  # corrupt JSON/object, failed load: recompile and overwrite
+        return None
+
+
+def store(key, fn) -> Callable:
+    """Export ``fn`` (compiled for ``key``) into the cache and return the function loaded back from
+    it, so every process runs the same exported code; returns ``fn`` itself if the cache is off or
+    the export fails (a warning is printed once)."""
+    paths = entry_paths(key)
+    if paths is None:
+        return fn
+    obj, meta_path, symbol = paths
+    tag = f"{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(obj), exist_ok=True)
+        fn.export_to_c(f"{obj}.{tag}", function_name=symbol)
+        digest = _sha256(f"{obj}.{tag}")
+        os.replace(f"{obj}.{tag}", obj)
+        meta = {**_record(key), "symbol": symbol, "object_sha256": digest,
+                "smem_bytes": int(getattr(fn, "smem_bytes", 0))}
+        with open(f"{meta_path}.{tag}", "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(f"{meta_path}.{tag}", meta_path)
+    except Exception as e:  # read-only home, full disk, export unsupported: keep the in-memory kernel
+        for p in (f"{obj}.{tag}", f"{meta_path}.{tag}"):
+            try:
+                os.remove(p)
+            except OSError:
+                pass
+        _warn(f"cute_moe: could not write the GEMM kernel cache in {os.path.dirname(obj)} "
+              f"({type(e).__name__}: {e}); kernels will be recompiled in the next process")
+        return fn
+    loaded = load(key)
+    return loaded if loaded is not None else fn
+
+
+def _warn(msg: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)

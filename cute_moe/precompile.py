@@ -1,0 +1,209 @@
+"""Ahead-of-time compilation of the kernels a model needs: ``cute_moe.warmup(layer_or_shapes, tokens)``.
+
+For each MoE layer (a ``cute_moe.nn.MoE``, any module containing some, or a ``MoEShape``) and each
+token count, the grouped-GEMM configurations ``pick_config`` chooses for that many routed rows are
+compiled (GEMM1 with the layer's activation and bias, GEMM2), exactly as ``cute_moe/layer.py`` will
+request them, and kept in the on-disk cache (``$CUTE_MOE_CACHE_DIR``, see
+:mod:`cute_moe.gemm.disk_cache`), so a restarted process loads them instead of compiling. On a GPU
+the NVRTC routing/plan/permute/combine kernels of each layer are compiled and loaded too (they have
+their own disk cache, see :mod:`cute_moe._nvrtc`) by running them once on a one-token dummy input.
+
+Without a GPU the GEMMs are cross-compiled for ``arch``/``num_sms`` (default sm_90a, 132 SMs as on
+H100/H200 SXM) to fill a cache directory that GPU machines can then use; NVRTC kernels are skipped.
+Token counts between the listed ones may pick another tile configuration (compiled on first use).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+_GEMM_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class _Layer:
+    num_experts: int
+    top_k: int
+    hidden: int
+    inter: int
+    dtype: torch.dtype
+    activation: str
+    w1_bias: bool
+    w2_bias: bool
+    gemm_ok: bool
+    routing: tuple  # sorted (name, value) items of the routing options
+    correction_bias: torch.dtype | None
+
+
+def _layers(obj, *, dtype, activation, bias, routing) -> list[tuple[_Layer, torch.device | None]]:
+    """(layer spec, device of its weights or None) for every layer in ``obj``."""
+    from .nn import MoE
+    from .shapes import MoEShape
+
+    if isinstance(obj, MoEShape):
+        opts = dict(routing or {})
+        cb = opts.pop("correction_bias", None)
+        return [(_Layer(obj.num_experts, obj.top_k, obj.hidden, obj.intermediate, dtype, activation, bias, bias,
+                        True, tuple(sorted(opts.items())), None if cb is None else torch.float32), None)]
+    if isinstance(obj, torch.nn.Module):
+        found = []
+        for m in obj.modules():
+            if isinstance(m, MoE):
+                w2 = m.w2 if m.quant_mode is None else m.w2_q
+                num_experts, hidden, inter = w2.shape
+                cb = m.correction_bias
+                spec = _Layer(num_experts, m.top_k, hidden, inter,
+                              m.w1.dtype if m.quant_mode is None else dtype, m.activation,
+                              m.w1_bias is not None, m.w2_bias is not None,
+                              m.quant_mode is None and not m.apply_router_weight_on_input,
+                              tuple(sorted(m.routing.items())), None if cb is None else cb.dtype)
+                found.append((spec, w2.device))
+        if not found:
+            raise ValueError(f"warmup: {type(obj).__name__} contains no cute_moe.nn.MoE layer")
+        return found
+    if isinstance(obj, Iterable) and not isinstance(obj, (str, bytes)):
+        return [item for o in obj for item in _layers(o, dtype=dtype, activation=activation, bias=bias,
+                                                      routing=routing)]
+    raise TypeError(f"warmup: expected a cute_moe.nn.MoE (or a module containing some), a MoEShape or a list "
+                    f"of those, got {type(obj).__name__}")
+
+
+def gemm_keys(spec: _Layer, num_tokens: int, arch: str, num_sms: int) -> list:
+    """The KernelKeys ``cute_moe/layer.py`` requests for ``num_tokens`` tokens (flat layout: T*k rows):
+    GEMM1 [E, 2I, H] with the gated activation, then GEMM2 [E, H, I]."""
+    from .gemm.config import pick_config
+    from .gemm.interface import KernelKey
+
+    if not spec.gemm_ok or spec.dtype not in _GEMM_DTYPES or num_tokens <= 0 or spec.hidden % 8 or spec.inter % 8:
+        return []
+    rows, e, h, i = num_tokens * spec.top_k, spec.num_experts, spec.hidden, spec.inter
+    dt = spec.dtype
+    return [KernelKey(arch, dt, dt, pick_config(rows, 2 * i, h, e, True, num_sms), spec.activation,
+                      spec.w1_bias, False, False, e, 2 * i, h, num_sms),
+            KernelKey(arch, dt, dt, pick_config(rows, h, i, e, False, num_sms), "none",
+                      spec.w2_bias, False, False, e, h, i, num_sms)]
+
+
+def _warm_nvrtc(spec: _Layer, device: torch.device, gemms: bool, shared_output: bool) -> None:
+    """Run routing (and plan, permute, combine when the GEMMs run on cute) once on one dummy token, as
+    ``cute_moe.moe`` / ``layer.fused_moe`` would: compiles and loads their NVRTC specializations."""
+    from .permute import combine, permute
+    from .plan import make_plan
+    from .routing import route_gpu
+
+    e, h = spec.num_experts, spec.hidden
+    cb = None if spec.correction_bias is None else torch.zeros(e, dtype=spec.correction_bias, device=device)
+    weights, ids = route_gpu(torch.randn(1, e, device=device), spec.top_k, correction_bias=cb, **dict(spec.routing))
+    if gemms:
+        plan = make_plan(ids, e)
+        xp = permute(torch.zeros(1, h, dtype=spec.dtype, device=device), plan)
+        y = torch.zeros(xp.shape[0], h, dtype=spec.dtype, device=device)
+        addend = torch.zeros(1, h, dtype=spec.dtype, device=device) if shared_output else None
+        combine(y, plan, weights, addend=addend)
+    torch.cuda.synchronize(device)
+
+
+class _Progress:
+    """tqdm when installed, else one printed line per task."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.done, self.bar = total, enabled, 0, None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, desc="cute_moe warmup", unit="kernel")
+            except ImportError:
+                pass
+
+    def step(self, label: str, seconds: float, how: str) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{label} ({how})", refresh=False)
+            self.bar.update(1)
+        elif self.enabled:
+            print(f"cute_moe warmup [{self.done}/{self.total}] {label}: {how} in {seconds:.2f} s", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _label(key) -> str:
+    c = key.config
+    gemm = "gemm1 " + key.activation if key.activation != "none" else "gemm2"
+    return f"{gemm} E={key.num_experts} N={key.n} K={key.k} tile {c.tile_m}x{c.tile_n}" + \
+        (f" cluster {c.cluster_m}" if c.cluster_m > 1 else "")
+
+
+def warmup(shapes_or_layer, tokens: Iterable[int] = (1, 64, 1024, 8192), *, dtype: torch.dtype = torch.bfloat16,
+           activation: str = "silu", bias: bool = False, routing: dict | None = None, shared_output: bool = False,
+           device: torch.device | str | None = None, arch: str | None = None, num_sms: int | None = None,
+           progress: bool = True) -> dict:
+    """Compile ahead of time every kernel the layers in ``shapes_or_layer`` need for ``tokens`` tokens.
+
+    ``shapes_or_layer``: a ``cute_moe.nn.MoE``, a module containing MoE layers (e.g. a whole model),
+    a ``MoEShape``, or a list of those. For a MoEShape, ``dtype``, ``activation``, ``bias`` (both
+    GEMMs), ``routing`` (route keywords, e.g. ``ROUTING_PRESETS['deepseek_v3']``) describe the call;
+    a layer brings its own. ``shared_output=True`` also warms the combine variant with a shared-expert
+    addend. The device is ``device``, else the layer's if on CUDA, else the current CUDA device; with
+    no GPU the GEMMs are cross-compiled for ``arch`` (default ``sm_90a``) and ``num_sms`` (default
+    132) into the disk cache only. Shows a tqdm bar (plain lines without tqdm; ``progress=False``
+    for silence). Returns counts: GEMM kernels needed, how many were compiled / loaded from the disk
+    cache / already in memory, NVRTC layer specs warmed, seconds, and the cache directory.
+    """
+    from .gemm import disk_cache, interface
+
+    start = time.perf_counter()
+    specs = list(dict.fromkeys(_layers(shapes_or_layer, dtype=dtype, activation=activation, bias=bias,
+                                       routing=routing)))
+    tokens = sorted({int(t) for t in tokens})
+    gpu = None
+    if device is not None:
+        gpu = torch.device(device)
+    elif any(d is not None and d.type == "cuda" for _, d in specs):
+        gpu = next(d for _, d in specs if d is not None and d.type == "cuda")
+    elif torch.cuda.is_available():
+        gpu = torch.device("cuda", torch.cuda.current_device())
+    if gpu is not None and gpu.type != "cuda":
+        gpu = None
+    if gpu is not None:
+        dev_arch, dev_sms = interface._device_info(gpu)
+        arch, num_sms = arch or dev_arch, num_sms or dev_sms
+    else:
+        arch, num_sms = arch or "sm_90a", num_sms or 132
+
+    keys = []
+    for spec, _ in specs:
+        for t in tokens:
+            keys += gemm_keys(spec, t, arch, num_sms) if arch == "sm_90a" else []
+    keys = list(dict.fromkeys(keys))
+    nvrtc = list(dict.fromkeys(spec for spec, _ in specs)) if gpu is not None else []
+    bar = _Progress(len(keys) + len(nvrtc), progress)
+    result = {"gemm_kernels": len(keys), "compiled": 0, "from_disk": 0, "in_memory": 0, "nvrtc_layers": 0,
+              "arch": arch, "num_sms": num_sms, "cache_dir": disk_cache.cache_dir()}
+    try:
+        for key in keys:
+            t0 = time.perf_counter()
+            before = dict(interface.COMPILE_STATS)
+            if key in interface._CACHE:
+                how = "in_memory"
+            else:
+                interface.compile_kernel(key)
+                how = "compiled" if interface.COMPILE_STATS["compiled"] > before["compiled"] else "from_disk"
+            result[how] += 1
+            bar.step(_label(key), time.perf_counter() - t0, how.replace("_", " "))
+        for spec in nvrtc:
+            t0 = time.perf_counter()
+            _warm_nvrtc(spec, gpu, spec.gemm_ok and arch == "sm_90a", shared_output)
+            result["nvrtc_layers"] += 1
+            bar.step(f"routing/plan/permute/combine E={spec.num_experts} k={spec.top_k} H={spec.hidden}",
+                     time.perf_counter() - t0, "nvrtc")
+    finally:
+        bar.close()
+    result["seconds"] = time.perf_counter() - start
+    return result

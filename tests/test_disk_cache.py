@@ -1,0 +1,184 @@
+"""On-disk cache of exported grouped-GEMM kernels and cute_moe.warmup (CPU: cross-compiled sm_90a)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import cute_moe
+from cute_moe.gemm import disk_cache, interface
+from cute_moe.gemm.config import GemmConfig
+from cute_moe.gemm.interface import KernelKey
+
+pytest.importorskip("cutlass")
+
+BF16 = torch.bfloat16
+KEY = KernelKey("sm_90a", BF16, BF16, GemmConfig(64, 64), "none", False, True, False, 4, 128, 64, 132)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A fresh cache dir, empty in-process kernel caches, and a counter of real compiles."""
+    monkeypatch.setenv("CUTE_MOE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(interface, "_CACHE", {})
+    monkeypatch.setattr(interface, "_FAST", {})
+    calls = []
+    real = interface._compile
+
+    def counting(key, *a, **kw):
+        calls.append(key)
+        return real(key, *a, **kw)
+
+    monkeypatch.setattr(interface, "_compile", counting)
+    return tmp_path, calls
+
+
+def _entry(key):
+    obj, meta, symbol = disk_cache.entry_paths(key)
+    return obj, meta
+
+
+def test_export_then_reload_without_compiling(cache):
+    root, calls = cache
+    fn = interface.compile_kernel(KEY)
+    obj, meta = _entry(KEY)
+    assert len(calls) == 1 and os.path.exists(obj) and os.path.exists(meta)
+    assert obj.startswith(str(root / "gemm"))
+    record = json.loads(open(meta).read())
+    assert record["key"] == disk_cache.describe(KEY) and record["smem_bytes"] > 0
+    assert fn.smem_bytes == record["smem_bytes"]
+    interface._CACHE.clear()
+    again = interface.compile_kernel(KEY)  # a new process in effect: loaded, not compiled
+    assert len(calls) == 1 and callable(again) and again.smem_bytes == fn.smem_bytes
+
+
+@pytest.mark.parametrize("damage", ["truncate_object", "garbage_json", "other_version", "missing_object"])
+def test_corrupt_or_stale_entries_are_recompiled(cache, damage):
+    root, calls = cache
+    interface.compile_kernel(KEY)
+    obj, meta = _entry(KEY)
+    if damage == "truncate_object":
+        with open(obj, "r+b") as f:
+            f.truncate(100)
+    elif damage == "garbage_json":
+        open(meta, "w").write("{not json")
+    elif damage == "other_version":
+        record = json.loads(open(meta).read())
+        record["cutlass_dsl"] = "0.0.0"
+        open(meta, "w").write(json.dumps(record))
+    else:
+        os.remove(obj)
+    assert disk_cache.load(KEY) is None
+    interface._CACHE.clear()
+    interface.compile_kernel(KEY)
+    assert len(calls) == 2
+    assert disk_cache.load(KEY) is not None  # rewritten
+
+
+def test_key_digest_depends_on_key_and_source(cache, monkeypatch):
+    other = KernelKey(*(getattr(KEY, f) for f in ("arch", "ab_dtype", "out_dtype")), GemmConfig(64, 128),
+                      *(getattr(KEY, f) for f in ("activation", "has_bias", "has_row_scale", "masked",
+                                                  "num_experts", "n", "k", "num_sms")))
+    assert _entry(KEY) != _entry(other)
+    before = _entry(KEY)
+    monkeypatch.setattr(disk_cache, "_source_digest", "edited-kernel-source")
+    assert _entry(KEY) != before
+
+
+def test_empty_cache_dir_disables_the_disk_cache(cache, monkeypatch):
+    root, calls = cache
+    monkeypatch.setenv("CUTE_MOE_CACHE_DIR", "")
+    assert disk_cache.entry_paths(KEY) is None
+    interface.compile_kernel(KEY)
+    assert len(calls) == 1 and not (root / "gemm").exists()
+
+
+def test_warmup_cross_compiles_then_loads_from_disk(cache, monkeypatch, capsys):
+    root, calls = cache
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    shape = cute_moe.MIXTRAL_8X7B.scaled(hidden=128, intermediate=64, num_experts=4)
+    r = cute_moe.warmup(shape, tokens=(1, 4096), progress=True)
+    keys = {k for t in (1, 4096) for k in cute_moe.precompile.gemm_keys(
+        cute_moe.precompile._layers(shape, dtype=BF16, activation="silu", bias=False, routing=None)[0][0],
+        t, "sm_90a", 132)}
+    assert r["gemm_kernels"] == len(keys) == r["compiled"] == len(calls) and r["nvrtc_layers"] == 0
+    assert {k.config.tile_m for k in keys} == {64, 128}  # decode and prefill tiles
+    captured = capsys.readouterr()
+    assert "cute_moe warmup" in captured.out + captured.err
+    assert cute_moe.warmup(shape, tokens=(1, 4096), progress=False)["in_memory"] == len(keys)
+    interface._CACHE.clear()
+    r = cute_moe.warmup(shape, tokens=(1, 4096), progress=False)
+    assert r["from_disk"] == len(keys) and len(calls) == len(keys)
+
+
+def test_warmup_collects_layers_from_a_model(cache, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = torch.nn.Sequential(cute_moe.nn.MoE(128, 64, 4, 2, activation="gelu", bias=True),
+                                cute_moe.nn.MoE(128, 64, 4, 2, activation="gelu", bias=True))
+    specs = cute_moe.precompile._layers(model, dtype=BF16, activation="silu", bias=False, routing=None)
+    assert len(specs) == 2 and specs[0] == specs[1] and specs[0][0].activation == "gelu" and specs[0][0].w1_bias
+    keys = cute_moe.precompile.gemm_keys(specs[0][0], 1, "sm_90a", 132)
+    assert keys[0].activation == "gelu" and keys[0].has_bias and keys[1].activation == "none"
+    with pytest.raises(TypeError, match="warmup: expected"):
+        cute_moe.warmup(3)
+
+
+needs_sm90 = pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9), reason="needs an sm_90 GPU")
+
+_CHILD = textwrap.dedent("""
+    import json, time, torch, cute_moe
+    from cute_moe.gemm import interface
+    from cute_moe import _nvrtc
+    torch.manual_seed(0)
+    layer = cute_moe.nn.MoE(256, 128, 8, 2, renormalize=True, device="cuda")
+    x = torch.randn(40, 256, device="cuda", dtype=torch.bfloat16)
+    t0 = time.perf_counter()
+    if {warm}:
+        cute_moe.warmup(layer, tokens=(40,), progress=False)
+    modules, before = len(_nvrtc._modules), dict(interface.COMPILE_STATS)
+    t1 = time.perf_counter()
+    y = layer(x)
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    print(json.dumps(dict(first_call_s=t2 - t1, warmup_s=t1 - t0, backend=cute_moe.last_backend(),
+                          stats=interface.COMPILE_STATS, before_call=before, new_nvrtc=len(_nvrtc._modules) - modules,
+                          checksum=float(y.float().abs().sum()))))
+""")
+
+
+def _child(tmp_path, warm: bool) -> dict:
+    env = {**os.environ, "CUTE_MOE_CACHE_DIR": str(tmp_path / "cache"), "CUTE_DSL_CACHE_DIR": str(tmp_path / "dsl")}
+    done = subprocess.run([sys.executable, "-c", _CHILD.format(warm=warm)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_second_process_first_call_needs_no_jit(tmp_path):
+    cold = _child(tmp_path, warm=False)
+    warm = _child(tmp_path, warm=False)
+    assert cold["backend"] == warm["backend"] == "cute"
+    assert cold["stats"]["compiled"] >= 2 and warm["stats"] == {"disk": cold["stats"]["compiled"], "compiled": 0}
+    assert warm["checksum"] == cold["checksum"]
+    assert warm["first_call_s"] < cold["first_call_s"] / 3, (cold, warm)
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_warmup_covers_every_kernel_the_layer_uses(tmp_path):
+    r = _child(tmp_path, warm=True)
+    assert r["backend"] == "cute" and r["new_nvrtc"] == 0
+    assert r["stats"] == r["before_call"]  # the call after warmup compiled and loaded nothing
+    compiled = r["stats"]["compiled"]
+    assert compiled >= 2
+    again = _child(tmp_path, warm=True)
+    assert again["stats"] == {"disk": compiled, "compiled": 0} and again["new_nvrtc"] == 0
