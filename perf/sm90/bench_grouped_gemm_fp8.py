@@ -62,6 +62,7 @@ def bench_shape(shape, tokens_list) -> list[dict]:
     w1 = torch.randn(e, 2 * i, h, device="cuda", dtype=torch.bfloat16) * h**-0.5
     w2 = torch.randn(e, h, i, device="cuda", dtype=torch.bfloat16) * i**-0.5
     qw = {m: (quantize_weight(m, w1), quantize_weight(m, w2)) for m in MODES}
+    print(f"{shape.name}: weights quantized", flush=True)
     rows = []
     for t in tokens_list:
         cu = routing_offsets(t, e, k)
@@ -74,6 +75,7 @@ def bench_shape(shape, tokens_list) -> list[dict]:
                    + bench_ms(lambda: grouped_gemm(a2, w2, cu), warmup=3, rep=20, graph=True))
         row = {"shape": shape.name, "T": t, "bf16_ms": bf16_ms}
         for mode in MODES:
+            print(f"  T={t} {mode}", flush=True)
             (q1, s1), (q2, s2) = qw[mode]
             xq, sx = quantize_act(mode, x)
             aq, sa = quantize_act(mode, a2)
@@ -87,6 +89,7 @@ def bench_shape(shape, tokens_list) -> list[dict]:
         xq, sx = quantize_act("token", x)
         aq, sa = quantize_act("token", a2)
         offs = cu[1:]
+        print(f"  T={t} torch._scaled_grouped_mm", flush=True)
         try:
             torch_scaled(xq, sx, q1, s1, offs)
             row["torch_scaled_ms"] = (bench_ms(lambda: torch_scaled(xq, sx, q1, s1, offs), warmup=3, rep=20, graph=True)
