@@ -66,19 +66,18 @@ def test_plan_cupy_ids():
     assert torch.equal(plan.padded_row_src, plan_reference(ids, 32, block_m=16).padded_row_src)
 
 
-@pytest.mark.parametrize("max_m", [4096, None])  # two launches; one cluster launch (sm_90)
-def test_plan_cuda_graph_replay_with_new_ids(max_m):
+def test_plan_cuda_graph_replay_with_new_ids():
     T, k, E = 4096, 8, 256
     static = random_topk_ids(T, k, E, device=DEV)
-    make_plan(static, E, block_m=128, max_m=max_m)  # warm-up (compile, load)
+    make_plan(static, E, block_m=128, max_m=T)  # warm-up (compile, load)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        plan = make_plan(static, E, block_m=128, max_m=max_m)
+        plan = make_plan(static, E, block_m=128, max_m=T)
     for kind in ROUTINGS:
         static.copy_(random_topk_ids(T, k, E, kind, device=DEV))
         g.replay()
         torch.cuda.synchronize()
-        ref = plan_reference(static, E, block_m=128, max_m=max_m)
+        ref = plan_reference(static, E, block_m=128, max_m=T)
         for name, t in plan_fields(ref).items():
             assert torch.equal(getattr(plan, name), t), (kind, name)
