@@ -36,10 +36,6 @@ MAX_EXPERTS = 1024
 _SOURCE = "plan.cu"
 _SMEM_BYTES = 48 * 1024
 _SINGLE_CTA_MAX_ROWS = 2048  # up to this many (token, slot) pairs one CTA does the whole plan
-_CLUSTER = 8                 # CTAs of plan_cluster (sm_90+): one launch up to _CLUSTER * _STAGE_ROWS rows
-_STAGE_ROWS = 4096           # rows of a chunk staged in shared memory before the row_src stores
-_MIN_STAGE_WARPS = 6         # fewer warps than this with staging (E >= 1024): no staging
-_CLUSTER_MAX_WORDS = 1 << 18  # above this many int32 outputs, the fills need more CTAs than a cluster
 _MAX_CHUNKS = 128            # above it, at most this many CTAs (each reads all chunk histograms)
 _MIN_CHUNK = 1024
 _fn_cache: dict[tuple, object] = {}
@@ -114,23 +110,15 @@ def padded_capacity(num_rows: int, num_experts: int, block_m: int | None) -> int
     return (num_rows + num_experts * (block_m - 1)) // block_m * block_m
 
 
-def _smem_layout(num_experts: int) -> tuple[int, int]:
-    """(warps per CTA, staging rows) of plan_scatter / plan_cluster such that their shared memory
-    (E * (NW + 2) + 6E + 100 + STAGE_ROWS ints at most) fits in 48 KiB; staging only while it leaves
-    at least _MIN_STAGE_WARPS warps."""
-    ints = _SMEM_BYTES // 4
-    for stage in (_STAGE_ROWS, 0):
-        arrays = (6 if stage else 5) * num_experts + 100 + stage
-        warps = min(32, (ints - arrays) // num_experts - 2)
-        if stage == 0 or warps >= _MIN_STAGE_WARPS:
-            return max(1, warps), stage
-    raise AssertionError("unreachable")
+def _warps(num_experts: int) -> int:
+    """Warps per CTA of plan_scatter such that its shared memory (E * (NW + 2) + 4E + 66 ints at
+    most) fits in 48 KiB."""
+    return max(1, min(32, (_SMEM_BYTES - 4 * (4 * num_experts + 66)) // (4 * num_experts) - 2))
 
 
 def _defines(num_experts: int, ids_i64: bool, padded: bool, masked: bool) -> tuple:
-    warps, stage = _smem_layout(num_experts)
-    return tuple(sorted(dict(NUM_E=num_experts, NW=warps, STAGE_ROWS=stage, CLUSTER=_CLUSTER,
-                             IDS_I64=int(ids_i64), HAS_PADDED=int(padded), HAS_MASKED=int(masked)).items()))
+    return tuple(sorted(dict(NUM_E=num_experts, NW=_warps(num_experts), IDS_I64=int(ids_i64),
+                             HAS_PADDED=int(padded), HAS_MASKED=int(masked)).items()))
 
 
 def compile_specializations() -> list[tuple[str, dict]]:
@@ -174,8 +162,7 @@ def make_plan(topk_ids, num_experts: int, *, block_m: int | None = None, max_m: 
               ) -> RoutingPlan:
     """Build the :class:`RoutingPlan` of ``topk_ids`` [T, k] (int32/int64, torch or cupy, CUDA) on the
     GPU: flat layout always, padded layout with ``block_m``, masked layout with ``max_m``.
-    No host sync; 1 kernel up to T*k = 2048, and on sm_90+ up to 32768 (one thread-block cluster)
-    while the outputs are small enough, else 2 (see :func:`_chunking`)."""
+    No host sync; 1 kernel for T*k <= 2048, else 2."""
     ids = _check_ids(topk_ids, num_experts, block_m, max_m)
     if ids.device.type != "cuda":
         raise ValueError(f"topk_ids: expected a CUDA tensor, got device {ids.device} (see plan_reference)")
@@ -204,21 +191,21 @@ def make_plan(topk_ids, num_experts: int, *, block_m: int | None = None, max_m: 
     fns = _fn_cache.get(key)
     if fns is None:
         d = _defines(*key[1:])
-        cluster_fn = None
-        if int(_nvrtc.device_info(dev)[0][3:]) >= 90:
-            cluster_fn = _nvrtc.get_function(dev, _SOURCE, "plan_cluster", d)
         fns = (_nvrtc.get_function(dev, _SOURCE, "plan_count", d),
-               _nvrtc.get_function(dev, _SOURCE, "plan_scatter", d), cluster_fn, 32 * _smem_layout(E)[0])
+               _nvrtc.get_function(dev, _SOURCE, "plan_scatter", d), 32 * _warps(E))
         _fn_cache[key] = fns
-    count_fn, scatter_fn, cluster_fn, threads = fns
-    outputs = 2 * n + (prows + n if padded else 0) + (E * max_m + n if masked else 0)
-    num_chunks, chunk, fn = _chunking(n, outputs, threads, cluster_fn is not None)
-    fn = {"scatter": scatter_fn, "cluster": cluster_fn}[fn]
+    count_fn, scatter_fn, threads = fns
+    if n <= _SINGLE_CTA_MAX_ROWS:
+        chunk, num_chunks = n, 1
+    else:
+        chunk = max(-(-n // _MAX_CHUNKS), _MIN_CHUNK)
+        chunk = -(-chunk // threads) * threads
+        num_chunks = -(-n // chunk)
     import numpy as np
 
     i32 = np.int32
     hist_ptr = 0
-    if num_chunks > 1 and fn is scatter_fn:
+    if num_chunks > 1:
         hist = torch.empty(num_chunks * E, dtype=torch.int32, device=ids.device)
         hist_ptr = hist.data_ptr()
         _nvrtc.launch(count_fn, dev, num_chunks, threads, (ids.data_ptr(), i32(n), i32(chunk), hist_ptr))
@@ -230,23 +217,9 @@ def make_plan(topk_ids, num_experts: int, *, block_m: int | None = None, max_m: 
             ptr(counts), ptr(cu), ptr(row_src), ptr(token_rows),
             i32(block_m or 1), i32(prows), i32(nblocks), ptr(pcu), ptr(prow_src), ptr(ptoken_rows), ptr(eob),
             i32(max_m or 0), ptr(mm), ptr(mrow_src), ptr(mtoken_rows), ptr(overflow))
-    _nvrtc.launch(fn, dev, num_chunks, threads, args)
+    _nvrtc.launch(scatter_fn, dev, num_chunks, threads, args)
     return _assemble(num_tokens, top_k, E, counts, cu, row_src, token_rows, block_m, pcu, prow_src,
                      ptoken_rows, eob, max_m, mm, mrow_src, mtoken_rows, overflow)
-
-
-def _chunking(n: int, outputs: int, threads: int, has_cluster: bool) -> tuple[int, int, str]:
-    """(chunks = CTAs, rows per chunk, kernel) for n (token, slot) pairs and ``outputs`` int32 outputs:
-    one CTA up to _SINGLE_CTA_MAX_ROWS; one cluster of _CLUSTER CTAs (one launch) up to
-    _CLUSTER * _STAGE_ROWS rows while the outputs are few enough for _CLUSTER SMs to write; else
-    plan_count + plan_scatter over up to _MAX_CHUNKS chunks."""
-    if n <= _SINGLE_CTA_MAX_ROWS:
-        return 1, n, "scatter"
-    if has_cluster and n <= _CLUSTER * _STAGE_ROWS and outputs <= _CLUSTER_MAX_WORDS:
-        return _CLUSTER, -(-n // _CLUSTER), "cluster"
-    chunk = max(-(-n // _MAX_CHUNKS), _MIN_CHUNK)
-    chunk = -(-chunk // threads) * threads
-    return -(-n // chunk), chunk, "scatter"
 
 
 def _assemble(T, k, E, counts, cu, row_src, token_rows, block_m, pcu, prow_src, ptoken_rows, eob,
