@@ -182,3 +182,13 @@ def test_warmup_covers_every_kernel_the_layer_uses(tmp_path):
     assert compiled >= 2
     again = _child(tmp_path, warm=True)
     assert again["stats"] == {"disk": compiled, "compiled": 0} and again["new_nvrtc"] == 0
+
+
+def test_every_key_field_reaches_the_cache_entry():
+    """Keys differing in any one field (here the fp8 scale mode) must not share a disk entry."""
+    import dataclasses
+
+    a = dataclasses.replace(KEY, ab_dtype=torch.float8_e4m3fn, scale_mode="tensor")
+    b = dataclasses.replace(a, scale_mode="token")
+    assert disk_cache.describe(a) != disk_cache.describe(b)
+    assert all(f"{f.name}=" in disk_cache.describe(KEY) for f in dataclasses.fields(KEY))

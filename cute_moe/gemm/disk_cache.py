@@ -19,6 +19,7 @@ is recompiled and overwritten, never used. Writes go to a temporary file and are
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -27,6 +28,8 @@ import threading
 import warnings
 from importlib import resources
 from typing import Callable
+
+import torch
 
 FORMAT = 1
 ENABLED = True  # process-wide switch (tests, benchmarks); CUTE_MOE_CACHE_DIR="" disables it too
@@ -71,12 +74,17 @@ def source_digest() -> str:
 
 
 def describe(key) -> str:
-    """A stable, human-readable description of a KernelKey (dtype and config spelled out)."""
-    c = key.config
-    return (f"{key.arch}|ab={str(key.ab_dtype).removeprefix('torch.')}|out={str(key.out_dtype).removeprefix('torch.')}"
-            f"|tile={c.tile_m}x{c.tile_n}|cluster_m={c.cluster_m}|stages={c.stages}|act={key.activation}"
-            f"|bias={int(key.has_bias)}|row_scale={int(key.has_row_scale)}|masked={int(key.masked)}"
-            f"|E={key.num_experts}|N={key.n}|K={key.k}|sms={key.num_sms}")
+    """A stable, human-readable description of every field of a KernelKey (dtypes and config spelled
+    out), so a field added to the key can never alias two kernels in the cache."""
+    parts = []
+    for f in dataclasses.fields(key):
+        v = getattr(key, f.name)
+        if isinstance(v, torch.dtype):
+            v = str(v).removeprefix("torch.")
+        elif dataclasses.is_dataclass(v):
+            v = ",".join(f"{g.name}={getattr(v, g.name)}" for g in dataclasses.fields(v))
+        parts.append(f"{f.name}={v}")
+    return "|".join(parts)
 
 
 def _record(key) -> dict:
