@@ -58,14 +58,46 @@ def test_export_then_reload_without_compiling(cache):
     assert len(calls) == 1 and callable(again) and again.smem_bytes == fn.smem_bytes
 
 
+def _truncate(path):
+    """Replace ``path`` by its first 100 bytes (a new file: the loaded library stays mapped)."""
+    with open(path, "rb") as f:
+        head = f.read(100)
+    with open(f"{path}.tmp", "wb") as f:
+        f.write(head)
+    os.replace(f"{path}.tmp", path)
+
+
+@pytest.mark.skipif(disk_cache._compiler() is None, reason="no C compiler to link the exported object")
+def test_linked_library_loads_without_the_dsl(cache):
+    """With a C compiler the entry also holds a linked .so, loaded by tvm_ffi alone (no DSL JIT)."""
+    interface.compile_kernel(KEY)
+    obj, meta = _entry(KEY)
+    record = json.loads(open(meta).read())
+    assert record["library_sha256"] and os.path.exists(obj[:-2] + ".so")
+    fn = disk_cache._load_library(obj[:-2] + ".so", disk_cache.entry_paths(KEY)[2], record["library_sha256"])
+    assert fn is not None and callable(fn)
+    _truncate(obj[:-2] + ".so")  # a damaged library falls back to the object, not to a recompile
+    assert disk_cache.load(KEY) is not None
+
+
+def test_without_a_compiler_the_object_serves(cache, monkeypatch):
+    root, calls = cache
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    interface.compile_kernel(KEY)
+    obj, meta = _entry(KEY)
+    assert json.loads(open(meta).read())["library_sha256"] is None and not os.path.exists(obj[:-2] + ".so")
+    interface._CACHE.clear()
+    assert callable(interface.compile_kernel(KEY)) and len(calls) == 1
+
+
 @pytest.mark.parametrize("damage", ["truncate_object", "garbage_json", "other_version", "missing_object"])
 def test_corrupt_or_stale_entries_are_recompiled(cache, damage):
     root, calls = cache
     interface.compile_kernel(KEY)
     obj, meta = _entry(KEY)
-    if damage == "truncate_object":
-        with open(obj, "r+b") as f:
-            f.truncate(100)
+    if damage == "truncate_object":  # object and library both damaged
+        _truncate(obj)
+        _truncate(obj[:-2] + ".so")
     elif damage == "garbage_json":
         open(meta, "w").write("{not json")
     elif damage == "other_version":
@@ -74,6 +106,7 @@ def test_corrupt_or_stale_entries_are_recompiled(cache, damage):
         open(meta, "w").write(json.dumps(record))
     else:
         os.remove(obj)
+        os.remove(obj[:-2] + ".so")
     assert disk_cache.load(KEY) is None
     interface._CACHE.clear()
     interface.compile_kernel(KEY)
@@ -133,7 +166,7 @@ needs_sm90 = pytest.mark.skipif(
     not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9), reason="needs an sm_90 GPU")
 
 _CHILD = textwrap.dedent("""
-    import json, time, torch, cute_moe
+    import json, sys, time, torch, cute_moe
     from cute_moe.gemm import interface
     from cute_moe import _nvrtc
     torch.manual_seed(0)
@@ -149,7 +182,7 @@ _CHILD = textwrap.dedent("""
     t2 = time.perf_counter()
     print(json.dumps(dict(first_call_s=t2 - t1, warmup_s=t1 - t0, backend=cute_moe.last_backend(),
                           stats=interface.COMPILE_STATS, before_call=before, new_nvrtc=len(_nvrtc._modules) - modules,
-                          checksum=float(y.float().abs().sum()))))
+                          checksum=float(y.float().abs().sum()), dsl_imported="cutlass" in sys.modules)))
 """)
 
 
@@ -169,6 +202,7 @@ def test_second_process_first_call_needs_no_jit(tmp_path):
     assert cold["backend"] == warm["backend"] == "cute"
     assert cold["stats"]["compiled"] >= 2 and warm["stats"] == {"disk": cold["stats"]["compiled"], "compiled": 0}
     assert warm["checksum"] == cold["checksum"]
+    assert not warm["dsl_imported"]  # kernels came from linked libraries through tvm_ffi alone
     assert warm["first_call_s"] < cold["first_call_s"] / 3, (cold, warm)
 
 

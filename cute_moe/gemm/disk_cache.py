@@ -1,20 +1,24 @@
 """On-disk cache of compiled grouped-GEMM kernels, so a restarted process pays no JIT.
 
 A compiled kernel (a TVM-FFI function from ``cute.compile``) is exported with CuTe DSL's
-``compiled.export_to_c(path.o, function_name=...)`` (host code + embedded cubin in one object file)
-and loaded back with ``cute.runtime.load_module(path.o, enable_tvm_ffi=True)``, whose attribute
-``<function_name>`` is a ``tvm_ffi.Function`` taking the same positional arguments as the compiled
-function (``a, b, c, seg, bias, row_scale, max_m``; constexprs and the env stream are not
-arguments). Loading needs no GPU (the cubin is loaded on the first call).
+``compiled.export_to_c(path.o, function_name=...)`` (host code + embedded cubin in one object file).
+When a C compiler is on the PATH (``$CC``, else ``cc``/``gcc``) the object is also linked into a
+shared library against CuTe DSL's runtime libraries (with their directories as rpath), which a new
+process loads with ``tvm_ffi.load_module`` in milliseconds without importing the DSL; otherwise the
+object is loaded through the DSL's JIT linker (``cute.runtime.load_module``, about half a second
+plus the DSL import). Either way the result is a ``tvm_ffi.Function`` taking the compiled function's
+positional arguments (``a, b, c, seg, bias, row_scale, a_scale, b_scale, max_m``; constexprs and the
+env stream are not arguments). Loading needs no GPU (the cubin is loaded on the first call).
 
-Layout: ``$CUTE_MOE_CACHE_DIR/gemm/<digest>.o`` and ``<digest>.json`` (default root
+Layout: ``$CUTE_MOE_CACHE_DIR/gemm/<digest>.o``, ``<digest>.so`` (when linked) and ``<digest>.json`` (default root
 ``~/.cache/cute_moe``; an empty ``CUTE_MOE_CACHE_DIR`` disables the cache). ``digest`` hashes the
 KernelKey, the CuTe DSL and tvm-ffi versions, this cache's format and the kernel source
 (``grouped_gemm_sm90.py``, ``config.py`` and the ``_compile`` function that builds the kernel's
 signature). The JSON records those inputs and the object's sha256; an entry whose record is missing,
 unreadable, for another key or version, or whose object does not match its sha256 or fails to load
-is recompiled and overwritten, never used. Writes go to a temporary file and are renamed into place
-(the object first, the JSON last), so concurrent processes only ever see complete entries.
+is recompiled and overwritten, never used (a shared library that fails its sha256 or its load
+falls back to the object). Writes go to a temporary file and are renamed into place (the object
+and library first, the JSON last), so concurrent processes only ever see complete entries.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import hashlib
 import inspect
 import json
 import os
+import shutil
+import subprocess
 import threading
 import warnings
 from importlib import resources
@@ -31,12 +37,13 @@ from typing import Callable
 
 import torch
 
-FORMAT = 1
+FORMAT = 2
 ENABLED = True  # process-wide switch (tests, benchmarks); CUTE_MOE_CACHE_DIR="" disables it too
 
 _source_digest: str | None = None
 _versions: tuple[str, str] | None = None
 _warned = False
+_modules: list = []  # loaded libraries stay alive for the process (their functions are cached)
 
 
 def cache_dir() -> str | None:
@@ -119,17 +126,61 @@ def load(key) -> Callable | None:
         expected = _record(key)
         if not isinstance(meta, dict) or any(meta.get(k) != v for k, v in expected.items()):
             return None
-        if meta.get("symbol") != symbol or meta.get("object_sha256") != _sha256(obj):
+        if meta.get("symbol") != symbol:
             return None
-        import cutlass.cute as cute
+        fn = _load_library(obj[:-2] + ".so", symbol, meta.get("library_sha256"))
+        if fn is None:
+            if meta.get("object_sha256") != _sha256(obj):
+                return None
+            import cutlass.cute as cute
 
-        fn = getattr(cute.runtime.load_module(obj, enable_tvm_ffi=True), symbol)
+            module = cute.runtime.load_module(obj, enable_tvm_ffi=True)
+            _modules.append(module)
+            fn = getattr(module, symbol)
         fn.smem_bytes = int(meta.get("smem_bytes", 0))
         return fn
     except FileNotFoundError:
         return None
     except Exception:  # corrupt JSON/object, failed load: recompile and overwrite
         return None
+
+
+def _load_library(path: str, symbol: str, sha256: str | None) -> Callable | None:
+    """``symbol`` of the linked shared library ``path`` through tvm_ffi (no DSL import), or None."""
+    if not sha256:
+        return None
+    try:
+        if _sha256(path) != sha256:
+            return None
+        import tvm_ffi
+
+        module = tvm_ffi.load_module(path)
+        _modules.append(module)
+        return module[symbol]
+    except Exception:
+        return None
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    return shutil.which(cc) if cc else (shutil.which("cc") or shutil.which("gcc"))
+
+
+def _link(obj: str, out: str) -> bool:
+    """Link the exported object ``obj`` into the shared library ``out`` (False if no compiler or
+    the link fails: the object alone still serves)."""
+    cc = _compiler()
+    if cc is None:
+        return False
+    import cutlass.cute as cute
+
+    libs = [os.path.abspath(p) for p in cute.runtime.find_runtime_libraries(enable_tvm_ffi=True)]
+    rpaths = [f"-Wl,-rpath,{d}" for d in dict.fromkeys(os.path.dirname(p) for p in libs)]
+    try:
+        done = subprocess.run([cc, "-shared", "-o", out, obj, *libs, *rpaths], capture_output=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
 
 
 def store(key, fn) -> Callable:
@@ -145,14 +196,19 @@ def store(key, fn) -> Callable:
         os.makedirs(os.path.dirname(obj), exist_ok=True)
         fn.export_to_c(f"{obj}.{tag}", function_name=symbol)
         digest = _sha256(f"{obj}.{tag}")
+        lib = obj[:-2] + ".so"
+        lib_digest = None
+        if _link(f"{obj}.{tag}", f"{lib}.{tag}"):
+            lib_digest = _sha256(f"{lib}.{tag}")
+            os.replace(f"{lib}.{tag}", lib)
         os.replace(f"{obj}.{tag}", obj)
-        meta = {**_record(key), "symbol": symbol, "object_sha256": digest,
+        meta = {**_record(key), "symbol": symbol, "object_sha256": digest, "library_sha256": lib_digest,
                 "smem_bytes": int(getattr(fn, "smem_bytes", 0))}
         with open(f"{meta_path}.{tag}", "w") as f:
             json.dump(meta, f, indent=1)
         os.replace(f"{meta_path}.{tag}", meta_path)
     except Exception as e:  # read-only home, full disk, export unsupported: keep the in-memory kernel
-        for p in (f"{obj}.{tag}", f"{meta_path}.{tag}"):
+        for p in (f"{obj}.{tag}", f"{obj[:-2]}.so.{tag}", f"{meta_path}.{tag}"):
             try:
                 os.remove(p)
             except OSError:

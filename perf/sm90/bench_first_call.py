@@ -47,13 +47,26 @@ def child(tokens: list[int], use_warmup: bool, gemm_disk_cache: bool) -> dict:
         cute_moe.warmup(layer, tokens=tokens, progress=False)
         warmup_s = time.perf_counter() - t0
     first, steady = {}, {}
+    profile_path = os.environ.get("CUTE_MOE_FIRST_CALL_PROFILE")
     for t in tokens:
         x = torch.randn(t, shape.hidden, device="cuda", dtype=torch.bfloat16)
         torch.cuda.synchronize()
+        prof = None
+        if profile_path and not first:
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
         t0 = time.perf_counter()
         layer(x)
         torch.cuda.synchronize()
         first[t] = time.perf_counter() - t0
+        if prof is not None:
+            import pstats
+
+            prof.disable()
+            with open(profile_path, "w") as f:
+                pstats.Stats(prof, stream=f).sort_stats("cumulative").print_stats(40)
         assert cute_moe.last_backend() == "cute"
         t0 = time.perf_counter()
         for _ in range(10):
@@ -64,9 +77,11 @@ def child(tokens: list[int], use_warmup: bool, gemm_disk_cache: bool) -> dict:
             "stats": dict(interface.COMPILE_STATS)}
 
 
-def run(name: str, tokens: list[int], env: dict, *flags: str) -> dict:
+def run(name: str, tokens: list[int], env: dict, *flags: str, profile_dir: str = "") -> dict:
     cmd = [sys.executable, "-m", "perf.sm90.bench_first_call", "--child", "--tokens", ",".join(map(str, tokens)),
            *flags]
+    if profile_dir:
+        env = {**env, "CUTE_MOE_FIRST_CALL_PROFILE": os.path.join(profile_dir, f"first_call_{name}.txt")}
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - t0
@@ -86,6 +101,7 @@ def run(name: str, tokens: list[int], env: dict, *flags: str) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="1,64,1024,8192")
+    ap.add_argument("--profile-dir", default="", help="write a cProfile of each run's first call here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--warmup", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--no-gemm-disk-cache", action="store_true", help=argparse.SUPPRESS)
@@ -99,13 +115,13 @@ def main(argv=None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as d:
         env = {"CUTE_MOE_CACHE_DIR": os.path.join(d, "cute_moe"), "CUTE_DSL_CACHE_DIR": os.path.join(d, "dsl")}
-        rows.append(run("cold", tokens, env))
-        rows.append(run("warm", tokens, env))
-        rows.append(run("dsl_cache_only", tokens, env, "--no-gemm-disk-cache"))
+        rows.append(run("cold", tokens, env, profile_dir=args.profile_dir))
+        rows.append(run("warm", tokens, env, profile_dir=args.profile_dir))
+        rows.append(run("dsl_cache_only", tokens, env, "--no-gemm-disk-cache", profile_dir=args.profile_dir))
     with tempfile.TemporaryDirectory() as d:
         env = {"CUTE_MOE_CACHE_DIR": os.path.join(d, "cute_moe"), "CUTE_DSL_CACHE_DIR": os.path.join(d, "dsl")}
-        rows.append(run("warmup_api_cold", tokens, env, "--warmup"))
-        rows.append(run("warmup_api_warm", tokens, env, "--warmup"))
+        rows.append(run("warmup_api_cold", tokens, env, "--warmup", profile_dir=args.profile_dir))
+        rows.append(run("warmup_api_warm", tokens, env, "--warmup", profile_dir=args.profile_dir))
 
     def plot(ax, rows):
         ax.bar([r["run"] for r in rows], [r["first_calls_s"] + r["warmup_s"] for r in rows], color="tab:orange")

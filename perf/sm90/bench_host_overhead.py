@@ -1,0 +1,117 @@
+"""Host (CPU) overhead per eager call of the MoE layer and of each public op, at small T.
+
+    python -m perf.sm90.bench_host_overhead [--tokens 1] [--calls 300] [--profile PATH]
+
+For each reference shape: the CPU time of enqueuing one call (``time.perf_counter`` around a loop of
+calls with no synchronization, divided by the number of calls; the GPU work of a T=1 call is short,
+so the launch queue never fills and blocks the loop), for ``cute_moe.moe`` (router GEMM, route, plan,
+permute, GEMM1, GEMM2, combine), ``fused_moe`` on given routing, ``route``, ``make_plan``, ``permute``,
+``grouped_gemm`` and ``combine``. A torch reference point in the same run: the CPU time of one
+``torch._grouped_mm`` call. ``--profile`` writes a cProfile breakdown (by own time) of the moe calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+
+import torch
+
+import cute_moe
+from cute_moe.gemm import grouped_gemm
+from cute_moe.permute import combine, permute
+from cute_moe.plan import make_plan
+from perf.common import select_shapes, write_results
+
+
+def host_us(fn, calls: int) -> float:
+    """Median over 5 loops of the CPU microseconds per enqueued call of ``fn`` (no sync inside)."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - t0) / calls * 1e6)
+        torch.cuda.synchronize()
+    return sorted(samples)[2]
+
+
+def bench_shape(shape, tokens: int, calls: int, profile: list) -> dict:
+    e, k, h, i = shape.num_experts, shape.top_k, shape.hidden, shape.intermediate
+    w1 = torch.randn(e, 2 * i, h, device="cuda", dtype=torch.bfloat16) * h**-0.5
+    w2 = torch.randn(e, h, i, device="cuda", dtype=torch.bfloat16) * i**-0.5
+    rw = torch.randn(e, h, device="cuda", dtype=torch.bfloat16) * h**-0.5
+    x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(x)
+    logits = torch.randn(tokens, e, device="cuda")
+    topk_w, topk_ids = cute_moe.route(logits, k, renormalize=True)
+    plan = make_plan(topk_ids, e)
+    xp = permute(x, plan)
+    hid = grouped_gemm(xp, w1, plan.cu_seqlens, activation="silu")
+    y = grouped_gemm(hid, w2, plan.cu_seqlens)
+    offs = plan.cu_seqlens[1:]
+    w1t = w1.transpose(1, 2)
+    moe = lambda: cute_moe.moe(x, rw, w1, w2, k, renormalize=True, out=out, backend="cute")  # noqa: E731
+    row = {
+        "shape": shape.name, "T": tokens,
+        "moe_us": host_us(moe, calls),
+        "fused_moe_us": host_us(lambda: cute_moe.fused_moe(x, w1, w2, topk_w, topk_ids, out=out, backend="cute"),
+                                calls),
+        "route_us": host_us(lambda: cute_moe.route(logits, k, renormalize=True, backend="cute"), calls),
+        "plan_us": host_us(lambda: make_plan(topk_ids, e), calls),
+        "permute_us": host_us(lambda: permute(x, plan), calls),
+        "gemm1_us": host_us(lambda: grouped_gemm(xp, w1, plan.cu_seqlens, activation="silu"), calls),
+        "gemm2_us": host_us(lambda: grouped_gemm(hid, w2, plan.cu_seqlens), calls),
+        "combine_us": host_us(lambda: combine(y, plan, topk_w), calls),
+        "torch_grouped_mm_us": host_us(lambda: torch._grouped_mm(xp, w1t, offs=offs), calls),
+        "torch_empty_us": host_us(lambda: torch.empty(tokens, h, device="cuda", dtype=torch.bfloat16), calls),
+    }
+    assert cute_moe.last_backend() == "cute"
+    if profile is not None:
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(calls):
+            moe()
+        pr.disable()
+        torch.cuda.synchronize()
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(30)
+        profile.append(f"### {shape.name} T={tokens}: {calls} moe calls\n{s.getvalue()}")
+    print(" ".join(f"{key}={v:.1f}" if isinstance(v, float) else f"{key}={v}" for key, v in row.items()), flush=True)
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=1)
+    ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--shapes", default="")
+    ap.add_argument("--profile", default="")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        print("bench_host_overhead needs a Hopper (sm_90) GPU", file=sys.stderr)
+        return 2
+    profile = [] if args.profile else None
+    rows = [bench_shape(s, args.tokens, args.calls, profile) for s in select_shapes(args.shapes)]
+    if profile is not None:
+        with open(args.profile, "w") as f:
+            f.write("\n".join(profile))
+    write_results(
+        "sm90_host_overhead", rows,
+        {"title": f"CPU time per eager call (microseconds, T={args.tokens}): whole layer and each op",
+         "target": "moe host overhead <= 20 us per call"},
+        md_columns=["shape", "T", "moe_us", "fused_moe_us", "route_us", "plan_us", "permute_us", "gemm1_us",
+                    "gemm2_us", "combine_us", "torch_grouped_mm_us", "torch_empty_us"],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
