@@ -5,7 +5,10 @@ CUDA headers, so compiling works on any machine with NVRTC (``nvidia-cuda-nvrtc`
 Specializations are selected with ``-D`` defines. We compile to a cubin for the device's exact
 ``sm_XX`` with NVRTC's IEEE defaults (no ``-ftz``, precise division: CuPy's ``RawModule`` always adds
 ``-ftz=true``, which would break bitwise agreement with torch's routing math), then load the cubin
-through ``cupy.cuda.function.Module`` and launch with CuPy on torch's current stream.
+through ``cupy.cuda.function.Module`` and launch on torch's current stream: directly through the
+driver's ``cuLaunchKernel`` (ctypes, parameters packed with ``struct`` in one buffer: a few
+microseconds of host time, the decode path launches several kernels per layer), falling back to
+CuPy's launcher where that is unavailable.
 
 Cubins are cached in memory per (device, source, defines) and on disk under
 ``$CUTE_MOE_CACHE_DIR`` (default ``~/.cache/cute_moe/nvrtc``; set it to an empty string to disable).
@@ -13,8 +16,10 @@ Cubins are cached in memory per (device, source, defines) and on disk under
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
+import struct
 import threading
 from importlib import resources
 from typing import Any, Iterable, Mapping
@@ -193,11 +198,76 @@ def current_stream(device_index: int):
 
 
 def launch(fn, device_index: int, grid: int, block: int, args: tuple, shared_mem: int = 0) -> None:
-    """Launch ``fn`` on torch's current stream of ``device_index`` (1-D grid and block)."""
+    """Launch ``fn`` on torch's current stream of ``device_index`` (1-D grid and block).
+
+    ``args`` are kernel parameters: Python ints (64-bit: pointers, sizes), numpy scalars
+    (np.int32, np.float32, ...) or Python floats (double)."""
+    import torch
+
+    if _driver_launch is not None and torch.cuda.current_device() == device_index:
+        packed = _pack(args)
+        if packed is not None:
+            buf, params = packed
+            stream = torch._C._cuda_getCurrentRawStream(device_index)
+            if _driver_launch(fn.ptr, grid, 1, 1, block, 1, 1, shared_mem, stream, params, None) == 0:
+                return
     import cupy
 
     with cupy.cuda.Device(device_index):
         fn((grid, 1, 1), (block, 1, 1), args, shared_mem=shared_mem, stream=current_stream(device_index))
+
+
+def _load_driver_launch():
+    """ctypes ``cuLaunchKernel`` of the CUDA driver, or None (no driver library)."""
+    try:
+        f = ctypes.CDLL("libcuda.so.1").cuLaunchKernel
+    except (OSError, AttributeError):
+        return None
+    f.restype = ctypes.c_int
+    f.argtypes = [ctypes.c_void_p, *[ctypes.c_uint] * 7, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    return f
+
+
+_driver_launch = _load_driver_launch()
+_SCALAR_CODES = {int: "q", float: "d"}
+
+
+def _struct_code(tp) -> str | None:
+    code = _SCALAR_CODES.get(tp)
+    if code is None:
+        import numpy as np
+
+        if issubclass(tp, np.generic) and tp().dtype.kind in "iuf":
+            code = tp().dtype.char
+            _SCALAR_CODES[tp] = code
+    return code
+
+
+_tls = threading.local()
+
+
+def _pack(args: tuple):
+    """(buffer, void*[] of parameter addresses) holding ``args`` at their C alignment, or None for
+    argument types the packer does not know (the CuPy launcher takes those). The buffers are reused
+    per thread and signature: cuLaunchKernel copies the parameters before it returns."""
+    sig = tuple(map(type, args))
+    cache = getattr(_tls, "buffers", None)
+    if cache is None:
+        cache = _tls.buffers = {}
+    entry = cache.get(sig)
+    if entry is None:
+        codes = [_struct_code(t) for t in sig]
+        if None in codes:
+            return None
+        st = struct.Struct("@" + "".join(codes))
+        offsets = [struct.calcsize("@" + "".join(codes[:i + 1])) - struct.calcsize("@" + codes[i])
+                   for i in range(len(codes))]
+        buf = ctypes.create_string_buffer(max(st.size, 1))
+        base = ctypes.addressof(buf)
+        entry = cache[sig] = (st, buf, (ctypes.c_void_p * len(codes))(*[base + o for o in offsets]))
+    st, buf, params = entry
+    st.pack_into(buf, 0, *args)
+    return buf, params
 
 
 def compile_check(arch: str = "sm_90", *, specializations: Iterable[tuple[str, dict]] | None = None

@@ -195,8 +195,21 @@ def _grouped_mm(rows: torch.Tensor, weight_of: Callable, n: int, bias: torch.Ten
     return out
 
 
+_MM_OUT_DTYPE = {"ok": True}
+
+
 def router_logits_reference(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
-    """Router logits x [T, H] @ router_weight[E, H].T computed in float32: [T, E] float32."""
+    """Router logits x [T, H] @ router_weight[E, H].T computed in float32: [T, E] float32.
+
+    On CUDA with bf16/fp16 operands one ``torch.mm(..., out_dtype=float32)`` does it (products of
+    16-bit values are exact in float32, accumulation in float32) instead of two casts and a float32
+    GEMM: the casts re-read the router weight on every call and cost host time in decode."""
+    if (x.is_cuda and x.dtype == router_weight.dtype and x.dtype in (torch.bfloat16, torch.float16)
+            and _MM_OUT_DTYPE["ok"]):
+        try:
+            return torch.mm(x, router_weight.T, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch without mm(out_dtype=)
+            _MM_OUT_DTYPE["ok"] = False
     return x.float() @ router_weight.float().T
 
 

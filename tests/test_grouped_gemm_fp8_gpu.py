@@ -85,3 +85,22 @@ def test_fp8_scale_shapes_checked():
         grouped_gemm(a, b, cu, a_scale=torch.ones(16, device="cuda"), b_scale=torch.ones(2, device="cuda"))
     with pytest.raises(ValueError, match="a_scale"):
         grouped_gemm(a, b, cu, a_scale=torch.ones(16, 1, device="cuda"), b_scale=torch.ones(2, 1, 1, device="cuda"))
+
+
+@needs_sm90
+@pytest.mark.parametrize("mode", ["tensor", "token", "block"])
+def test_fp8_persistent_many_tiles_per_cta(mode):
+    """Several tiles per CTA and more k-tiles than pipeline stages: the pipeline state must carry
+    across tiles (a stale state re-reads old stages and deadlocks or corrupts the next tile)."""
+    from cute_moe.gemm import GemmConfig, grouped_gemm
+
+    n, k, e = 512, 2048, 3
+    counts = [3000, 0, 2500]
+    a = torch.randn(sum(counts), k, device="cuda")
+    b = torch.randn(e, n, k, device="cuda") / k**0.5
+    qa, sa, qb, sb, da, db = quantized_operands(mode, a, b)
+    cu = torch.tensor([0] + counts, device="cuda").cumsum(0).to(torch.int32)
+    out = torch.full((a.shape[0], n // 2), float("nan"), device="cuda", dtype=torch.bfloat16)
+    grouped_gemm(qa, qb, cu, activation="silu", a_scale=sa, b_scale=sb, out=out,
+                 config=GemmConfig(128, 128 if mode == "block" else 256))
+    assert rel_err(out, _reference(da, db, cu, "silu")) < TOL

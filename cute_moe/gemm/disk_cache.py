@@ -55,12 +55,19 @@ def cache_dir() -> str | None:
 
 
 def _versions_of() -> tuple[str, str]:
+    """(CuTe DSL version, tvm-ffi version), from package metadata: importing the DSL just to read
+    its version costs a second or more, which the whole disk cache exists to avoid."""
     global _versions
     if _versions is None:
-        import cutlass
-        import tvm_ffi
+        from importlib import metadata
 
-        _versions = (str(getattr(cutlass, "__version__", "?")), str(getattr(tvm_ffi, "__version__", "?")))
+        try:
+            _versions = (metadata.version("nvidia-cutlass-dsl"), metadata.version("apache-tvm-ffi"))
+        except metadata.PackageNotFoundError:
+            import cutlass
+            import tvm_ffi
+
+            _versions = (str(getattr(cutlass, "__version__", "?")), str(getattr(tvm_ffi, "__version__", "?")))
     return _versions
 
 

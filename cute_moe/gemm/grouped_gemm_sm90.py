@@ -265,6 +265,10 @@ class GroupedGemmSm90:
         Each thread's accumulator holds two rows (fragment index bit 1: +8 rows) and its columns split
         into two halves (gate/up, or the tile's two column halves) that each sit in one 128-column
         weight block.
+
+        Returns the advanced pipeline state: the dynamic k-loop rebinds ``read_state`` in this
+        function's scope only, so the caller must take the returned one (else its next tile re-reads
+        stale stages and the pipeline phases drift into a deadlock).
         """
         half = cute.size(acc) // 2
         row0 = m_idx * self.tile_m
@@ -305,6 +309,7 @@ class GroupedGemmSm90:
                 else:
                     acc[i] = acc[i] + tmp[i] * s10
                     acc[i + half] = acc[i + half] + tmp[i + half] * s11
+        return read_state
 
     @cute.kernel
     def kernel(
@@ -503,7 +508,7 @@ class GroupedGemmSm90:
             start, count = self._segment(mSeg, e, max_m)
 
             if const_expr(self.scale_mode == "block"):
-                self._mainloop_blockwise(
+                read_state = self._mainloop_blockwise(
                     acc, tmp, tCcAcc, tCrA, tCrB, tiled_mma, mainloop, read_state, mSA, mSB,
                     e, start, count, m_idx, n_idx, n_b, k_tiles, num_k_blocks,
                 )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import torch
 
@@ -71,19 +72,24 @@ def bench_shape(shape, tokens_list) -> list[dict]:
         a2 = torch.randn(m, i, device="cuda", dtype=torch.bfloat16)
         ref1 = grouped_gemm(x, w1, cu, activation="silu")
         ref2 = grouped_gemm(a2, w2, cu)
-        bf16_ms = (bench_ms(lambda: grouped_gemm(x, w1, cu, activation="silu"), warmup=3, rep=20, graph=True)
-                   + bench_ms(lambda: grouped_gemm(a2, w2, cu), warmup=3, rep=20, graph=True))
+        bf16_ms = (bench_ms(lambda: grouped_gemm(x, w1, cu, activation="silu"), warmup=2, rep=10, graph=True,
+                            calls_per_graph=5)
+                   + bench_ms(lambda: grouped_gemm(a2, w2, cu), warmup=2, rep=10, graph=True, calls_per_graph=5))
         row = {"shape": shape.name, "T": t, "bf16_ms": bf16_ms}
         for mode in MODES:
-            print(f"  T={t} {mode}", flush=True)
+            t0 = time.perf_counter()
             (q1, s1), (q2, s2) = qw[mode]
             xq, sx = quantize_act(mode, x)
             aq, sa = quantize_act(mode, a2)
             g1 = lambda: grouped_gemm(xq, q1, cu, activation="silu", a_scale=sx, b_scale=s1)  # noqa: E731
             g2 = lambda: grouped_gemm(aq, q2, cu, a_scale=sa, b_scale=s2)  # noqa: E731
             row[f"{mode}_err_vs_bf16"] = max(rel_err(g1(), ref1), rel_err(g2(), ref2))
-            row[f"{mode}_ms"] = (bench_ms(g1, warmup=3, rep=20, graph=True)
-                                 + bench_ms(g2, warmup=3, rep=20, graph=True))
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            ms1 = bench_ms(g1, warmup=2, rep=10, graph=True, calls_per_graph=5)
+            ms2 = bench_ms(g2, warmup=2, rep=10, graph=True, calls_per_graph=5)
+            row[f"{mode}_ms"] = ms1 + ms2
+            print(f"  T={t} {mode}: compile+check {t1 - t0:.1f}s, gemm1 {ms1:.3f} ms, gemm2 {ms2:.3f} ms", flush=True)
             row[f"{mode}_speedup_vs_bf16"] = bf16_ms / row[f"{mode}_ms"]
         (q1, s1), (q2, s2) = qw["token"]
         xq, sx = quantize_act("token", x)
@@ -92,8 +98,9 @@ def bench_shape(shape, tokens_list) -> list[dict]:
         print(f"  T={t} torch._scaled_grouped_mm", flush=True)
         try:
             torch_scaled(xq, sx, q1, s1, offs)
-            row["torch_scaled_ms"] = (bench_ms(lambda: torch_scaled(xq, sx, q1, s1, offs), warmup=3, rep=20, graph=True)
-                                      + bench_ms(lambda: torch_scaled(aq, sa, q2, s2, offs), warmup=3, rep=20, graph=True))
+            row["torch_scaled_ms"] = (
+                bench_ms(lambda: torch_scaled(xq, sx, q1, s1, offs), warmup=2, rep=10, graph=True, calls_per_graph=5)
+                + bench_ms(lambda: torch_scaled(aq, sa, q2, s2, offs), warmup=2, rep=10, graph=True, calls_per_graph=5))
             row["token_speedup_vs_torch"] = row["torch_scaled_ms"] / row["token_ms"]
         except (RuntimeError, NotImplementedError) as ex:
             row["torch_scaled_ms"] = None
