@@ -163,7 +163,10 @@ def fused_moe(x, w1, w2, topk_weights, topk_ids, *, activation: str = "silu", w1
 
     x [T, H]; w1 [E, 2I, H] ([gate | up] rows); w2 [E, H, I]; topk_weights/topk_ids [T, k];
     biases [E, 2I] / [E, H]; ``activation`` in ACTIVATIONS. With ``quant`` (a QuantizedWeights) the
-    fp8 weights come from it and w1, w2 must be None. ``apply_router_weight_on_input`` (Llama-4,
+    fp8 weights come from it and w1, w2 must be None; its scales must be finite and > 0 (ValueError
+    otherwise; each scale tensor is read once, see QuantizedWeights.check_scales), and both GEMMs run
+    in fp8 on the cute backend too (dynamic activation scales of quant.mode, as the reference
+    defines them). ``apply_router_weight_on_input`` (Llama-4,
     top_k == 1) scales x by the weight instead of the output. Returns [T, H] in x's dtype and array
     type, written into ``out`` when given. NaN inputs propagate to the affected tokens. topk_ids
     must lie in [0, E): checked on the reference path, and on the cute path only with debug checks

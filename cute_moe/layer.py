@@ -3,8 +3,15 @@
 route (CuPy) -> plan (CuPy) -> permute (CuPy) -> GEMM1 + gated activation (CuTe DSL) ->
 GEMM2 (CuTe DSL) -> combine with the router weights (CuPy, deterministic).
 
+With ``quant=`` (fp8 e4m3 weights, :mod:`cute_moe.quant`) both GEMMs run in fp8 with the mode's
+dynamic activation scales, as :func:`cute_moe.reference.experts_reference` defines them: the permute
+quantizes x (per_token: one scale per row; blockwise: 1x128 groups; per_tensor: one scale from an
+on-device amax of x), GEMM1 writes its activated output in x's dtype, :func:`cute_moe.permute.quantize_fp8`
+quantizes it in the same mode for GEMM2, and GEMM2 writes x's dtype for the combine.
+
 Everything runs on the caller's current stream with no host synchronization, so a call can be
-captured in a CUDA graph and replayed with new inputs and new routings.
+captured in a CUDA graph and replayed with new inputs and new routings. (The fp8 weight scales are
+checked once per scale tensor, with a sync, on the first eager call; see QuantizedWeights.check_scales.)
 """
 
 from __future__ import annotations
@@ -12,12 +19,15 @@ from __future__ import annotations
 import torch
 
 from .gemm import grouped_gemm
-from .permute import combine, permute
+from .permute import combine, permute, permute_fp8, permute_fp8_per_tensor, quantize_fp8
 from .plan import make_plan
+from .quant import QuantizedWeights, TensorMemo
 from .routing import route_gpu
 
 _GEMM_ARCHES = {(9, 0)}
 _DTYPES = (torch.bfloat16, torch.float16)
+_ACT_SCALING = {"per_tensor": "tensor", "per_token": "token", "blockwise": "block"}
+_GEMM_SCALES = TensorMemo()  # weight scale -> its contiguous grouped-GEMM layout, when not a view
 
 
 def _cuda_arch(t: torch.Tensor) -> tuple[int, int]:
@@ -28,21 +38,37 @@ def unsupported_reason(op: str, **kw) -> str | None:
     """Why the GPU kernels cannot run ``op`` on these (already validated) arguments, or None."""
     if op == "route":
         return None
-    x, w1 = kw["x"], kw["w1"]
+    x, quant = kw["x"], kw.get("quant")
     arch = _cuda_arch(x)
     if arch not in _GEMM_ARCHES:
         return f"no grouped GEMM kernel for sm_{arch[0]}{arch[1]} yet (sm_90a is supported)"
-    if kw.get("quant") is not None:
-        return "fp8 grouped GEMM kernels are not implemented yet"
     if x.dtype not in _DTYPES:
         return f"x has dtype {x.dtype}; the kernels take bfloat16 or float16"
     if kw.get("apply_router_weight_on_input"):
         return "apply_router_weight_on_input (Llama-4) has no fused kernel path yet"
+    if quant is not None:
+        return _fp8_unsupported_reason(x, quant)
+    w1, w2 = kw["w1"], kw["w2"]
     hidden, inter = x.shape[1], w1.shape[1] // 2
     if hidden % 8 or inter % 8:
         return f"H={hidden} and I={inter} must be multiples of 8 (16-byte TMA rows)"
-    if not (w1.is_contiguous() and kw["w2"].is_contiguous() and x.is_contiguous()):
+    if not (w1.is_contiguous() and w2.is_contiguous() and x.is_contiguous()):
         return "x, w1 and w2 must be contiguous"
+    return None
+
+
+def _fp8_unsupported_reason(x: torch.Tensor, quant: QuantizedWeights) -> str | None:
+    """Why the fp8 kernels cannot run these (validated) fp8 arguments, or None."""
+    hidden, inter = x.shape[1], quant.w1_q.shape[1] // 2
+    if hidden % 16 or inter % 16:
+        return f"fp8: H={hidden} and I={inter} must be multiples of 16 (fp8 GEMM K and 16-byte quantized rows)"
+    if quant.mode == "blockwise" and inter % 128:
+        return (f"blockwise fp8: I={inter} must be a multiple of 128 (GEMM1's gate and up halves must "
+                f"start on 128-row weight scale blocks)")
+    if not (x.is_contiguous() and quant.w1_q.is_contiguous() and quant.w2_q.is_contiguous()):
+        return "fp8: x, quant.w1_q and quant.w2_q must be contiguous"
+    if x.data_ptr() % 16:
+        return "fp8: x must be 16-byte aligned (the quantizing permute reads 16-byte vectors)"
     return None
 
 
@@ -56,21 +82,60 @@ def fused_moe(*, x, w1, w2, topk_weights, topk_ids, activation, w1_bias, w2_bias
     """Experts of the MoE layer for already-routed tokens; writes ``out`` when given.
 
     ``stage_hook(name)`` (cute_moe.profile) is called after each stage is enqueued: "plan",
-    "permute", "gemm1", "gemm2", "combine"."""
-    num_experts = w1.shape[0]
+    "permute" (with quant: permute + quantize x), "gemm1" (with quant: GEMM1 + quantizing its
+    output), "gemm2", "combine"."""
+    def hook(name):
+        if stage_hook is not None:
+            stage_hook(name)
+
+    num_experts = (w1 if quant is None else quant.w1_q).shape[0]
     plan = make_plan(topk_ids.to(torch.int32), num_experts)
-    if stage_hook is not None:
-        stage_hook("plan")
-    xp = permute(x, plan)
-    if stage_hook is not None:
-        stage_hook("permute")
-    h = grouped_gemm(xp, w1, plan.cu_seqlens, activation=activation, bias=w1_bias)
-    if stage_hook is not None:
-        stage_hook("gemm1")
-    y = grouped_gemm(h, w2, plan.cu_seqlens, bias=w2_bias)
-    if stage_hook is not None:
-        stage_hook("gemm2")
+    hook("plan")
+    if quant is None:
+        xp = permute(x, plan)
+        hook("permute")
+        h = grouped_gemm(xp, w1, plan.cu_seqlens, activation=activation, bias=w1_bias)
+        hook("gemm1")
+        y = grouped_gemm(h, w2, plan.cu_seqlens, bias=w2_bias)
+    else:
+        y = _fp8_experts(x, quant, plan, activation, w1_bias, w2_bias, hook)
+    hook("gemm2")
     result = combine(y, plan, topk_weights.float(), addend=shared_output, out=out)
-    if stage_hook is not None:
-        stage_hook("combine")
+    hook("combine")
     return result
+
+
+def _fp8_experts(x, quant: QuantizedWeights, plan, activation, w1_bias, w2_bias, hook) -> torch.Tensor:
+    """permute + quantize x -> fp8 GEMM1 (+ bias, activation) -> quantize -> fp8 GEMM2: [T*k, H] in
+    x's dtype, rows in the plan's flat order. (The API checked quant's scales; grouped_gemm checks
+    its b_scale again, once per scale tensor, for callers that skip the API checks.)"""
+    mode, cu = quant.mode, plan.cu_seqlens
+    if mode == "per_tensor":
+        xq, x_scale = permute_fp8_per_tensor(x, plan)
+    else:
+        xq, x_scale = permute_fp8(x, plan, scaling=_ACT_SCALING[mode])
+    hook("permute")
+    h = grouped_gemm(xq, quant.w1_q, cu, activation=activation, bias=w1_bias, a_scale=x_scale,
+                     b_scale=gemm_weight_scale(quant.w1_scale, mode), out_dtype=x.dtype)
+    hq, h_scale = quantize_fp8(h, scaling=_ACT_SCALING[mode], num_rows=cu[plan.num_experts:])
+    hook("gemm1")
+    return grouped_gemm(hq, quant.w2_q, cu, bias=w2_bias, a_scale=h_scale,
+                        b_scale=gemm_weight_scale(quant.w2_scale, mode), out_dtype=x.dtype)
+
+
+def gemm_weight_scale(scale: torch.Tensor, mode: str) -> torch.Tensor:
+    """A QuantizedWeights scale in grouped_gemm's b_scale layout: per_tensor [E, 1, 1] -> [E],
+    per_token [E, N, 1] -> [E, N], blockwise [E, N/128, K/128] as is. A view when the layout allows;
+    otherwise a contiguous copy made once and reused while the scale tensor is alive and unmodified
+    (not cached while a CUDA graph is being captured, where the copy only runs at replay)."""
+    num_experts, n, k = scale.shape
+    shape = {"per_tensor": (num_experts,), "per_token": (num_experts, n)}.get(mode, (num_experts, n, k))
+    if scale.is_contiguous():
+        return scale.view(shape)
+    cached = _GEMM_SCALES.get(scale)
+    if cached is not None:
+        return cached
+    copy = scale.reshape(shape).contiguous()
+    if not (scale.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _GEMM_SCALES.put(scale, copy)
+    return copy

@@ -1,6 +1,8 @@
-"""Permute tokens into expert-contiguous rows (optionally quantizing to fp8) and combine them back.
+"""Permute tokens into expert-contiguous rows (optionally quantizing to fp8) and combine them back;
+quantize rows to fp8 in place order (:func:`quantize_fp8`, GEMM2's input in the fp8 layer).
 
-CuPy raw kernels (``kernels/permute.cu``, ``kernels/combine.cu``), one warp per token, 16-byte
+CuPy raw kernels (``kernels/permute.cu``, ``kernels/combine.cu``, ``kernels/quantize.cu``), one warp per
+token (row), 16-byte
 vector accesses (narrower only when a row or pointer is not 16-byte aligned), grid sized for the
 chip. :func:`permute` reads each token row once and writes its k copies; padding rows of the
 padded/masked layouts are zeroed. :func:`combine` sums each token's k rows in the fixed slot order
@@ -21,14 +23,18 @@ import torch
 from . import _nvrtc
 from .interop import array_kind, as_torch, to_kind
 from .plan import LAYOUTS, RoutingPlan
+from .quant import AMAX_EPS, FP8_MAX
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_GROUP = 128
 SCALINGS = ("token", "block")
+QUANT_SCALINGS = ("token", "block", "tensor")
+_MODE_TENSOR = 3  # per-tensor fp8 in permute.cu / quantize.cu
 _WARPS = 8
 _UNROLL = 4
 _BLOCKS_PER_SM = 8
+_AMAX_BLOCKS_PER_SM = 2  # each block of the amax reduction ends in one atomic on the same word
 _fn_cache: dict[tuple, object] = {}
 
 
@@ -42,15 +48,21 @@ def _combine_defines(y_dt, add_dt, top_k, has_w, vb):
                              WARPS=_WARPS).items()))
 
 
+def _quantize_defines(x_dt, mode):
+    return tuple(sorted(dict(X_DT=x_dt, MODE=mode, WARPS=_WARPS).items()))
+
+
 def compile_specializations() -> list[tuple[str, dict]]:
-    """Representative define sets covering every branch of permute.cu and combine.cu."""
+    """Representative define sets covering every branch of permute.cu, combine.cu and quantize.cu."""
     permutes = [(2, 0, 8, 16, 0), (2, 0, 8, 16, 1), (1, 0, 2, 16, 2), (0, 0, 4, 16, 0), (2, 0, 3, 2, 0),
                 (0, 0, 1, 4, 1), (2, 1, 8, 16, 0), (0, 1, 4, 16, 1), (2, 2, 8, 16, 0), (1, 2, 2, 16, 2),
-                (0, 2, 16, 16, 1)]
+                (0, 2, 16, 16, 1), (2, 3, 8, 16, 0), (1, 3, 2, 16, 1), (0, 3, 4, 16, 2)]
     combines = [(2, -1, 8, True, 16), (2, 2, 8, True, 16), (1, 0, 2, False, 16), (0, 2, 4, True, 16),
                 (2, 0, 1, True, 2), (0, 1, 16, False, 4), (2, 0, 32, True, 8)]
+    quantizes = [(2, 1), (2, 2), (2, 3), (1, 1), (1, 2), (0, 3)]
     return ([("permute.cu", dict(_permute_defines(*c))) for c in permutes]
-            + [("combine.cu", dict(_combine_defines(*c))) for c in combines])
+            + [("combine.cu", dict(_combine_defines(*c))) for c in combines]
+            + [("quantize.cu", dict(_quantize_defines(*c))) for c in quantizes])
 
 
 def _device_index(t: torch.Tensor) -> int:
@@ -179,11 +191,8 @@ def permute_fp8(x, plan: RoutingPlan, *, layout: str = "flat", scaling: str = "b
     _check_plan(plan, layout, xt.device)
     if scaling not in SCALINGS:
         raise ValueError(f"scaling: expected one of {SCALINGS}, got {scaling!r}")
-    hidden, es = xt.shape[1], xt.element_size()
-    if hidden % 16:
-        raise ValueError(f"x: fp8 permute needs H % 16 == 0, got H = {hidden}")
-    if (xt.stride(0) * es) % 16 or xt.data_ptr() % 16:
-        raise ValueError("x: fp8 permute needs 16-byte aligned rows (data pointer and row stride)")
+    hidden = xt.shape[1]
+    _check_fp8_rows(xt, "fp8 permute")
     shape = _out_shape(plan, layout, hidden)
     rows = plan.rows(layout)
     groups = -(-hidden // FP8_GROUP)
@@ -206,11 +215,111 @@ def permute_fp8(x, plan: RoutingPlan, *, layout: str = "flat", scaling: str = "b
     return to_kind(q, kind), to_kind(s, kind)
 
 
-def _launch_permute(xt, plan, layout, out, scale, slab_rows, x_dt, mode, vb, pad_to) -> None:
+def permute_fp8_per_tensor(x, plan: RoutingPlan, *, layout: str = "flat", out=None, pad_to: int | None = None):
+    """Like :func:`permute_fp8` with one dynamic scale for all of ``x``: ``max(amax|x|, 1e-10) / 448``
+    as :func:`cute_moe.quant.quantize_per_tensor`. Two launches (an amax reduction over x, then the
+    permute), no host sync. Returns (q, scale float32 [1])."""
+    kind = array_kind(x)
+    xt = as_torch(x, "x")
+    x_dt = _check_x(xt, plan)
+    _check_plan(plan, layout, xt.device)
+    _check_fp8_rows(xt, "fp8 permute")
+    shape = _out_shape(plan, layout, xt.shape[1])
+    q = (torch.empty(shape, dtype=FP8_DTYPE, device=xt.device) if out is None
+         else _check_out(out, shape, (FP8_DTYPE, torch.uint8), xt.device))
+    if q.data_ptr() % 16:
+        raise ValueError("out: must be 16-byte aligned")
+    ws = torch.zeros(2, dtype=torch.float32, device=xt.device)  # [amax, scale]
+    _launch_amax(xt, x_dt, None, ws)
+    if not _launch_permute(xt, plan, layout, q, ws, 1, x_dt, _MODE_TENSOR, 16, pad_to):
+        ws[1:].fill_(AMAX_EPS / FP8_MAX)
+    if out is None and kind == "cupy":
+        q = q.view(torch.uint8)
+    return (to_kind(q, kind) if out is None else out), to_kind(ws[1:], kind)
+
+
+def quantize_fp8(x, *, scaling: str = "token", num_rows=None):
+    """Rows of ``x`` [M, K] (bf16/fp16/fp32) quantized to fp8 e4m3, row r to row r (cute_moe.quant
+    semantics), e.g. GEMM1's activated output before GEMM2.
+
+    ``scaling``: ``"token"`` one scale per row, scale [M]; ``"block"`` one per 1x128 group, group-major
+    scale [ceil(K/128), M] (the grouped GEMM's layout); ``"tensor"`` one dynamic scale for all rows,
+    scale [1] (an amax reduction, then the quantization: two launches). ``num_rows``: optional int32
+    tensor on x's device whose first element n limits the work to rows < min(M, n) (e.g.
+    ``plan.cu_seqlens[E:]``); later rows of q and scale are not written and not in the per-tensor amax.
+    n is read on the device: no host sync, CUDA-graph safe. K must be a multiple of 16 and rows
+    16-byte aligned. Returns (q float8_e4m3fn, uint8 for cupy callers; scale float32).
+    """
+    kind = array_kind(x)
+    xt = as_torch(x, "x")
+    if scaling not in QUANT_SCALINGS:
+        raise ValueError(f"scaling: expected one of {QUANT_SCALINGS}, got {scaling!r}")
+    if xt is None or xt.dim() != 2:
+        raise ValueError(f"x: expected a 2-D [M, K] tensor, got {None if xt is None else tuple(xt.shape)}")
+    if xt.device.type != "cuda":
+        raise ValueError(f"x: expected a CUDA tensor, got device {xt.device}")
+    x_dt = DTYPE_CODES.get(xt.dtype)
+    if x_dt is None:
+        raise TypeError(f"x: expected bf16, fp16 or fp32, got {xt.dtype}")
+    if xt.shape[1] > 1 and xt.stride(1) != 1:
+        raise ValueError(f"x: expected a contiguous last dimension, got strides {xt.stride()}")
+    _check_fp8_rows(xt, "fp8 quantization", "K")
+    count = as_torch(num_rows, "num_rows")
+    if count is not None and (count.dtype != torch.int32 or count.numel() < 1 or count.device != xt.device):
+        raise ValueError(f"num_rows: expected an int32 tensor with at least one element on {xt.device}, got "
+                         f"{count.dtype} {tuple(count.shape)} on {count.device}")
+    rows, cols = xt.shape
+    q = torch.empty((rows, cols), dtype=FP8_DTYPE, device=xt.device)
+    if scaling == "tensor":
+        scale = torch.zeros(2, dtype=torch.float32, device=xt.device)  # [amax, scale]
+        _launch_amax(xt, x_dt, count, scale)
+    else:
+        scale = torch.empty((rows,) if scaling == "token" else (-(-cols // FP8_GROUP), rows),
+                            dtype=torch.float32, device=xt.device)
+    if rows:
+        dev = _device_index(xt)
+        mode = 1 + QUANT_SCALINGS.index(scaling)
+        fn = _get("quantize.cu", "quantize_rows", dev, _quantize_defines(x_dt, mode))
+        args = (xt.data_ptr(), xt.stride(0) * xt.element_size(), np.int32(rows), np.int32(cols),
+                0 if count is None else count.data_ptr(), q.data_ptr(), scale.data_ptr())
+        _nvrtc.launch(fn, dev, _grid(dev, rows), _WARPS * 32, args)
+    elif scaling == "tensor":
+        scale[1:].fill_(AMAX_EPS / FP8_MAX)
+    if scaling == "tensor":
+        scale = scale[1:]
+    if kind == "cupy":
+        q = q.view(torch.uint8)
+    return to_kind(q, kind), to_kind(scale, kind)
+
+
+def _check_fp8_rows(xt: torch.Tensor, what: str, cols: str = "H") -> None:
+    """fp8 kernels read 16-element chunks with 16-byte loads."""
+    es = xt.element_size()
+    if xt.shape[1] % 16:
+        raise ValueError(f"x: {what} needs {cols} % 16 == 0, got {cols} = {xt.shape[1]}")
+    if (xt.stride(0) * es) % 16 or xt.data_ptr() % 16:
+        raise ValueError(f"x: {what} needs 16-byte aligned rows (data pointer and row stride)")
+
+
+def _launch_amax(xt, x_dt, count, ws) -> None:
+    """ws[0] = max(ws[0], amax of x's rows (< count[0] when given)) on the device."""
+    rows = xt.shape[0]
+    if rows == 0:
+        return
+    dev = _device_index(xt)
+    fn = _get("quantize.cu", "amax_rows", dev, _quantize_defines(x_dt, _MODE_TENSOR))
+    grid = max(1, min(-(-rows // _WARPS), _nvrtc.device_info(dev)[1] * _AMAX_BLOCKS_PER_SM))
+    args = (xt.data_ptr(), xt.stride(0) * xt.element_size(), np.int32(rows), np.int32(xt.shape[1]),
+            0 if count is None else count.data_ptr(), ws.data_ptr())
+    _nvrtc.launch(fn, dev, grid, _WARPS * 32, args)
+
+
+def _launch_permute(xt, plan, layout, out, scale, slab_rows, x_dt, mode, vb, pad_to) -> bool:
+    """Launch permute.cu's permute_rows; False when there was nothing to do (no launch)."""
     pad, pad_items, per, base_ptr, count_ptr, max_m, pad_multiple = _pad_args(plan, layout, pad_to)
     items = plan.num_tokens + pad_items
     if items == 0:
-        return
+        return False
     dev = _device_index(xt)
     fn = _get("permute.cu", "permute_rows", dev, _permute_defines(x_dt, mode, plan.top_k, vb, pad))
     i32 = np.int32
@@ -218,6 +327,7 @@ def _launch_permute(xt, plan, layout, out, scale, slab_rows, x_dt, mode, vb, pad
             plan.dest_rows(layout).data_ptr(), out.data_ptr(), 0 if scale is None else scale.data_ptr(),
             i32(slab_rows), i32(pad_items), i32(per), base_ptr, count_ptr, i32(max_m), i32(pad_multiple))
     _nvrtc.launch(fn, dev, _grid(dev, items), _WARPS * 32, args)
+    return True
 
 
 def combine(y, plan: RoutingPlan, topk_weights=None, *, layout: str = "flat", addend=None, out=None):

@@ -12,10 +12,15 @@ Every scheme computes ``scale = max(amax, AMAX_EPS) / 448`` in float32 over its 
 
 Ragged trailing groups/blocks (K or N not a multiple of 128) are scaled by the amax of the elements
 they do contain. Activation scales are dynamic (computed from the data on every call).
+
+Weight scales must be finite and > 0: :meth:`QuantizedWeights.check_scales` raises a ValueError naming
+the scale otherwise. It reads each scale tensor once (one host sync) and remembers it while that
+tensor object is alive and unmodified (:class:`TensorMemo`), so steady-state calls do not sync.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -52,16 +57,92 @@ class QuantConfig:
             raise ValueError(f"dtype: expected one of {QUANT_DTYPES}, got {self.dtype!r}")
 
 
+def tensor_version(t: torch.Tensor) -> int | None:
+    """``t._version`` (bumped by every in-place write), or None for inference tensors, which keep no
+    version counter."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+class TensorMemo:
+    """Values derived from a tensor (a check passed, a re-laid-out copy), kept while that very tensor
+    object is alive and unmodified (same ``data_ptr`` and ``_version``): static weights are checked or
+    converted once, not on every call. Keyed by object identity, so a new tensor that reuses freed
+    memory is never mistaken for an old one."""
+
+    def __init__(self):
+        self._entries: dict[int, tuple] = {}
+
+    def get(self, t: torch.Tensor, default=None):
+        entry = self._entries.get(id(t))
+        if entry is not None and entry[0]() is t and entry[1] == (t.data_ptr(), tensor_version(t)):
+            return entry[2]
+        return default
+
+    def put(self, t: torch.Tensor, value) -> None:
+        key = id(t)
+        entries = self._entries
+
+        def drop(ref, key=key):
+            if entries.get(key, (None,))[0] is ref:
+                entries.pop(key, None)
+
+        entries[key] = (weakref.ref(t, drop), (t.data_ptr(), tensor_version(t)), value)
+
+
+def _readable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be read now: not a meta/fake tensor (torch.compile tracing) and no
+    CUDA graph capture on the current stream (a host sync would break it)."""
+    if t.device.type == "meta" or torch.compiler.is_compiling():
+        return False
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover - very old torch
+        is_fake = None
+    if is_fake is not None and is_fake(t):
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def check_scale_values(name: str, scale: torch.Tensor) -> bool:
+    """Raise ValueError naming ``name`` unless every element of ``scale`` is finite and > 0 (a
+    dequantization scale must be). Reads the values, so it syncs with the host; returns False without
+    checking where they cannot be read now (fake/meta tensors, CUDA graph capture), else True."""
+    if not _readable(scale):
+        return False
+    ok = torch.isfinite(scale) & (scale > 0)
+    if not bool(ok.all()):
+        index = [int(i) for i in (~ok).nonzero()[0]]
+        raise ValueError(f"{name}: expected finite scales > 0, got {float(scale[tuple(index)])} at index {index}")
+    return True
+
+
+_CHECKED_SCALES = TensorMemo()
+
+
 @dataclass(frozen=True)
 class QuantizedWeights:
     """Quantized expert weights for the ``quant=`` path: fp8 ``w1_q`` [E, 2I, H], ``w2_q`` [E, H, I]
-    and their float32 scales in ``mode``'s weight layout (see the module docstring)."""
+    and their float32 scales in ``mode``'s weight layout (see the module docstring).
+
+    The scales are checked (finite, > 0) on first use by ``fused_moe``/``moe`` (:meth:`check_scales`),
+    not at construction, so building one per call (as ``nn.MoE`` does) costs nothing."""
 
     w1_q: torch.Tensor
     w1_scale: torch.Tensor
     w2_q: torch.Tensor
     w2_scale: torch.Tensor
     mode: str
+
+    def check_scales(self) -> None:
+        """Raise ValueError (naming ``quant.w1_scale`` / ``quant.w2_scale``) unless every scale is finite
+        and > 0. Each scale tensor is read once (a host sync) and remembered while it is alive and
+        unmodified; skipped, and not remembered, during CUDA graph capture and on fake tensors."""
+        for name, scale in (("quant.w1_scale", self.w1_scale), ("quant.w2_scale", self.w2_scale)):
+            if not _CHECKED_SCALES.get(scale, False) and check_scale_values(name, scale):
+                _CHECKED_SCALES.put(scale, True)
 
 
 def _scale(amax: torch.Tensor) -> torch.Tensor:

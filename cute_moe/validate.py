@@ -1,9 +1,11 @@
 """Argument checks for the public API: cheap (metadata only, no allocation, no host sync).
 
 Every error names the argument and says what was expected and what was given: ``TypeError`` for a
-wrong type or dtype, ``ValueError`` for everything else. The one check that reads tensor values,
-:func:`check_ids_in_range`, syncs with the host; the API runs it on the reference path always and
-on the cute path only with debug checks on (:func:`set_debug_checks` or ``CUTE_MOE_DEBUG=1``).
+wrong type or dtype, ``ValueError`` for everything else. Two checks read tensor values and so sync
+with the host: :func:`check_ids_in_range`, which the API runs on the reference path always and on
+the cute path only with debug checks on (:func:`set_debug_checks` or ``CUTE_MOE_DEBUG=1``), and the
+fp8 weight-scale check (finite, > 0; :meth:`QuantizedWeights.check_scales`), which reads each scale
+tensor once and remembers it while it is unmodified, and is skipped during CUDA graph capture.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ _debug_checks = os.environ.get("CUTE_MOE_DEBUG", "0") not in ("", "0")
 
 
 def set_debug_checks(enabled: bool) -> None:
-    """Turn on checks that sync with the host on the cute path (topk_ids in [0, E))."""
+    """Turn on checks that sync with the host on the cute path: topk_ids in [0, E), and the
+    per-call fp8 activation scales (``a_scale``) of ``cute_moe.gemm.grouped_gemm`` finite and > 0."""
     global _debug_checks
     _debug_checks = bool(enabled)
 
@@ -189,6 +192,7 @@ def _check_quant(quant, w1, w2, hidden: int, device: torch.device) -> tuple[int,
     for name, q, scale in (("w1", quant.w1_q, quant.w1_scale), ("w2", quant.w2_q, quant.w2_scale)):
         shape = _weight_scale_shape(quant.mode, q)
         _tensor(scale, f"quant.{name}_scale", f"({quant.mode} layout)", shape, (torch.float32,), device)
+    quant.check_scales()
     return num_experts, inter
 
 

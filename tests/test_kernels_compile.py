@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib import resources
+
 import pytest
 
 pytest.importorskip("cuda.bindings.nvrtc")
@@ -16,10 +18,15 @@ def _nvrtc_or_fail():
         pytest.fail(f"NVRTC is not loadable ({e}); install it with: pip install 'nvidia-cuda-nvrtc>=13,<14'")
 
 
+def _kernel_files() -> set[str]:
+    return {p.name for p in resources.files("cute_moe").joinpath("kernels").iterdir() if p.name.endswith(".cu")}
+
+
 def test_all_kernels_compile_for_sm90():
     _nvrtc_or_fail()
     results = _nvrtc.compile_check("sm_90")
-    assert {src for src, _, _ in results} == set(_nvrtc.KERNEL_SOURCES)
+    assert {src for src, _, _ in results} == _kernel_files()  # every .cu file in the package
+    assert set(_nvrtc.KERNEL_SOURCES) <= _kernel_files()
     noisy = [(src, d, log) for src, d, log in results if "warning" in log.lower()]
     assert not noisy, noisy
 
@@ -28,3 +35,14 @@ def test_compile_error_is_reported():
     _nvrtc_or_fail()
     with pytest.raises(_nvrtc.CompileError, match="NUM_E"):
         _nvrtc.compile_source("routing.cu", "sm_90", {"TOP_K": 2}, cache=False)  # NUM_E undefined
+
+
+def test_fp8_quantize_kernels_compile_for_every_dtype_and_mode():
+    """quantize.cu (GEMM2's fp8 input in the fp8 layer) and permute.cu's per-tensor mode."""
+    _nvrtc_or_fail()
+    from cute_moe.permute import _permute_defines, _quantize_defines
+
+    specs = [("quantize.cu", dict(_quantize_defines(dt, mode))) for dt in (0, 1, 2) for mode in (1, 2, 3)]
+    specs += [("permute.cu", dict(_permute_defines(dt, 3, k, 16, pad))) for dt, k, pad in ((2, 8, 0), (1, 1, 2))]
+    results = _nvrtc.compile_check("sm_90", specializations=specs)
+    assert not [log for _, _, log in results if "warning" in log.lower()]

@@ -142,3 +142,186 @@ def test_quantized_experts_reference(mode):
     torch.testing.assert_close(got, loop_quant_experts(x, qw, weights, ids), rtol=2e-2, atol=2e-2)
     exact = experts_reference(x, w1, w2, weights, ids).float()
     assert (got.float() - exact).norm() / exact.norm() < 0.1
+
+
+def _fp8_layer_kwargs(mode, hidden=256, inter=128, dtype=torch.bfloat16, **over):
+    w1 = torch.randn(4, 2 * inter, hidden) * hidden ** -0.5
+    w2 = torch.randn(4, hidden, inter) * inter ** -0.5
+    kw = dict(x=torch.randn(8, hidden).to(dtype), w1=None, w2=None, quant=quantize_weights(w1, w2, mode),
+              apply_router_weight_on_input=False)
+    return kw | over
+
+
+@pytest.mark.parametrize("mode", sorted(ACT))
+def test_cute_layer_takes_fp8(monkeypatch, mode):
+    """The cute backend's dispatch accepts quant= on sm_90 (arch faked: CPU tensors carry the metadata)."""
+    from cute_moe import layer
+
+    monkeypatch.setattr(layer, "_cuda_arch", lambda t: (9, 0))
+    assert layer.unsupported_reason("fused_moe", **_fp8_layer_kwargs(mode)) is None
+    assert layer.unsupported_reason("fused_moe", **_fp8_layer_kwargs(mode, dtype=torch.float16)) is None
+    assert layer.unsupported_reason("fused_moe", **_fp8_layer_kwargs(mode, hidden=320, inter=128)) is None
+
+
+def test_cute_layer_fp8_reasons(monkeypatch):
+    from cute_moe import layer
+
+    monkeypatch.setattr(layer, "_cuda_arch", lambda t: (9, 0))
+
+    def reason(mode, **kw):
+        return layer.unsupported_reason("fused_moe", **_fp8_layer_kwargs(mode, **kw))
+
+    assert "multiple of 128" in reason("blockwise", inter=144)
+    assert reason("per_token", inter=144) is None
+    assert "multiples of 16" in reason("per_tensor", hidden=264)
+    assert "multiples of 16" in reason("per_token", inter=136)
+    assert "bfloat16 or float16" in reason("per_token", dtype=torch.float32)
+    kw = _fp8_layer_kwargs("per_token")
+    assert "contiguous" in layer.unsupported_reason("fused_moe", **kw | dict(x=torch.randn(256, 8).T.bfloat16()))
+    assert "apply_router_weight_on_input" in reason("per_token", apply_router_weight_on_input=True)
+    monkeypatch.setattr(layer, "_cuda_arch", lambda t: (10, 0))
+    assert "sm_100" in reason("per_token")
+
+
+@pytest.mark.parametrize("mode, want", [("per_tensor", (3,)), ("per_token", (3, 200)), ("blockwise", (3, 2, 3))])
+def test_gemm_weight_scale_layouts(mode, want):
+    """Weight scales in grouped_gemm's b_scale layout: views of contiguous scales, else one cached copy."""
+    from cute_moe.layer import gemm_weight_scale
+
+    _, scale = WEIGHT[mode][0](torch.randn(3, 200, 300))
+    got = gemm_weight_scale(scale, mode)
+    assert tuple(got.shape) == want and got.is_contiguous() and got.data_ptr() == scale.data_ptr()
+    strided = scale.transpose(0, -1).contiguous().transpose(0, -1)  # same values, experts not outermost
+    if strided.is_contiguous():
+        return
+    first = gemm_weight_scale(strided, mode)
+    assert first.is_contiguous() and torch.equal(first.reshape(scale.shape), scale)
+    assert gemm_weight_scale(strided, mode) is first  # made once, reused
+    strided.mul_(2)  # modified in place: re-made
+    again = gemm_weight_scale(strided, mode)
+    assert again is not first and torch.equal(again.reshape(scale.shape), 2 * scale)
+
+
+def test_tensor_memo_is_keyed_by_identity_and_version():
+    from cute_moe.quant import TensorMemo
+
+    memo, t = TensorMemo(), torch.ones(4)
+    memo.put(t, "checked")
+    assert memo.get(t) == "checked"
+    assert memo.get(t.view(4)) is None  # another object (even over the same memory)
+    t.add_(1)
+    assert memo.get(t) is None
+    memo.put(t, "again")
+    del t
+    assert not memo._entries  # dropped with the tensor
+
+
+def test_weight_scale_check_skips_fake_and_meta_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from cute_moe.quant import check_scale_values
+
+    assert check_scale_values("s", torch.full((2, 1, 1), float("nan"), device="meta")) is False
+    with FakeTensorMode():
+        assert check_scale_values("s", torch.full((2, 1, 1), float("nan"))) is False
+    assert check_scale_values("s", torch.ones(2, 1, 1)) is True
+    with pytest.raises(ValueError, match=r"^s: expected finite scales > 0, got -1\.0 at index \[1, 0, 0\]"):
+        check_scale_values("s", torch.tensor([1.0, -1.0]).reshape(2, 1, 1))
+
+
+class _KernelEmulation:
+    """The cute layer's kernels replaced by torch on the CPU, to check the fp8 glue of cute_moe.layer
+    (activation scale layouts, weight scale re-layout, dtypes) against the reference without a GPU.
+    The emulated grouped GEMM validates its scale arguments with the real grouped_gemm shape checks."""
+
+    def __init__(self, monkeypatch):
+        from cute_moe import layer
+        from cute_moe.plan import plan_reference
+
+        for name in ("permute_fp8", "permute_fp8_per_tensor", "quantize_fp8", "grouped_gemm", "combine"):
+            monkeypatch.setattr(layer, name, getattr(self, name))
+        monkeypatch.setattr(layer, "make_plan", plan_reference)
+        self.calls = []
+
+    @staticmethod
+    def _rows(x, plan):
+        return x[plan.row_src.long() // plan.top_k]
+
+    @staticmethod
+    def _quantize(rows, scaling):
+        if scaling == "token":
+            q, s = quantize_per_token(rows)
+            return q, s.reshape(-1)
+        if scaling == "block":
+            q, s = quantize_blockwise_act(rows)
+            return q, s.T.contiguous()
+        q, s = quantize_per_tensor(rows)
+        return q, s.reshape(1)
+
+    def permute_fp8(self, x, plan, *, scaling):
+        self.calls.append(("permute_fp8", scaling))
+        return self._quantize(self._rows(x, plan), scaling)
+
+    def permute_fp8_per_tensor(self, x, plan):
+        self.calls.append(("permute_fp8_per_tensor",))
+        q, s = self._quantize(x, "tensor")
+        return self._rows(q.view(torch.uint8), plan).view(FP8_DTYPE), s
+
+    def quantize_fp8(self, h, *, scaling, num_rows):
+        self.calls.append(("quantize_fp8", scaling))
+        assert h.dtype in (torch.bfloat16, torch.float16) and int(num_rows[0]) == h.shape[0]
+        return self._quantize(h, scaling)
+
+    def grouped_gemm(self, a, b, cu, *, activation="none", bias=None, a_scale=None, b_scale=None, out_dtype=None):
+        from cute_moe.gemm.interface import _scale_mode
+
+        num_e, n, k = b.shape
+        mode = _scale_mode(True, a_scale, b_scale, a.shape[0], num_e, n, k, activation != "none")
+        self.calls.append(("grouped_gemm", mode, activation, out_dtype))
+        if mode == "tensor":
+            da, db = a.float() * a_scale, b.float() * b_scale[:, None, None]
+        elif mode == "token":
+            da, db = a.float() * a_scale[:, None], b.float() * b_scale[:, :, None]
+        else:
+            da, db = dequantize_blockwise_act(a, a_scale.T), dequantize_blockwise_weight(b, b_scale)
+        outs, cu = [], cu.tolist()
+        for e in range(num_e):
+            h = da[cu[e]:cu[e + 1]] @ db[e].T
+            if bias is not None:
+                h = h + bias[e].bfloat16().float()
+            outs.append(gated_activation_reference(h, activation) if activation != "none" else h)
+        return torch.cat(outs).to(out_dtype)
+
+    def combine(self, y, plan, weights, *, addend=None, out=None):
+        got = (y.float()[plan.token_rows.long()] * weights[..., None]).sum(1)
+        if addend is not None:
+            got = got + addend.float()
+        got = got.to(y.dtype)
+        return got if out is None else out.copy_(got)
+
+
+@pytest.mark.parametrize("mode", sorted(ACT))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_layer_glue_on_emulated_kernels(monkeypatch, mode, dtype):
+    from cute_moe import layer
+
+    kernels = _KernelEmulation(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    tokens, num_e, k, hidden, inter = 11, 4, 2, 320, 128  # H = 320: ragged 1x128 groups in GEMM1
+    x = torch.randn(tokens, hidden, generator=g).to(dtype)
+    w1 = torch.randn(num_e, 2 * inter, hidden, generator=g) * hidden ** -0.5
+    w2 = torch.randn(num_e, hidden, inter, generator=g) * inter ** -0.5
+    b1 = (torch.randn(num_e, 2 * inter, generator=g) * 0.1).bfloat16()
+    qw = quantize_weights(w1, w2, mode)
+    weights, ids = route_reference(torch.randn(tokens, num_e, generator=g), k, renormalize=True)
+    shared = torch.randn(tokens, hidden, generator=g).to(dtype)
+    out = torch.full_like(x, float("nan"))
+    got = layer.fused_moe(x=x, w1=None, w2=None, topk_weights=weights, topk_ids=ids, activation="silu", w1_bias=b1,
+                          w2_bias=None, quant=qw, apply_router_weight_on_input=False, shared_output=shared, out=out)
+    assert got is out
+    want = experts_reference(x, None, None, weights, ids, w1_bias=b1, quant=qw, shared_output=shared)
+    assert ((out.float() - want.float()).norm() / want.float().norm()) < 5e-3  # rounding-level differences
+    scaling = {"per_tensor": "tensor", "per_token": "token", "blockwise": "block"}[mode]
+    first = ("permute_fp8_per_tensor",) if mode == "per_tensor" else ("permute_fp8", scaling)
+    assert kernels.calls == [first, ("grouped_gemm", scaling, "silu", dtype), ("quantize_fp8", scaling),
+                             ("grouped_gemm", scaling, "none", dtype)]

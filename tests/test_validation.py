@@ -40,6 +40,13 @@ def quant(**over):
     return cute_moe.QuantizedWeights(**(vars(q) | over))
 
 
+def bad_scale(n, value):
+    """A per_token weight scale [E, n, 1] with one bad element."""
+    scale = torch.full((E, n, 1), 0.01)
+    scale[1, n // 2, 0] = value
+    return scale
+
+
 def ids(*rows):
     return torch.tensor(rows, dtype=torch.int32)
 
@@ -91,6 +98,14 @@ CASES = [
     ("quant weight dtype", call_fused, dict(w1=None, w2=None, quant=quant(w2_q=torch.randn(E, H, I))),
      TypeError, "quant.w2_q"),
     ("quant mode", call_fused, dict(w1=None, w2=None, quant=quant(mode="int8")), ValueError, "quant.mode"),
+    ("quant NaN w1 scale", call_fused, dict(w1=None, w2=None, quant=quant(w1_scale=bad_scale(2 * I, float("nan")))),
+     ValueError, "quant.w1_scale"),
+    ("quant inf w2 scale", call_fused, dict(w1=None, w2=None, quant=quant(w2_scale=bad_scale(H, float("inf")))),
+     ValueError, "quant.w2_scale"),
+    ("quant zero scale", call_fused, dict(w1=None, w2=None, quant=quant(w1_scale=bad_scale(2 * I, 0.0))),
+     ValueError, "quant.w1_scale"),
+    ("quant negative scale", call_moe, dict(w1=None, w2=None, quant=quant(w2_scale=bad_scale(H, -1.0))),
+     ValueError, "quant.w2_scale"),
     ("router_logits rank", call_route, dict(router_logits=torch.randn(T * E)), ValueError, "router_logits"),
     ("router_logits dtype", call_route, dict(router_logits=torch.ones(T, E, dtype=torch.int64)), TypeError,
      "router_logits"),
@@ -143,3 +158,60 @@ def test_module_config_is_checked_at_construction():
         cute_moe.nn.MoE(8, 6, 4, 2, activation="relu")
     with pytest.raises(ValueError, match="^num_groups:"):
         cute_moe.nn.MoE(8, 6, 4, 2, num_groups=3, topk_groups=1)
+
+
+def test_quant_scales_are_checked_once_per_tensor_version(monkeypatch):
+    import cute_moe.quant as q
+
+    calls = []
+    real = q.check_scale_values
+    monkeypatch.setattr(q, "check_scale_values", lambda name, t: calls.append(name) or real(name, t))
+    weights = quant()
+    for _ in range(3):
+        call_fused(w1=None, w2=None, quant=weights)
+    assert calls == ["quant.w1_scale", "quant.w2_scale"]
+    rebuilt = cute_moe.QuantizedWeights(**vars(weights))  # a new wrapper (nn.MoE makes one per call)
+    call_fused(w1=None, w2=None, quant=rebuilt)
+    assert len(calls) == 2
+    weights.w2_scale[0, 0, 0] = float("nan")  # in place: the version changes, so it is read again
+    with pytest.raises(ValueError, match=r"^quant\.w2_scale: expected finite scales > 0, got nan at index \[0, 0, 0\]"):
+        call_fused(w1=None, w2=None, quant=weights)
+
+
+def test_grouped_gemm_scale_values(monkeypatch):
+    """grouped_gemm's scale checks (run before its launch; CPU tensors suffice): b_scale always, once per
+    weight tensor version (views of it included); a_scale only with debug checks."""
+    import cute_moe.quant as q
+    from cute_moe.gemm.interface import _scale_mode
+
+    num_e, n, k, m = 2, 256, 128, 5
+    a_scale, weight_scale = torch.ones(m), torch.full((num_e, n, 1), 0.5)
+    reads = []
+    real = q.check_scale_values
+    monkeypatch.setattr("cute_moe.gemm.interface.check_scale_values",
+                        lambda name, t: reads.append(name) or real(name, t))
+    for _ in range(3):  # a new view per call, as the layer passes [E, N, 1] -> [E, N]
+        assert _scale_mode(True, a_scale, weight_scale.squeeze(-1), m, num_e, n, k, True) == "token"
+    assert reads == ["b_scale"]
+    b_scale = weight_scale.squeeze(-1)
+    b_scale[1, 7] = float("inf")  # through a view: the weight's version changes
+    with pytest.raises(ValueError, match=r"^b_scale: expected finite scales > 0, got inf at index \[1, 7\]"):
+        _scale_mode(True, a_scale, b_scale, m, num_e, n, k, True)
+    with pytest.raises(ValueError, match="^b_scale:"):
+        _scale_mode(True, torch.ones(1), torch.tensor([1.0, float("nan")]), m, num_e, n, k, False)
+    a_scale[3] = float("nan")
+    good_b = torch.full((num_e, n), 0.5)
+    monkeypatch.setattr(cute_moe.validate, "_debug_checks", False)
+    assert _scale_mode(True, a_scale, good_b, m, num_e, n, k, True) == "token"  # per call: debug only
+    monkeypatch.setattr(cute_moe.validate, "_debug_checks", True)
+    with pytest.raises(ValueError, match=r"^a_scale: expected finite scales > 0, got nan at index \[3\]"):
+        _scale_mode(True, a_scale, good_b, m, num_e, n, k, True)
+
+
+def test_grouped_gemm_per_token_scales_with_one_row():
+    """a_scale [1] with b_scale [E, N] is per-token with M = 1, not per-tensor."""
+    from cute_moe.gemm.interface import _scale_mode
+
+    assert _scale_mode(True, torch.ones(1), torch.ones(3, 64), 1, 3, 64, 128, False) == "token"
+    assert _scale_mode(True, torch.ones(1), torch.ones(3), 1, 3, 64, 128, False) == "tensor"
+    assert _scale_mode(True, torch.ones(1), torch.ones(3), 7, 3, 64, 128, False) == "tensor"

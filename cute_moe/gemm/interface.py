@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from ..quant import TensorMemo, check_scale_values
+from ..validate import debug_checks_enabled
 from .config import EPILOGUES, GemmConfig, pick_config
 
 _TORCH_TO_CUTE = {}
@@ -154,7 +156,7 @@ def _scale_mode(fp8: bool, a_scale, b_scale, m: int, e: int, n: int, k: int, gat
            lambda: f"a_scale/b_scale: expected float32, got {a_scale.dtype}/{b_scale.dtype}")
     _check(a_scale.is_contiguous() and b_scale.is_contiguous(), "a_scale/b_scale: expected contiguous tensors")
     kb, nb = -(-k // 128), -(-n // 128)
-    if a_scale.numel() == 1 and a_scale.dim() <= 1:
+    if a_scale.numel() == 1 and a_scale.dim() <= 1 and b_scale.dim() != 2:  # [1] with b [E, N]: per-token, M = 1
         mode, want_b = "tensor", (e,)
     elif a_scale.dim() == 1:
         mode, want_b = "token", (e, n)
@@ -166,7 +168,29 @@ def _scale_mode(fp8: bool, a_scale, b_scale, m: int, e: int, n: int, k: int, gat
         _check(not gated or (n // 2) % 128 == 0, lambda: f"b: blockwise fp8 with a gated activation needs I=N/2 a multiple of 128, got N={n}")
     _check(tuple(b_scale.shape) == want_b,
            lambda: f"b_scale: {mode} scaling needs shape {list(want_b)}, got {tuple(b_scale.shape)}")
+    _check_scale_values(a_scale, b_scale)
     return mode
+
+
+_CHECKED_B_SCALES = TensorMemo()  # b_scale or the tensor it views -> {(data_ptr, shape)} found valid
+
+
+def _check_scale_values(a_scale: torch.Tensor, b_scale: torch.Tensor) -> None:
+    """Scales must be finite and > 0. b_scale (static weight scales) is read once and remembered on
+    the tensor it belongs to (itself or the tensor it is a view of) while that object is alive and
+    unmodified (data_ptr, _version), so steady-state calls do not sync, not even with a new view per
+    call; a_scale (per call) is read only with debug checks on. Both are skipped while a CUDA graph is
+    being captured."""
+    base = b_scale if b_scale._base is None else b_scale._base
+    view = (b_scale.data_ptr(), tuple(b_scale.shape))
+    seen = _CHECKED_B_SCALES.get(base)
+    if (seen is None or view not in seen) and check_scale_values("b_scale", b_scale):
+        if seen is None:
+            seen = set()
+            _CHECKED_B_SCALES.put(base, seen)
+        seen.add(view)
+    if debug_checks_enabled():
+        check_scale_values("a_scale", a_scale)
 
 
 _DEVICE_INFO: dict = {}
@@ -214,6 +238,11 @@ def grouped_gemm(
       blockwise:  a_scale `[ceil(K/128), M]` (1x128 groups, group-major), b_scale
                   `[E, ceil(N/128), ceil(K/128)]` (128x128 blocks: DeepSeek-V3 weight_scale_inv);
                   a gated activation then needs I = N/2 to be a multiple of 128.
+    (a_scale `[1]` with b_scale `[E, N]` is per-token with M = 1.) Scales must be finite and > 0, else
+    ValueError naming the argument: b_scale (static weights) is read once (a host sync) and remembered
+    while its tensor, or the tensor it views, is alive and unmodified (same data_ptr and _version), so
+    steady-state calls do no host sync; a_scale (per call) is read only with debug checks on
+    (``cute_moe.set_debug_checks``); neither while a CUDA graph is being captured.
     Rows of out outside every expert's segment are not written.
     """
     masked = masked_m is not None

@@ -117,3 +117,62 @@ template <int B, int E, typename F> __device__ __forceinline__ void static_for(F
         static_for<B + 1, E>(f);
     }
 }
+
+// ---- fp8 e4m3, cute_moe.quant semantics: scale = max(amax, 1e-10) / 448 over a group, q = x / scale
+// (IEEE division) rounded to nearest even and saturated to +-448. Rows are processed in chunks of
+// FP8_CHUNK elements per lane (one 16-byte fp8 store); a 1x128 group is FP8_GROUP / FP8_CHUNK lanes.
+#define FP8_MAX 448.0f
+#define AMAX_EPS 1e-10f
+#define FP8_GROUP 128
+#define FP8_CHUNK 16
+
+// max that propagates NaN (like torch's amax)
+__device__ __forceinline__ float nanmax(float a, float b) { return (a != a || a > b) ? a : b; }
+
+__device__ __forceinline__ float fp8_scale(float amax) { return (amax < AMAX_EPS ? AMAX_EPS : amax) / FP8_MAX; }
+
+// FP8_CHUNK elements of dtype kDt starting at element c * FP8_CHUNK of row `src` as floats (zeros if
+// c >= nchunk). The row must be 16-byte aligned.
+template <int kDt>
+__device__ __forceinline__ void load_chunk(const char* __restrict__ src, int c, int nchunk, float* f) {
+    constexpr int PER = 16 / Elem<kDt>::SIZE;  // elements per 16-byte load
+    if (c < nchunk) {
+        const uint4* p = (const uint4*)(src + (i64)c * FP8_CHUNK * Elem<kDt>::SIZE);
+#pragma unroll
+        for (int i = 0; i < FP8_CHUNK / PER; ++i) VecIO<kDt, 16>::unpack(p[i], f + i * PER);
+    } else {
+#pragma unroll
+        for (int i = 0; i < FP8_CHUNK; ++i) f[i] = 0.f;
+    }
+}
+
+__device__ __forceinline__ float chunk_amax(const float* f) {
+    float amax = 0.f;
+#pragma unroll
+    for (int i = 0; i < FP8_CHUNK; ++i) amax = nanmax(amax, fabsf(f[i]));
+    return amax;
+}
+
+// FP8_CHUNK floats divided by `scale` as 16 e4m3 bytes.
+__device__ __forceinline__ uint4 quantize_chunk(const float* f, float scale) {
+    u32 w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const u32 lo = f32x2_to_e4m3x2(f[4 * i] / scale, f[4 * i + 1] / scale);
+        const u32 hi = f32x2_to_e4m3x2(f[4 * i + 2] / scale, f[4 * i + 3] / scale);
+        w[i] = lo | (hi << 16);
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Index of row r's group g in group-major scales: scale[slab][g][r % slab_rows], slab = r / slab_rows.
+__device__ __forceinline__ i64 group_scale_index(int r, int g, int num_groups, int slab_rows) {
+    const int slab = r / slab_rows;
+    return ((i64)slab * num_groups + g) * slab_rows + (r - slab * slab_rows);
+}
+
+// *p = max(*p, v) for v >= 0 or NaN: such floats order like their bit patterns, and a positive NaN
+// (0x7fc00000) sorts above +inf, so NaN wins as in torch's amax. *p must start at a value >= 0.
+__device__ __forceinline__ void atomic_max_abs(float* p, float v) {
+    atomicMax((unsigned int*)p, __float_as_uint(v));
+}
