@@ -24,7 +24,7 @@ import threading
 from importlib import resources
 from typing import Any, Iterable, Mapping
 
-KERNEL_SOURCES = ("routing.cu", "plan.cu", "permute.cu", "combine.cu")
+KERNEL_SOURCES = ("routing.cu", "plan.cu", "permute.cu", "combine.cu", "quantize.cu")
 HEADERS = ("common.cuh",)
 
 _lock = threading.Lock()
