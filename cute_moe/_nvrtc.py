@@ -228,7 +228,7 @@ def _load_driver_launch():
     return f
 
 
-_driver_launch = _load_driver_launch()
+_driver_launch = None if os.environ.get("CUTE_MOE_CUPY_LAUNCH") else _load_driver_launch()
 _SCALAR_CODES = {int: "q", float: "d"}
 
 
