@@ -88,11 +88,11 @@ def _version(dist: str) -> str | None:
 def device_stamp() -> dict:
     """Where and when a result was measured: card, versions, UTC date, git commit and dirty flag.
 
-    The commit comes from ``git rev-parse`` and falls back to env CUTE_MOE_COMMIT (for copies of the
-    tree without .git); ``dirty`` is None when unknown.
+    The commit is env CUTE_MOE_COMMIT when set (copies of the tree sent to a GPU machine, whose .git,
+    if any, is not the tree's), else ``git rev-parse``; ``dirty`` is None when unknown.
     """
-    commit = _git("rev-parse", "--short", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    commit = os.environ.get("CUTE_MOE_COMMIT") or _git("rev-parse", "--short", "HEAD")
+    status = None if os.environ.get("CUTE_MOE_COMMIT") else _git("status", "--porcelain", "--untracked-files=no")
     cuda = torch.cuda.is_available()
     return {
         "card": torch.cuda.get_device_name() if cuda else "cpu",
@@ -102,7 +102,7 @@ def device_stamp() -> dict:
         "cutlass_dsl": _version("nvidia-cutlass-dsl"),
         "cupy": _version("cupy-cuda13x"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit or os.environ.get("CUTE_MOE_COMMIT", "unknown"),
+        "commit": commit or "unknown",
         "dirty": None if status is None else bool(status),
     }
 
