@@ -78,7 +78,8 @@ def _vector_bytes(*byte_counts: int) -> int:
 
 
 def _get(source: str, kernel: str, dev: int, defines: tuple):
-    key = (dev, source, defines)
+    """Kernel ``kernel`` of ``source`` compiled with ``defines`` on device ``dev`` (cached per process)."""
+    key = (dev, source, kernel, defines)
     fn = _fn_cache.get(key)
     if fn is None:
         fn = _nvrtc.get_function(dev, source, kernel, defines)

@@ -46,3 +46,15 @@ def test_fp8_quantize_kernels_compile_for_every_dtype_and_mode():
     specs += [("permute.cu", dict(_permute_defines(dt, 3, k, 16, pad))) for dt, k, pad in ((2, 8, 0), (1, 1, 2))]
     results = _nvrtc.compile_check("sm_90", specializations=specs)
     assert not [log for _, _, log in results if "warning" in log.lower()]
+
+
+def test_kernel_cache_keys_on_the_kernel_name(monkeypatch):
+    """Two kernels of one source and define set (amax_rows, quantize_rows) must not share a cache
+    entry: a per-tensor quantization once launched the amax kernel twice."""
+    from cute_moe import permute
+
+    monkeypatch.setattr(permute, "_fn_cache", {})
+    monkeypatch.setattr(_nvrtc, "get_function", lambda dev, source, kernel, defines: (source, kernel))
+    defines = permute._quantize_defines(2, 3)
+    assert permute._get("quantize.cu", "amax_rows", 0, defines) == ("quantize.cu", "amax_rows")
+    assert permute._get("quantize.cu", "quantize_rows", 0, defines) == ("quantize.cu", "quantize_rows")
