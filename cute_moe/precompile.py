@@ -37,9 +37,10 @@ class _Layer:
     gemm_ok: bool
     routing: tuple  # sorted (name, value) items of the routing options
     correction_bias: torch.dtype | None
+    quant: str | None = None  # fp8 weights: QuantizedWeights.mode
 
 
-def _layers(obj, *, dtype, activation, bias, routing) -> list[tuple[_Layer, torch.device | None]]:
+def _layers(obj, *, dtype, activation, bias, routing, quant=None) -> list[tuple[_Layer, torch.device | None]]:
     """(layer spec, device of its weights or None) for every layer in ``obj``."""
     from .nn import MoE
     from .shapes import MoEShape
@@ -48,7 +49,7 @@ def _layers(obj, *, dtype, activation, bias, routing) -> list[tuple[_Layer, torc
         opts = dict(routing or {})
         cb = opts.pop("correction_bias", None)
         return [(_Layer(obj.num_experts, obj.top_k, obj.hidden, obj.intermediate, dtype, activation, bias, bias,
-                        True, tuple(sorted(opts.items())), None if cb is None else torch.float32), None)]
+                        True, tuple(sorted(opts.items())), None if cb is None else torch.float32, quant), None)]
     if isinstance(obj, torch.nn.Module):
         found = []
         for m in obj.modules():
@@ -59,39 +60,49 @@ def _layers(obj, *, dtype, activation, bias, routing) -> list[tuple[_Layer, torc
                 spec = _Layer(num_experts, m.top_k, hidden, inter,
                               m.w1.dtype if m.quant_mode is None else dtype, m.activation,
                               m.w1_bias is not None, m.w2_bias is not None,
-                              m.quant_mode is None and not m.apply_router_weight_on_input,
-                              tuple(sorted(m.routing.items())), None if cb is None else cb.dtype)
+                              not m.apply_router_weight_on_input,
+                              tuple(sorted(m.routing.items())), None if cb is None else cb.dtype, m.quant_mode)
                 found.append((spec, w2.device))
         if not found:
             raise ValueError(f"warmup: {type(obj).__name__} contains no cute_moe.nn.MoE layer")
         return found
     if isinstance(obj, Iterable) and not isinstance(obj, (str, bytes)):
         return [item for o in obj for item in _layers(o, dtype=dtype, activation=activation, bias=bias,
-                                                      routing=routing)]
+                                                      routing=routing, quant=quant)]
     raise TypeError(f"warmup: expected a cute_moe.nn.MoE (or a module containing some), a MoEShape or a list "
                     f"of those, got {type(obj).__name__}")
 
 
+_SCALE_MODES = {"per_tensor": "tensor", "per_token": "token", "blockwise": "block"}
+
+
 def gemm_keys(spec: _Layer, num_tokens: int, arch: str, num_sms: int) -> list:
     """The KernelKeys ``cute_moe/layer.py`` requests for ``num_tokens`` tokens (flat layout: T*k rows):
-    GEMM1 [E, 2I, H] with the gated activation, then GEMM2 [E, H, I]."""
+    GEMM1 [E, 2I, H] with the gated activation, then GEMM2 [E, H, I]; fp8 operands with the
+    layer's scaling mode (output in the activation dtype) for a quantized layer."""
     from .gemm.config import pick_config
     from .gemm.interface import KernelKey
 
     if not spec.gemm_ok or spec.dtype not in _GEMM_DTYPES or num_tokens <= 0 or spec.hidden % 8 or spec.inter % 8:
         return []
     rows, e, h, i = num_tokens * spec.top_k, spec.num_experts, spec.hidden, spec.inter
-    dt = spec.dtype
-    return [KernelKey(arch, dt, dt, pick_config(rows, 2 * i, h, e, True, num_sms), spec.activation,
-                      spec.w1_bias, False, False, e, 2 * i, h, num_sms),
-            KernelKey(arch, dt, dt, pick_config(rows, h, i, e, False, num_sms), "none",
-                      spec.w2_bias, False, False, e, h, i, num_sms)]
+    dt = ab = spec.dtype
+    mode = "none"
+    if spec.quant is not None:
+        if h % 16 or i % 16 or (spec.quant == "blockwise" and i % 128):
+            return []  # the layer runs the reference for these (layer._fp8_unsupported_reason)
+        ab, mode = torch.float8_e4m3fn, _SCALE_MODES[spec.quant]
+    block = mode == "block"
+    return [KernelKey(arch, ab, dt, pick_config(rows, 2 * i, h, e, True, num_sms, 0, block), spec.activation,
+                      spec.w1_bias, False, False, e, 2 * i, h, num_sms, mode),
+            KernelKey(arch, ab, dt, pick_config(rows, h, i, e, False, num_sms, 0, block), "none",
+                      spec.w2_bias, False, False, e, h, i, num_sms, mode)]
 
 
 def _warm_nvrtc(spec: _Layer, device: torch.device, gemms: bool, shared_output: bool) -> None:
     """Run routing (and plan, permute, combine when the GEMMs run on cute) once on one dummy token, as
     ``cute_moe.moe`` / ``layer.fused_moe`` would: compiles and loads their NVRTC specializations."""
-    from .permute import combine, permute
+    from .permute import combine, permute, permute_fp8, permute_fp8_per_tensor, quantize_fp8
     from .plan import make_plan
     from .routing import route_gpu
 
@@ -100,7 +111,14 @@ def _warm_nvrtc(spec: _Layer, device: torch.device, gemms: bool, shared_output: 
     weights, ids = route_gpu(torch.randn(1, e, device=device), spec.top_k, correction_bias=cb, **dict(spec.routing))
     if gemms:
         plan = make_plan(ids, e)
-        xp = permute(torch.zeros(1, h, dtype=spec.dtype, device=device), plan)
+        x = torch.zeros(1, h, dtype=spec.dtype, device=device)
+        if spec.quant is None:
+            xp = permute(x, plan)
+        else:
+            scaling = _SCALE_MODES[spec.quant]
+            xp = permute_fp8_per_tensor(x, plan)[0] if scaling == "tensor" else permute_fp8(x, plan, scaling=scaling)[0]
+            quantize_fp8(torch.zeros(xp.shape[0], spec.inter, dtype=spec.dtype, device=device), scaling=scaling,
+                         num_rows=plan.cu_seqlens[e:])
         y = torch.zeros(xp.shape[0], h, dtype=spec.dtype, device=device)
         addend = torch.zeros(1, h, dtype=spec.dtype, device=device) if shared_output else None
         combine(y, plan, weights, addend=addend)
@@ -141,7 +159,8 @@ def _label(key) -> str:
 
 
 def warmup(shapes_or_layer, tokens: Iterable[int] = (1, 64, 1024, 8192), *, dtype: torch.dtype = torch.bfloat16,
-           activation: str = "silu", bias: bool = False, routing: dict | None = None, shared_output: bool = False,
+           activation: str = "silu", bias: bool = False, routing: dict | None = None, quant: str | None = None,
+           shared_output: bool = False,
            device: torch.device | str | None = None, arch: str | None = None, num_sms: int | None = None,
            progress: bool = True) -> dict:
     """Compile ahead of time every kernel the layers in ``shapes_or_layer`` need for ``tokens`` tokens.
@@ -149,7 +168,8 @@ def warmup(shapes_or_layer, tokens: Iterable[int] = (1, 64, 1024, 8192), *, dtyp
     ``shapes_or_layer``: a ``cute_moe.nn.MoE``, a module containing MoE layers (e.g. a whole model),
     a ``MoEShape``, or a list of those. For a MoEShape, ``dtype``, ``activation``, ``bias`` (both
     GEMMs), ``routing`` (route keywords, e.g. ``ROUTING_PRESETS['deepseek_v3']``) describe the call;
-    a layer brings its own. ``shared_output=True`` also warms the combine variant with a shared-expert
+    a layer brings its own; ``quant`` (a QUANT_MODES name) makes a MoEShape's GEMMs the fp8 ones
+    (a quantized ``nn.MoE`` brings its mode). ``shared_output=True`` also warms the combine variant with a shared-expert
     addend. The device is ``device``, else the layer's if on CUDA, else the current CUDA device; with
     no GPU the GEMMs are cross-compiled for ``arch`` (default ``sm_90a``) and ``num_sms`` (default
     132) into the disk cache only. Shows a tqdm bar (plain lines without tqdm; ``progress=False``
@@ -159,8 +179,13 @@ def warmup(shapes_or_layer, tokens: Iterable[int] = (1, 64, 1024, 8192), *, dtyp
     from .gemm import disk_cache, interface
 
     start = time.perf_counter()
+    if quant is not None:
+        from .quant import QUANT_MODES
+
+        if quant not in QUANT_MODES:
+            raise ValueError(f"quant: expected None or one of {QUANT_MODES}, got {quant!r}")
     specs = list(dict.fromkeys(_layers(shapes_or_layer, dtype=dtype, activation=activation, bias=bias,
-                                       routing=routing)))
+                                       routing=routing, quant=quant)))
     tokens = sorted({int(t) for t in tokens})
     gpu = None
     if device is not None:

@@ -171,6 +171,8 @@ _CHILD = textwrap.dedent("""
     from cute_moe import _nvrtc
     torch.manual_seed(0)
     layer = cute_moe.nn.MoE(256, 128, 8, 2, renormalize=True, device="cuda")
+    if {quant!r} is not None:
+        layer.quantize_({quant!r})
     x = torch.randn(40, 256, device="cuda", dtype=torch.bfloat16)
     t0 = time.perf_counter()
     if {warm}:
@@ -186,9 +188,9 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def _child(tmp_path, warm: bool) -> dict:
+def _child(tmp_path, warm: bool, quant: str | None = None) -> dict:
     env = {**os.environ, "CUTE_MOE_CACHE_DIR": str(tmp_path / "cache"), "CUTE_DSL_CACHE_DIR": str(tmp_path / "dsl")}
-    done = subprocess.run([sys.executable, "-c", _CHILD.format(warm=warm)], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", _CHILD.format(warm=warm, quant=quant)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -208,14 +210,31 @@ def test_second_process_first_call_needs_no_jit(tmp_path):
 
 @pytest.mark.gpu
 @needs_sm90
-def test_warmup_covers_every_kernel_the_layer_uses(tmp_path):
-    r = _child(tmp_path, warm=True)
+@pytest.mark.parametrize("quant", [None, "per_tensor", "blockwise"])
+def test_warmup_covers_every_kernel_the_layer_uses(tmp_path, quant):
+    r = _child(tmp_path, warm=True, quant=quant)
     assert r["backend"] == "cute" and r["new_nvrtc"] == 0
     assert r["stats"] == r["before_call"]  # the call after warmup compiled and loaded nothing
     compiled = r["stats"]["compiled"]
     assert compiled >= 2
-    again = _child(tmp_path, warm=True)
+    again = _child(tmp_path, warm=True, quant=quant)
     assert again["stats"] == {"disk": compiled, "compiled": 0} and again["new_nvrtc"] == 0
+
+
+def test_warmup_cross_compiles_the_fp8_kernels_of_a_quantized_layer(cache, monkeypatch):
+    root, calls = cache
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    layer = cute_moe.nn.MoE(256, 128, 4, 2)
+    layer.quantize_("blockwise")
+    spec = cute_moe.precompile._layers(layer, dtype=BF16, activation="silu", bias=False, routing=None)[0][0]
+    keys = cute_moe.precompile.gemm_keys(spec, 1, "sm_90a", 132)
+    assert [k.scale_mode for k in keys] == ["block", "block"]
+    assert all(k.ab_dtype == torch.float8_e4m3fn and k.out_dtype == BF16 and k.config.tile_n == 128 for k in keys)
+    assert cute_moe.warmup(layer, tokens=(1,), progress=False)["compiled"] == 2 == len(calls)
+    odd = cute_moe.MIXTRAL_8X7B.scaled(hidden=256, intermediate=144, num_experts=4)  # I % 128 != 0
+    assert cute_moe.warmup(odd, tokens=(1,), quant="blockwise", progress=False)["gemm_kernels"] == 0
+    with pytest.raises(ValueError, match="quant: expected"):
+        cute_moe.warmup(odd, quant="int4")
 
 
 def test_every_key_field_reaches_the_cache_entry():
