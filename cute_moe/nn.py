@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import api
 from .api import moe
 from .quant import QuantConfig, QuantizedWeights, quantize_weights
 from .validate import BACKENDS, check_choice, check_routing
@@ -18,7 +19,10 @@ class MoE(torch.nn.Module):
 
     ``MoE(hidden, intermediate, num_experts, top_k, ...)`` draws random weights with std
     1/sqrt(fan_in) (outputs are O(1)); :meth:`from_weights` wraps existing tensors.
+    :meth:`cuda_graphs` serves small eager calls (decode) from captured CUDA graphs.
     """
+
+    _graph_max_tokens = 0
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, *,
                  scoring: str = "softmax", renormalize: bool = False, num_groups: int | None = None,
@@ -89,16 +93,85 @@ class MoE(torch.nn.Module):
             return None
         return QuantizedWeights(self.w1_q, self.w1_scale, self.w2_q, self.w2_scale, self.quant_mode)
 
+    def cuda_graphs(self, max_tokens: int = 64) -> "MoE":
+        """Serve eager calls of at most ``max_tokens`` tokens from CUDA graphs (decode); 0 turns it off.
+
+        The first CUDA call with a given token count (and dtype, device, shared_output or not) runs the
+        layer once eagerly on a side stream (compiling what it needs) and, if it ran on the cute
+        kernels, captures it into a CUDA graph that reads a static input buffer. Later calls copy x in,
+        replay the graph and return a copy of its output: a few host operations instead of about eight
+        Python-launched kernels with their argument checks. Graphs are rebuilt when a weight tensor is
+        replaced (``quantize_``, ``to``, assigning a parameter); values copied into the existing
+        weights (``load_state_dict``) are seen by the graphs. Calls under ``torch.compile``, inside an
+        outer graph capture, on the CPU or with more tokens run eagerly. Returns self."""
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+            raise ValueError(f"max_tokens: expected an int >= 0, got {max_tokens!r}")
+        self._graph_max_tokens = max_tokens
+        self._graphs: dict = {}
+        self._graph_weights: tuple = ()
+        return self
+
     def forward(self, x: torch.Tensor, shared_output: torch.Tensor | None = None) -> torch.Tensor:
         """MoE output for ``x`` [..., H] (same shape and dtype); ``shared_output`` [..., H] is added."""
         flat = x.reshape(-1, x.shape[-1])
         shared = None if shared_output is None else shared_output.reshape(flat.shape)
-        out = moe(flat, self.router_weight, self.w1, self.w2, self.top_k, **self.routing,
-                  correction_bias=self.correction_bias, activation=self.activation,
-                  w1_bias=self.w1_bias, w2_bias=self.w2_bias, quant=self.quantized_weights(),
-                  apply_router_weight_on_input=self.apply_router_weight_on_input,
-                  shared_output=shared, backend=self.backend)
+        out = None
+        if 0 < flat.shape[0] <= self._graph_max_tokens and isinstance(flat, torch.Tensor) and flat.is_cuda \
+                and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
+            out = self._replay(flat, shared)
+        if out is None:
+            out = self._eager(flat, shared)
         return out.reshape(x.shape)
+
+    def _eager(self, flat: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+        return moe(flat, self.router_weight, self.w1, self.w2, self.top_k, **self.routing,
+                   correction_bias=self.correction_bias, activation=self.activation,
+                   w1_bias=self.w1_bias, w2_bias=self.w2_bias, quant=self.quantized_weights(),
+                   apply_router_weight_on_input=self.apply_router_weight_on_input,
+                   shared_output=shared, backend=self.backend)
+
+    def _weight_ptrs(self) -> tuple:
+        """Addresses of every weight tensor (read from the module's dicts: attribute lookup through
+        nn.Module.__getattr__ would cost more than the graph replay saves)."""
+        tensors = (*self._parameters.values(), *self._buffers.values())
+        return tuple(0 if t is None else t.data_ptr() for t in tensors) + (self.quant_mode,)
+
+    def _replay(self, flat: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor | None:
+        """The graphed call (see :meth:`cuda_graphs`), or None when this call cannot be graphed."""
+        ptrs = self._weight_ptrs()
+        if ptrs != self._graph_weights:
+            self._graphs, self._graph_weights = {}, ptrs
+        key = (flat.shape[0], flat.dtype, flat.device, flat.shape[1], shared is not None)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = self._capture(flat, shared)
+        if entry is False:
+            return None
+        graph, x_static, shared_static, out_static = entry
+        x_static.copy_(flat)
+        if shared_static is not None:
+            shared_static.copy_(shared)
+        graph.replay()
+        return out_static.clone()
+
+    def _capture(self, flat: torch.Tensor, shared: torch.Tensor | None):
+        """(graph, static x, static shared_output, static output) for this call's key, or False when
+        the layer does not run on the cute kernels for it (the reference path syncs with the host)."""
+        x_static = flat.clone()
+        shared_static = None if shared is None else shared.clone()
+        stream = torch.cuda.current_stream(flat.device)
+        side = torch.cuda.Stream(flat.device)
+        side.wait_stream(stream)
+        with torch.cuda.stream(side):  # compile kernels, initialize cuBLAS, check scales: all outside capture
+            self._eager(x_static, shared_static)
+            graphable = api.last_backend() == "cute"
+        stream.wait_stream(side)
+        if not graphable:
+            return False
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out_static = self._eager(x_static, shared_static)
+        return graph, x_static, shared_static, out_static
 
     def extra_repr(self) -> str:
         weight = self.w1 if self.quant_mode is None else self.w1_q

@@ -253,3 +253,13 @@ def test_cupy_in_cupy_out():
     target = cupy.from_dlpack(torch.empty_like(x))
     assert cute_moe.moe(cx, crouter, cw1, cw2, K, out=target) is target
     assert torch.equal(torch.from_dlpack(target), want)
+
+
+def test_nn_moe_cuda_graphs_is_a_no_op_on_the_cpu():
+    torch.manual_seed(0)
+    layer = cute_moe.nn.MoE(64, 32, 4, 2, renormalize=True)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    ref = layer(x)
+    assert layer.cuda_graphs(8) is layer and torch.equal(layer(x), ref) and layer._graphs == {}
+    with pytest.raises(ValueError, match="max_tokens: expected an int >= 0"):
+        layer.cuda_graphs(-1)

@@ -92,3 +92,26 @@ def test_cuda_graph_replay_with_new_routing():
         g.replay()
         torch.cuda.synchronize()
         assert rel_err(out, experts_reference(x, w1, w2, weights, ids, activation="silu")) < 1e-2
+
+
+@needs_sm90
+def test_nn_moe_cuda_graphs_match_eager():
+    """cuda_graphs(): per-T graphs replayed with new inputs give the eager result bitwise (same
+    kernels, deterministic combine); larger T runs eagerly; replacing weights rebuilds the graphs."""
+    torch.manual_seed(0)
+    layer = cute_moe.nn.MoE(256, 128, 8, 2, renormalize=True, device="cuda")
+    eager = cute_moe.nn.MoE.from_weights(layer.router_weight, layer.w1, layer.w2, 2, renormalize=True)
+    layer.cuda_graphs(max_tokens=16)
+    for tokens in (1, 5, 16, 5, 1):
+        x = torch.randn(tokens, 256, device="cuda").to(torch.bfloat16)
+        shared = torch.randn(tokens, 256, device="cuda").to(torch.bfloat16)
+        assert torch.equal(layer(x), eager(x))
+        assert torch.equal(layer(x, shared), eager(x, shared))
+    assert sorted(k[0] for k in layer._graphs) == [1, 1, 5, 5, 16, 16]
+    x = torch.randn(17, 256, device="cuda").to(torch.bfloat16)
+    assert torch.equal(layer(x), eager(x)) and all(k[0] != 17 for k in layer._graphs)
+    layer.quantize_("per_token")
+    eager.quantize_("per_token")
+    x = torch.randn(4, 256, device="cuda").to(torch.bfloat16)
+    assert torch.equal(layer(x), eager(x)) and [k[0] for k in layer._graphs] == [4]
+    assert cute_moe.last_backend() == "cute"

@@ -6,7 +6,8 @@ For each reference shape: the CPU time of enqueuing one call (``time.perf_counte
 calls with no synchronization, divided by the number of calls; the GPU work of a T=1 call is short,
 so the launch queue never fills and blocks the loop), for ``cute_moe.moe`` (router GEMM, route, plan,
 permute, GEMM1, GEMM2, combine), ``fused_moe`` on given routing, ``route``, ``make_plan``, ``permute``,
-``grouped_gemm`` and ``combine``. A torch reference point in the same run: the CPU time of one
+``grouped_gemm`` and ``combine``, and ``nn.MoE`` with :meth:`cute_moe.nn.MoE.cuda_graphs` (input copy,
+graph replay, output copy). A torch reference point in the same run: the CPU time of one
 ``torch._grouped_mm`` call. ``--profile`` writes a cProfile breakdown (by own time) of the moe calls.
 """
 
@@ -59,9 +60,12 @@ def bench_shape(shape, tokens: int, calls: int, profile: list) -> dict:
     offs = plan.cu_seqlens[1:]
     w1t = w1.transpose(1, 2)
     moe = lambda: cute_moe.moe(x, rw, w1, w2, k, renormalize=True, out=out, backend="cute")  # noqa: E731
+    graphed = cute_moe.nn.MoE.from_weights(rw, w1, w2, k, renormalize=True, backend="cute").cuda_graphs(64)
+    assert torch.equal(graphed(x), graphed._eager(x, None))
     row = {
         "shape": shape.name, "T": tokens,
         "moe_us": host_us(moe, calls),
+        "nn_moe_cuda_graphs_us": host_us(lambda: graphed(x), calls),
         "fused_moe_us": host_us(lambda: cute_moe.fused_moe(x, w1, w2, topk_w, topk_ids, out=out, backend="cute"),
                                 calls),
         "route_us": host_us(lambda: cute_moe.route(logits, k, renormalize=True, backend="cute"), calls),
@@ -107,7 +111,7 @@ def main(argv=None) -> int:
         "sm90_host_overhead", rows,
         {"title": f"CPU time per eager call (microseconds, T={args.tokens}): whole layer and each op",
          "target": "moe host overhead <= 20 us per call"},
-        md_columns=["shape", "T", "moe_us", "fused_moe_us", "route_us", "plan_us", "permute_us", "gemm1_us",
+        md_columns=["shape", "T", "moe_us", "nn_moe_cuda_graphs_us", "fused_moe_us", "route_us", "plan_us", "permute_us", "gemm1_us",
                     "gemm2_us", "combine_us", "torch_grouped_mm_us", "torch_empty_us"],
     )
     return 0
