@@ -55,10 +55,12 @@ def shipped_kernels(arch: str):
                               2 * i if act != "none" else h, h if act != "none" else i, 132)))
     f8 = torch.float8_e4m3fn
     for mode, tile in (("tensor", GemmConfig(128, 256)), ("token", GemmConfig(128, 256)),
-                       ("block", GemmConfig(128, 128)), ("block", GemmConfig(64, 128))):
+                       ("block", GemmConfig(128, 128)), ("block", GemmConfig(64, 128)),
+                       ("block", GemmConfig(128, 128, overlap_promotion=True))):
         for act in ("silu", "none"):
             n, kk = (2 * i, h) if act != "none" else (h, i)
-            out.append((f"fp8_{mode}_{'gemm1_' + act if act != 'none' else 'gemm2'}_{tile.tile_m}x{tile.tile_n}", "fp8",
+            name = f"fp8_{mode}_{'gemm1_' + act if act != 'none' else 'gemm2'}_{tile.tile_m}x{tile.tile_n}"
+            out.append((name + ("_overlap" if tile.overlap_promotion else ""), "fp8",
                         KernelKey(arch, f8, bf16, tile, act, False, False, False, e, n, kk, 132, mode)))
     out.append(("gemm_plain_128x256", "bf16",
                 KernelKey(arch, bf16, bf16, GemmConfig(128, 256), "none", False, False, False, e, h, i, 132)))

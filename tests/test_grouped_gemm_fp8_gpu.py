@@ -48,23 +48,29 @@ def _reference(a, b, cu, activation):
     return torch.cat(outs)
 
 
+def _config(mode: str, tile_m: int):
+    """"block_overlap": blockwise with GemmConfig.overlap_promotion."""
+    from cute_moe.gemm import GemmConfig
+
+    return GemmConfig(tile_m, 256 if mode in ("tensor", "token") else 128, overlap_promotion=mode == "block_overlap")
+
+
 @needs_sm90
-@pytest.mark.parametrize("mode", ["tensor", "token", "block"])
+@pytest.mark.parametrize("mode", ["tensor", "token", "block", "block_overlap"])
 @pytest.mark.parametrize("activation", ["none", "silu", "swiglu_oai"])
 @pytest.mark.parametrize("tile_m", [64, 128])
 def test_fp8_ragged(mode, activation, tile_m):
-    from cute_moe.gemm import GemmConfig, grouped_gemm
+    from cute_moe.gemm import grouped_gemm
 
     gated = activation != "none"
     n, k = (2 * 256, 320) if gated else (384, 320)  # K not a multiple of 128: ragged last scale block
     e = len(RAGGED)
     a = torch.randn(sum(RAGGED), k, device="cuda")
     b = torch.randn(e, n, k, device="cuda") / k**0.5
-    qa, sa, qb, sb, da, db = quantized_operands(mode, a, b)
+    qa, sa, qb, sb, da, db = quantized_operands(mode.removesuffix("_overlap"), a, b)
     cu = torch.tensor([0] + RAGGED, device="cuda").cumsum(0).to(torch.int32)
     out = torch.full((a.shape[0], n // 2 if gated else n), float("nan"), device="cuda", dtype=torch.bfloat16)
-    config = GemmConfig(tile_m, 128 if mode == "block" else 256)
-    grouped_gemm(qa, qb, cu, activation=activation, a_scale=sa, b_scale=sb, out=out, config=config)
+    grouped_gemm(qa, qb, cu, activation=activation, a_scale=sa, b_scale=sb, out=out, config=_config(mode, tile_m))
     ref = _reference(da, db, cu, activation)
     err = rel_err(out, ref)
     err_vs_unquantized = rel_err(out, _reference(a, b, cu, activation))
@@ -88,19 +94,18 @@ def test_fp8_scale_shapes_checked():
 
 
 @needs_sm90
-@pytest.mark.parametrize("mode", ["tensor", "token", "block"])
+@pytest.mark.parametrize("mode", ["tensor", "token", "block", "block_overlap"])
 def test_fp8_persistent_many_tiles_per_cta(mode):
     """Several tiles per CTA and more k-tiles than pipeline stages: the pipeline state must carry
     across tiles (a stale state re-reads old stages and deadlocks or corrupts the next tile)."""
-    from cute_moe.gemm import GemmConfig, grouped_gemm
+    from cute_moe.gemm import grouped_gemm
 
     n, k, e = 512, 2048, 3
     counts = [3000, 0, 2500]
     a = torch.randn(sum(counts), k, device="cuda")
     b = torch.randn(e, n, k, device="cuda") / k**0.5
-    qa, sa, qb, sb, da, db = quantized_operands(mode, a, b)
+    qa, sa, qb, sb, da, db = quantized_operands(mode.removesuffix("_overlap"), a, b)
     cu = torch.tensor([0] + counts, device="cuda").cumsum(0).to(torch.int32)
     out = torch.full((a.shape[0], n // 2), float("nan"), device="cuda", dtype=torch.bfloat16)
-    grouped_gemm(qa, qb, cu, activation="silu", a_scale=sa, b_scale=sb, out=out,
-                 config=GemmConfig(128, 128 if mode == "block" else 256))
+    grouped_gemm(qa, qb, cu, activation="silu", a_scale=sa, b_scale=sb, out=out, config=_config(mode, 128))
     assert rel_err(out, _reference(da, db, cu, "silu")) < TOL

@@ -17,12 +17,15 @@ class GemmConfig:
     cluster_m=2 pairs CTAs on consecutive M-tiles of one expert and multicasts their shared weight
     tile (halving its L2->SM traffic); an expert with an odd M-tile count gets one empty tile.
     stages=0 means "as many as shared memory holds".
+    overlap_promotion (blockwise fp8 only): a second scratch accumulator so the next k-tile's WGMMA
+    runs while the previous one is promoted into the fp32 accumulator (more registers).
     """
 
     tile_m: int = 128
     tile_n: int = 256
     cluster_m: int = 1
     stages: int = 0
+    overlap_promotion: bool = False
 
     def __post_init__(self):
         if self.tile_m not in (64, 128):

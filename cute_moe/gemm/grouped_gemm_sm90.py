@@ -83,6 +83,8 @@ class GroupedGemmSm90:
         self.has_row_scale = has_row_scale
         self.masked = masked
         self.scale_mode = scale_mode
+        if config.overlap_promotion and scale_mode != "block":
+            raise ValueError("overlap_promotion: only blockwise fp8 promotes per k-tile")
         self.acc_dtype = cutlass.Float32
         self.tile_m, self.tile_n = config.tile_m, config.tile_n
         self.cm = config.cluster_m
@@ -255,22 +257,24 @@ class GroupedGemmSm90:
 
     @cute.jit
     def _mainloop_blockwise(
-        self, acc, tmp, tCcAcc, tCrA, tCrB, tiled_mma, mainloop, read_state, mSA, mSB,
+        self, acc, tmp, tmp2, tCcAcc, tCrA, tCrB, tiled_mma, mainloop, read_state, release_state, mSA, mSB,
         e, start, count, m_idx, n_idx, n_b, k_tiles, num_k_blocks,
     ):
-        """fp8 with DeepSeek-V3 block scales: per 128-wide k-tile, WGMMA into `tmp`, then
-        acc += tmp * sa[kb, row] * sb[e, n-block, kb] in fp32 (promotion, as DeepGEMM does). While one
-        consumer warpgroup promotes, the other's WGMMA keeps the tensor cores busy.
+        """fp8 with DeepSeek-V3 block scales: per 128-wide k-tile, WGMMA into a scratch accumulator,
+        then acc += scratch * sa[kb, row] * sb[e, n-block, kb] in fp32 (promotion, as DeepGEMM does).
+
+        Serial (default): wait for each k-tile's WGMMA, then promote it; only the other consumer
+        warpgroup's WGMMA overlaps the promotion. ``GemmConfig.overlap_promotion``: two scratch
+        accumulators (`tmp`, `tmp2`), k-tile kt+1's WGMMA runs while kt is promoted.
 
         Each thread's accumulator holds two rows (fragment index bit 1: +8 rows) and its columns split
         into two halves (gate/up, or the tile's two column halves) that each sit in one 128-column
         weight block.
 
-        Returns the advanced pipeline state: the dynamic k-loop rebinds ``read_state`` in this
-        function's scope only, so the caller must take the returned one (else its next tile re-reads
+        Returns the advanced (read, release) pipeline states: the dynamic k-loop rebinds them in this
+        function's scope only, so the caller must take the returned ones (else its next tile re-reads
         stale stages and the pipeline phases drift into a deadlock).
         """
-        half = cute.size(acc) // 2
         row0 = m_idx * self.tile_m
         ra = start + cutlass.min(row0 + tCcAcc[0][0], count - 1)
         rb = start + cutlass.min(row0 + tCcAcc[2][0], count - 1)
@@ -282,34 +286,80 @@ class GroupedGemmSm90:
             nb_lo = n_idx * self.tile_n // 128
             nb_hi = cutlass.min((n_idx * self.tile_n + self.tile_n // 2) // 128, nb_max)
         acc.fill(0.0)
-        for kt in range(k_tiles):
-            sa0 = mSA[kt, ra]
-            sa1 = mSA[kt, rb]
-            sb_lo = mSB[e, nb_lo, kt]
-            sb_hi = mSB[e, nb_hi, kt]
-            mainloop.consumer_wait(read_state)
-            warpgroup.fence()
-            tiled_mma.set(warpgroup.Field.ACCUMULATE, False)
-            for kb in cutlass.range_constexpr(num_k_blocks):
-                cute.gemm(tiled_mma, tmp, tCrA[None, None, kb, read_state.index],
-                          tCrB[None, None, kb, read_state.index], tmp)
-                tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
-            warpgroup.commit_group()
-            warpgroup.wait_group(0)
-            mainloop.consumer_release(read_state)
+        if const_expr(not self.cfg.overlap_promotion):
+            for kt in range(k_tiles):
+                c00, c10, c01, c11 = self._block_scales(mSA, mSB, e, ra, rb, nb_lo, nb_hi, kt)
+                tiled_mma = self._issue_ktile(tiled_mma, tmp, tCrA, tCrB, mainloop, read_state, num_k_blocks)
+                read_state.advance()
+                warpgroup.wait_group(0)
+                mainloop.consumer_release(release_state)
+                release_state.advance()
+                self._promote(acc, tmp, c00, c10, c01, c11)
+        else:
+            # scalars, not tuples: they are carried through the dynamic loop and if
+            a00, a10, a01, a11 = self._block_scales(mSA, mSB, e, ra, rb, nb_lo, nb_hi, 0)
+            tiled_mma = self._issue_ktile(tiled_mma, tmp, tCrA, tCrB, mainloop, read_state, num_k_blocks)
             read_state.advance()
-            s00 = sa0 * sb_lo
-            s10 = sa1 * sb_lo
-            s01 = sa0 * sb_hi
-            s11 = sa1 * sb_hi
-            for i in cutlass.range_constexpr(half):
-                if const_expr((i // 2) % 2 == 0):
-                    acc[i] = acc[i] + tmp[i] * s00
-                    acc[i + half] = acc[i + half] + tmp[i + half] * s01
+            for p in range(k_tiles // 2):  # tmp holds k-tile 2p in flight
+                kt = 2 * p
+                b00, b10, b01, b11 = self._block_scales(mSA, mSB, e, ra, rb, nb_lo, nb_hi, kt + 1)
+                tiled_mma = self._issue_ktile(tiled_mma, tmp2, tCrA, tCrB, mainloop, read_state, num_k_blocks)
+                read_state.advance()
+                warpgroup.wait_group(1)
+                mainloop.consumer_release(release_state)
+                release_state.advance()
+                self._promote(acc, tmp, a00, a10, a01, a11)
+                if kt + 2 < k_tiles:
+                    a00, a10, a01, a11 = self._block_scales(mSA, mSB, e, ra, rb, nb_lo, nb_hi, kt + 2)
+                    tiled_mma = self._issue_ktile(tiled_mma, tmp, tCrA, tCrB, mainloop, read_state, num_k_blocks)
+                    read_state.advance()
+                    warpgroup.wait_group(1)
                 else:
-                    acc[i] = acc[i] + tmp[i] * s10
-                    acc[i + half] = acc[i + half] + tmp[i + half] * s11
-        return read_state
+                    warpgroup.wait_group(0)
+                mainloop.consumer_release(release_state)
+                release_state.advance()
+                self._promote(acc, tmp2, b00, b10, b01, b11)
+            if k_tiles % 2 == 1:  # tmp holds the last k-tile
+                warpgroup.wait_group(0)
+                mainloop.consumer_release(release_state)
+                release_state.advance()
+                self._promote(acc, tmp, a00, a10, a01, a11)
+        return read_state, release_state
+
+    @cute.jit
+    def _block_scales(self, mSA, mSB, e, ra, rb, nb_lo, nb_hi, kt):
+        """The four products sa[row] * sb[n-block] a thread's fragment needs for k-tile ``kt``:
+        (row a, low half), (row b, low half), (row a, high half), (row b, high half)."""
+        sa0 = mSA[kt, ra]
+        sa1 = mSA[kt, rb]
+        sb_lo = mSB[e, nb_lo, kt]
+        sb_hi = mSB[e, nb_hi, kt]
+        return sa0 * sb_lo, sa1 * sb_lo, sa0 * sb_hi, sa1 * sb_hi
+
+    @cute.jit
+    def _issue_ktile(self, tiled_mma, dst, tCrA, tCrB, mainloop, read_state, num_k_blocks):
+        """Wait for ``read_state``'s stage and issue its WGMMAs into ``dst`` (overwritten), one commit group."""
+        mainloop.consumer_wait(read_state)
+        warpgroup.fence()
+        tiled_mma.set(warpgroup.Field.ACCUMULATE, False)
+        for kb in cutlass.range_constexpr(num_k_blocks):
+            cute.gemm(tiled_mma, dst, tCrA[None, None, kb, read_state.index],
+                      tCrB[None, None, kb, read_state.index], dst)
+            tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
+        warpgroup.commit_group()
+        return tiled_mma
+
+    @cute.jit
+    def _promote(self, acc, src, s00, s10, s01, s11):
+        """acc += src * the fragment element's block scale (see `_block_scales` for the order)."""
+        half = cute.size(acc) // 2
+        for i in cutlass.range_constexpr(half):
+            if const_expr((i // 2) % 2 == 0):
+                acc[i] = acc[i] + src[i] * s00
+                acc[i + half] = acc[i + half] + src[i + half] * s01
+            else:
+                acc[i] = acc[i] + src[i] * s10
+                acc[i + half] = acc[i + half] + src[i + half] * s11
 
     @cute.kernel
     def kernel(
@@ -470,9 +520,12 @@ class GroupedGemmSm90:
         tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
         tCcAcc = thr_mma.partition_C(cute.make_identity_tensor((self.tile_m, self.tile_n)))
         acc = cute.make_rmem_tensor(tCcAcc.shape, self.acc_dtype)
-        tmp = acc
+        tmp = tmp2 = acc
         if const_expr(self.scale_mode == "block"):
             tmp = cute.make_rmem_tensor(tCcAcc.shape, self.acc_dtype)
+            tmp2 = tmp
+            if const_expr(self.cfg.overlap_promotion):
+                tmp2 = cute.make_rmem_tensor(tCcAcc.shape, self.acc_dtype)
         # output-shaped accumulator and its (row, col) coordinates within the tile
         tOcO = thr_mma_out.partition_C(cute.make_identity_tensor((self.tile_m, self.tile_n_out)))
         out = cute.make_rmem_tensor(tOcO.shape, self.acc_dtype)
@@ -508,8 +561,8 @@ class GroupedGemmSm90:
             start, count = self._segment(mSeg, e, max_m)
 
             if const_expr(self.scale_mode == "block"):
-                read_state = self._mainloop_blockwise(
-                    acc, tmp, tCcAcc, tCrA, tCrB, tiled_mma, mainloop, read_state, mSA, mSB,
+                read_state, release_state = self._mainloop_blockwise(
+                    acc, tmp, tmp2, tCcAcc, tCrA, tCrB, tiled_mma, mainloop, read_state, release_state, mSA, mSB,
                     e, start, count, m_idx, n_idx, n_b, k_tiles, num_k_blocks,
                 )
             else:

@@ -11,6 +11,7 @@ runs it. Operands are pre-quantized (activation quantization is not timed here).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -18,10 +19,11 @@ import torch
 
 from cute_moe import quant
 from cute_moe.gemm import grouped_gemm
+from cute_moe.gemm.config import pick_config
 from perf.common import bench_ms, select_shapes, speedup_plot, write_results
 from perf.sm90.bench_grouped_gemm import rel_err, routing_offsets
 
-MODES = ("tensor", "token", "block")
+MODES = ("tensor", "token", "block", "block_overlap")  # block_overlap: GemmConfig.overlap_promotion
 
 
 def _chunked(fn, w: torch.Tensor, chunk: int = 16):
@@ -62,7 +64,8 @@ def bench_shape(shape, tokens_list) -> list[dict]:
     e, k, h, i = shape.num_experts, shape.top_k, shape.hidden, shape.intermediate
     w1 = torch.randn(e, 2 * i, h, device="cuda", dtype=torch.bfloat16) * h**-0.5
     w2 = torch.randn(e, h, i, device="cuda", dtype=torch.bfloat16) * i**-0.5
-    qw = {m: (quantize_weight(m, w1), quantize_weight(m, w2)) for m in MODES}
+    qw = {m: (quantize_weight(m, w1), quantize_weight(m, w2)) for m in MODES if m != "block_overlap"}
+    qw["block_overlap"] = qw["block"]
     print(f"{shape.name}: weights quantized", flush=True)
     rows = []
     for t in tokens_list:
@@ -77,15 +80,19 @@ def bench_shape(shape, tokens_list) -> list[dict]:
                    + bench_ms(lambda: grouped_gemm(a2, w2, cu), warmup=2, rep=10, graph=True, calls_per_graph=5))
         row = {"shape": shape.name, "T": t, "bf16_ms": bf16_ms}
         for mode in MODES:
-            if mode == "block" and i % 128:
+            if mode.startswith("block") and i % 128:
                 row["block_note"] = f"blockwise needs I % 128 == 0 (I={i})"
                 continue
             t0 = time.perf_counter()
             (q1, s1), (q2, s2) = qw[mode]
-            xq, sx = quantize_act(mode, x)
-            aq, sa = quantize_act(mode, a2)
-            g1 = lambda: grouped_gemm(xq, q1, cu, activation="silu", a_scale=sx, b_scale=s1)  # noqa: E731
-            g2 = lambda: grouped_gemm(aq, q2, cu, a_scale=sa, b_scale=s2)  # noqa: E731
+            xq, sx = quantize_act(mode.removesuffix("_overlap"), x)
+            aq, sa = quantize_act(mode.removesuffix("_overlap"), a2)
+            c1 = c2 = None
+            if mode == "block_overlap":
+                c1 = dataclasses.replace(pick_config(m, 2 * i, h, e, True, blockwise=True), overlap_promotion=True)
+                c2 = dataclasses.replace(pick_config(m, h, i, e, False, blockwise=True), overlap_promotion=True)
+            g1 = lambda: grouped_gemm(xq, q1, cu, activation="silu", a_scale=sx, b_scale=s1, config=c1)  # noqa: E731
+            g2 = lambda: grouped_gemm(aq, q2, cu, a_scale=sa, b_scale=s2, config=c2)  # noqa: E731
             row[f"{mode}_err_vs_bf16"] = max(rel_err(g1(), ref1), rel_err(g2(), ref2))
             torch.cuda.synchronize()
             t1 = time.perf_counter()
@@ -132,7 +139,8 @@ def main(argv=None) -> int:
     write_results(
         "sm90_grouped_gemm_fp8", rows,
         {"title": "sm90 fp8 grouped GEMM (GEMM1+SwiGLU and GEMM2): scaling modes vs bf16 and torch._scaled_grouped_mm"},
-        md_columns=["shape", "T", "bf16_ms", "tensor_ms", "token_ms", "block_ms", "block_speedup_vs_bf16",
+        md_columns=["shape", "T", "bf16_ms", "tensor_ms", "token_ms", "block_ms", "block_overlap_ms",
+                    "block_speedup_vs_bf16", "block_overlap_speedup_vs_bf16",
                     "token_speedup_vs_bf16", "torch_scaled_ms", "token_speedup_vs_torch", "block_err_vs_bf16"],
         plot=speedup_plot("torch._scaled_grouped_mm time / ours (per-token fp8)",
                           "fp8 per-token grouped GEMM vs torch._scaled_grouped_mm"),
