@@ -30,8 +30,16 @@ _ACT_SCALING = {"per_tensor": "tensor", "per_token": "token", "blockwise": "bloc
 _GEMM_SCALES = TensorMemo()  # weight scale -> its contiguous grouped-GEMM layout, when not a view
 
 
+_ARCH: dict = {}
+
+
 def _cuda_arch(t: torch.Tensor) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(t.device)
+    """Compute capability of ``t``'s device (cached: this runs on every call)."""
+    index = t.device.index
+    arch = _ARCH.get(index)
+    if arch is None:
+        arch = _ARCH[index] = torch.cuda.get_device_capability(t.device)
+    return arch
 
 
 def unsupported_reason(op: str, **kw) -> str | None:

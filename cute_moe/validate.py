@@ -60,10 +60,12 @@ def _tensor(t, name: str, layout: str, shape: tuple, dtypes: tuple, device: torc
     """``t`` must be a tensor of ``shape`` (None = any size) with a dtype in ``dtypes`` on ``device``."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor or cupy.ndarray, got {type(t).__name__}")
-    if t.dim() != len(shape):
-        raise ValueError(f"{name}: expected a {len(shape)}-D tensor {layout}, got shape {list(t.shape)}")
-    if any(n is not None and n != m for n, m in zip(shape, t.shape)):
-        raise ValueError(f"{name}: expected shape {_dims(layout, shape)}, got {list(t.shape)}")
+    got = t.shape
+    if len(got) != len(shape):
+        raise ValueError(f"{name}: expected a {len(shape)}-D tensor {layout}, got shape {list(got)}")
+    for n, m in zip(shape, got):  # a plain loop: this runs for every tensor argument of every call
+        if n is not None and n != m:
+            raise ValueError(f"{name}: expected shape {_dims(layout, shape)}, got {list(got)}")
     if t.dtype not in dtypes:
         names = " or ".join(str(d) for d in dtypes)
         raise TypeError(f"{name}: expected dtype {names}{dtype_note}, got {t.dtype}")
