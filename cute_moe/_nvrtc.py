@@ -24,6 +24,11 @@ import threading
 from importlib import resources
 from typing import Any, Iterable, Mapping
 
+import torch
+
+# element dtype codes of every -D<NAME>_DT define (common.cuh's Elem<kDt>)
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
 KERNEL_SOURCES = ("routing.cu", "plan.cu", "permute.cu", "combine.cu", "quantize.cu")
 HEADERS = ("common.cuh",)
 

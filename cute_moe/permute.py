@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from . import _nvrtc
+from ._nvrtc import DTYPE_CODES
 from .interop import array_kind, as_torch, to_kind
 from .plan import LAYOUTS, RoutingPlan
 from .quant import AMAX_EPS, FP8_MAX
 
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_GROUP = 128
 SCALINGS = ("token", "block")
@@ -106,19 +106,26 @@ def _check_plan(plan, layout: str, device: torch.device) -> None:
         raise ValueError(f"plan: top_k <= 32 supported, got {plan.top_k}")
 
 
-def _check_x(x: torch.Tensor, plan: RoutingPlan, name: str = "x") -> int:
-    _check_plan_type(plan)
-    if x.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-D [T, H] tensor, got shape {tuple(x.shape)}")
+def _check_rows(x, name: str, layout: str) -> int:
+    """``x`` a 2-D CUDA bf16/fp16/fp32 matrix with a dense last dimension; returns its dtype code."""
+    if x is None or x.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D {layout} tensor, got {None if x is None else tuple(x.shape)}")
     if x.device.type != "cuda":
         raise ValueError(f"{name}: expected a CUDA tensor, got device {x.device}")
-    if x.dtype not in DTYPE_CODES:
+    code = DTYPE_CODES.get(x.dtype)
+    if code is None:
         raise TypeError(f"{name}: expected bf16, fp16 or fp32, got {x.dtype}")
-    if x.shape[0] != plan.num_tokens:
-        raise ValueError(f"{name}: expected {plan.num_tokens} rows (the plan's T), got {x.shape[0]}")
     if x.shape[1] > 1 and x.stride(1) != 1:
         raise ValueError(f"{name}: expected a contiguous last dimension, got strides {x.stride()}")
-    return DTYPE_CODES[x.dtype]
+    return code
+
+
+def _check_x(x: torch.Tensor, plan: RoutingPlan, name: str = "x") -> int:
+    _check_plan_type(plan)
+    code = _check_rows(x, name, "[T, H]")
+    if x.shape[0] != plan.num_tokens:
+        raise ValueError(f"{name}: expected {plan.num_tokens} rows (the plan's T), got {x.shape[0]}")
+    return code
 
 
 def _out_shape(plan: RoutingPlan, layout: str, hidden: int) -> tuple[int, ...]:
@@ -255,15 +262,7 @@ def quantize_fp8(x, *, scaling: str = "token", num_rows=None):
     xt = as_torch(x, "x")
     if scaling not in QUANT_SCALINGS:
         raise ValueError(f"scaling: expected one of {QUANT_SCALINGS}, got {scaling!r}")
-    if xt is None or xt.dim() != 2:
-        raise ValueError(f"x: expected a 2-D [M, K] tensor, got {None if xt is None else tuple(xt.shape)}")
-    if xt.device.type != "cuda":
-        raise ValueError(f"x: expected a CUDA tensor, got device {xt.device}")
-    x_dt = DTYPE_CODES.get(xt.dtype)
-    if x_dt is None:
-        raise TypeError(f"x: expected bf16, fp16 or fp32, got {xt.dtype}")
-    if xt.shape[1] > 1 and xt.stride(1) != 1:
-        raise ValueError(f"x: expected a contiguous last dimension, got strides {xt.stride()}")
+    x_dt = _check_rows(xt, "x", "[M, K]")
     _check_fp8_rows(xt, "fp8 quantization", "K")
     count = as_torch(num_rows, "num_rows")
     if count is not None and (count.dtype != torch.int32 or count.numel() < 1 or count.device != xt.device):

@@ -16,13 +16,13 @@ from __future__ import annotations
 import torch
 
 from . import _nvrtc
+from ._nvrtc import DTYPE_CODES
 from .interop import array_kind, as_torch, to_kind
 
 SCORINGS = ("softmax", "sigmoid")
 MAX_EXPERTS = 1024
 MAX_TOP_K = 32
 MAX_GROUPS = 32
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _WARPS = 4
 _SOURCE = "routing.cu"
 _fn_cache: dict[tuple, object] = {}
