@@ -153,6 +153,32 @@ __device__ __forceinline__ float chunk_amax(const float* f) {
     return amax;
 }
 
+// Max over the 32 lanes of a warp (NaN wins).
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = nanmax(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+
+// Max over the FP8_GROUP / FP8_CHUNK adjacent lanes that hold one 1x128 group (NaN wins).
+__device__ __forceinline__ float group_max(float v) {
+#pragma unroll
+    for (int o = 1; o < FP8_GROUP / FP8_CHUNK; o <<= 1) v = nanmax(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+
+// This lane's share of the amax of row `src`: chunks lane, lane + 32, ... < nchunk (warp_max completes it).
+template <int kDt>
+__device__ __forceinline__ float lane_row_amax(const char* __restrict__ src, int lane, int nchunk) {
+    float amax = 0.f;
+    for (int c = lane; c < nchunk; c += 32) {
+        float f[FP8_CHUNK];
+        load_chunk<kDt>(src, c, nchunk, f);
+        amax = nanmax(amax, chunk_amax(f));
+    }
+    return amax;
+}
+
 // FP8_CHUNK floats divided by `scale` as 16 e4m3 bytes.
 __device__ __forceinline__ uint4 quantize_chunk(const float* f, float scale) {
     u32 w[4];

@@ -44,15 +44,7 @@ __device__ __forceinline__ void permute_token(const char* __restrict__ src, cons
 #else
     const int nchunk = hidden / CHUNK;
 #if MODE == 1
-    float amax = 0.f;
-    for (int c0 = 0; c0 < nchunk; c0 += 32) {
-        float f[CHUNK];
-        load_chunk<X_DT>(src, c0 + lane, nchunk, f);
-        amax = nanmax(amax, chunk_amax(f));
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) amax = nanmax(amax, __shfl_xor_sync(FULL_MASK, amax, o));
-    const float tok_scale = fp8_scale(amax);
+    const float tok_scale = fp8_scale(warp_max(lane_row_amax<X_DT>(src, lane, nchunk)));
     if (lane == 0) {
 #pragma unroll
         for (int j = 0; j < TOP_K; ++j)
@@ -68,10 +60,7 @@ __device__ __forceinline__ void permute_token(const char* __restrict__ src, cons
         float f[CHUNK];
         load_chunk<X_DT>(src, c, nchunk, f);
 #if MODE == 2
-        float amax = chunk_amax(f);
-#pragma unroll
-        for (int o = 1; o < FP8_GROUP / CHUNK; o <<= 1) amax = nanmax(amax, __shfl_xor_sync(FULL_MASK, amax, o));
-        const float sc = fp8_scale(amax);
+        const float sc = fp8_scale(group_max(chunk_amax(f)));
 #else
         const float sc = tok_scale;
 #endif

@@ -26,16 +26,9 @@ amax_rows(const void* __restrict__ x, i64 x_row_bytes, int rows, int cols, const
     const int n = row_limit(rows, count);
     const int nchunk = cols / FP8_CHUNK;
     float amax = 0.f;
-    for (int r = blockIdx.x * WARPS + warp; r < n; r += gridDim.x * WARPS) {
-        const char* src = (const char*)x + (i64)r * x_row_bytes;
-        for (int c = lane; c < nchunk; c += 32) {
-            float f[FP8_CHUNK];
-            load_chunk<X_DT>(src, c, nchunk, f);
-            amax = nanmax(amax, chunk_amax(f));
-        }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) amax = nanmax(amax, __shfl_xor_sync(FULL_MASK, amax, o));
+    for (int r = blockIdx.x * WARPS + warp; r < n; r += gridDim.x * WARPS)
+        amax = nanmax(amax, lane_row_amax<X_DT>((const char*)x + (i64)r * x_row_bytes, lane, nchunk));
+    amax = warp_max(amax);
     if (lane == 0) warp_amax[warp] = amax;
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -58,15 +51,7 @@ quantize_rows(const void* __restrict__ x, i64 x_row_bytes, int rows, int cols, c
         const char* src = (const char*)x + (i64)r * x_row_bytes;
         uint4* dst = (uint4*)(out + (i64)r * cols);
 #if MODE == 1
-        float amax = 0.f;
-        for (int c = lane; c < nchunk; c += 32) {
-            float f[FP8_CHUNK];
-            load_chunk<X_DT>(src, c, nchunk, f);
-            amax = nanmax(amax, chunk_amax(f));
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) amax = nanmax(amax, __shfl_xor_sync(FULL_MASK, amax, o));
-        const float row_scale = fp8_scale(amax);
+        const float row_scale = fp8_scale(warp_max(lane_row_amax<X_DT>(src, lane, nchunk)));
         if (lane == 0) scale[r] = row_scale;
 #endif
         for (int c0 = 0; c0 < nchunk; c0 += 32) {  // warp-uniform: MODE 2 shuffles inside
@@ -76,11 +61,7 @@ quantize_rows(const void* __restrict__ x, i64 x_row_bytes, int rows, int cols, c
 #if MODE == 1
             const float sc = row_scale;
 #elif MODE == 2
-            float amax = chunk_amax(f);
-#pragma unroll
-            for (int o = 1; o < FP8_GROUP / FP8_CHUNK; o <<= 1)
-                amax = nanmax(amax, __shfl_xor_sync(FULL_MASK, amax, o));
-            const float sc = fp8_scale(amax);
+            const float sc = fp8_scale(group_max(chunk_amax(f)));
             if (c < nchunk && (c & (FP8_GROUP / FP8_CHUNK - 1)) == 0)
                 scale[(i64)(c / (FP8_GROUP / FP8_CHUNK)) * rows + r] = sc;
 #else
