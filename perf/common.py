@@ -53,6 +53,24 @@ def bench_ms(fn: Callable[[], object], *, warmup: int = 10, rep: int = 50, graph
     return statistics.median(start.elapsed_time(end) for start, end in events) / calls
 
 
+def expert_weights(shape, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random expert weights of a MoEShape on the GPU: w1 [E, 2I, H], w2 [E, H, I], std 1/sqrt(fan_in)."""
+    e, h, i = shape.num_experts, shape.hidden, shape.intermediate
+    w1 = torch.randn(e, 2 * i, h, device="cuda", dtype=dtype) * h**-0.5
+    w2 = torch.randn(e, h, i, device="cuda", dtype=dtype) * i**-0.5
+    return w1, w2
+
+
+def quantize_experts(w1: torch.Tensor, w2: torch.Tensor, mode: str, chunk: int = 16):
+    """``cute_moe.quant.quantize_weights`` over chunks of ``chunk`` experts (bounds the float32
+    temporaries: all of DeepSeek-V3's w1 at once would need tens of GB)."""
+    from cute_moe import quant
+
+    parts = [quant.quantize_weights(w1[j:j + chunk], w2[j:j + chunk], mode) for j in range(0, w1.shape[0], chunk)]
+    return quant.QuantizedWeights(*(torch.cat([getattr(p, name) for p in parts])
+                                    for name in ("w1_q", "w1_scale", "w2_q", "w2_scale")), mode)
+
+
 def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth in GB/s (1e9 bytes/s), counting bytes read plus written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")

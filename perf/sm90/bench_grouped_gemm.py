@@ -17,7 +17,7 @@ import sys
 import torch
 
 from cute_moe.gemm import GemmConfig, grouped_gemm, pick_config
-from perf.common import bench_ms, dense_mm_tflops, write_results, select_shapes, speedup_plot
+from perf.common import bench_ms, dense_mm_tflops, expert_weights, select_shapes, speedup_plot, write_results
 
 SWEEP = [GemmConfig(128, 256, 2), GemmConfig(128, 256), GemmConfig(128, 128), GemmConfig(64, 256), GemmConfig(64, 128), GemmConfig(64, 64)]
 NUM_SMS = 132
@@ -42,8 +42,7 @@ def best_time(fn_of_config, default: GemmConfig, sweep: bool) -> tuple[float, Ge
 
 def bench_shape(shape, tokens_list, sweep: bool) -> list[dict]:
     e, k, h, i = shape.num_experts, shape.top_k, shape.hidden, shape.intermediate
-    w1 = torch.randn(e, 2 * i, h, device="cuda", dtype=torch.bfloat16) * h**-0.5
-    w2 = torch.randn(e, h, i, device="cuda", dtype=torch.bfloat16) * i**-0.5
+    w1, w2 = expert_weights(shape)
     rows = []
     for t in tokens_list:
         cu = routing_offsets(t, e, k)

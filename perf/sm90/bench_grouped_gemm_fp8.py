@@ -21,27 +21,20 @@ from cute_moe import quant
 from cute_moe.reference import gated_activation_reference
 from cute_moe.gemm import grouped_gemm
 from cute_moe.gemm.config import pick_config
-from perf.common import bench_ms, select_shapes, speedup_plot, write_results
+from cute_moe.layer import gemm_weight_scale
+from perf.common import bench_ms, expert_weights, quantize_experts, select_shapes, speedup_plot, write_results
 from perf.sm90.bench_grouped_gemm import rel_err, routing_offsets
 
 MODES = ("tensor", "token", "block", "block_overlap")  # block_overlap: GemmConfig.overlap_promotion
 
 
-def _chunked(fn, w: torch.Tensor, chunk: int = 16):
-    """Apply a per-expert quantizer over expert chunks (bounds the float32 temporaries)."""
-    parts = [fn(w[i:i + chunk]) for i in range(0, w.shape[0], chunk)]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+QUANT_MODES = {"tensor": "per_tensor", "token": "per_token", "block": "blockwise"}
 
 
-def quantize_weight(mode: str, w: torch.Tensor):
-    """(q [E, N, K] fp8, scale in the kernel's layout) for ``mode``."""
-    if mode == "tensor":
-        q, s = _chunked(quant.quantize_per_expert, w)
-        return q, s.reshape(-1).contiguous()
-    if mode == "token":
-        q, s = _chunked(quant.quantize_per_channel, w)
-        return q, s.squeeze(-1).contiguous()
-    return _chunked(quant.quantize_blockwise_weight, w)
+def quantize_weights(mode: str, w1: torch.Tensor, w2: torch.Tensor):
+    """((w1 q, scale), (w2 q, scale)) fp8 with scales in the kernel's layout (the layer's re-layout)."""
+    q = quantize_experts(w1, w2, QUANT_MODES[mode])
+    return ((q.w1_q, gemm_weight_scale(q.w1_scale, q.mode)), (q.w2_q, gemm_weight_scale(q.w2_scale, q.mode)))
 
 
 def quantize_act(mode: str, x: torch.Tensor):
@@ -67,7 +60,7 @@ def dequant_act(mode: str, q: torch.Tensor, scale: torch.Tensor, rows: torch.Ten
 
 
 def dequant_weight(mode: str, q: torch.Tensor, scale: torch.Tensor, e: int) -> torch.Tensor:
-    """float32 weights of expert ``e`` from :func:`quantize_weight`'s (q, kernel-layout scale)."""
+    """float32 weights of expert ``e`` from :func:`quantize_weights`' (q, kernel-layout scale)."""
     if mode == "tensor":
         return q[e].float() * scale[e]
     if mode == "token":
@@ -99,9 +92,8 @@ def torch_scaled(x_q, sx, w_q, sw, offs):
 
 def bench_shape(shape, tokens_list) -> list[dict]:
     e, k, h, i = shape.num_experts, shape.top_k, shape.hidden, shape.intermediate
-    w1 = torch.randn(e, 2 * i, h, device="cuda", dtype=torch.bfloat16) * h**-0.5
-    w2 = torch.randn(e, h, i, device="cuda", dtype=torch.bfloat16) * i**-0.5
-    qw = {m: (quantize_weight(m, w1), quantize_weight(m, w2)) for m in MODES if m != "block_overlap"}
+    w1, w2 = expert_weights(shape)
+    qw = {m: quantize_weights(m, w1, w2) for m in QUANT_MODES}
     qw["block_overlap"] = qw["block"]
     print(f"{shape.name}: weights quantized", flush=True)
     rows = []

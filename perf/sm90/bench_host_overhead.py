@@ -26,7 +26,7 @@ import cute_moe
 from cute_moe.gemm import grouped_gemm
 from cute_moe.permute import combine, permute
 from cute_moe.plan import make_plan
-from perf.common import select_shapes, write_results
+from perf.common import expert_weights, select_shapes, write_results
 
 
 def host_us(fn, calls: int) -> float:
@@ -45,9 +45,8 @@ def host_us(fn, calls: int) -> float:
 
 
 def bench_shape(shape, tokens: int, calls: int, profile: list) -> dict:
-    e, k, h, i = shape.num_experts, shape.top_k, shape.hidden, shape.intermediate
-    w1 = torch.randn(e, 2 * i, h, device="cuda", dtype=torch.bfloat16) * h**-0.5
-    w2 = torch.randn(e, h, i, device="cuda", dtype=torch.bfloat16) * i**-0.5
+    e, k, h = shape.num_experts, shape.top_k, shape.hidden
+    w1, w2 = expert_weights(shape)
     rw = torch.randn(e, h, device="cuda", dtype=torch.bfloat16) * h**-0.5
     x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(x)

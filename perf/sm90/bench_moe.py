@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import cute_moe
-from perf.common import bench_ms, dense_mm_tflops, write_results, select_shapes, speedup_plot
+from perf.common import bench_ms, dense_mm_tflops, expert_weights, quantize_experts, select_shapes, speedup_plot, write_results
 
 
 def read_bandwidth_gbs(nbytes: int = 4 << 30) -> float:
@@ -39,14 +39,6 @@ def dense_fp8_tflops(n: int = 8192) -> float:
     one = torch.ones((), device="cuda")
     ms = bench_ms(lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16), warmup=5, rep=20)
     return 2 * n ** 3 / (ms * 1e-3) / 1e12
-
-
-def quantize_chunked(w1, w2, mode: str, chunk: int = 16) -> cute_moe.quant.QuantizedWeights:
-    """quant.quantize_weights over expert chunks (bounds the float32 temporaries)."""
-    parts = [cute_moe.quant.quantize_weights(w1[i:i + chunk], w2[i:i + chunk], mode)
-             for i in range(0, w1.shape[0], chunk)]
-    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
-    return cute_moe.quant.QuantizedWeights(cat("w1_q"), cat("w1_scale"), cat("w2_q"), cat("w2_scale"), mode)
 
 
 def torch_expert_loop(topk_ids, num_experts):
@@ -91,11 +83,10 @@ def torch_pipeline(x, w1t, w2t, topk_w, topk_ids, num_experts, inter):
 
 def bench_shape(shape, tokens_list, dense_tflops, read_gbs, fp8_tflops) -> list[dict]:
     e, k, h, i = shape.num_experts, shape.top_k, shape.hidden, shape.intermediate
-    w1 = torch.randn(e, 2 * i, h, device="cuda", dtype=torch.bfloat16) * h**-0.5
-    w2 = torch.randn(e, h, i, device="cuda", dtype=torch.bfloat16) * i**-0.5
+    w1, w2 = expert_weights(shape)
     w1t, w2t = w1.transpose(1, 2), w2.transpose(1, 2)
     fp8_mode = "blockwise" if i % 128 == 0 else "per_token"
-    qw = quantize_chunked(w1, w2, fp8_mode) if fp8_tflops else None
+    qw = quantize_experts(w1, w2, fp8_mode) if fp8_tflops else None
     rows = []
     for t in tokens_list:
         x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
