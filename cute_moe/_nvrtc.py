@@ -140,8 +140,6 @@ def device_info(index: int) -> tuple[str, int]:
     """('sm_XX', number of SMs) of CUDA device ``index`` (cached)."""
     info = _device_info.get(index)
     if info is None:
-        import torch
-
         props = torch.cuda.get_device_properties(index)
         info = (f"sm_{props.major}{props.minor}", props.multi_processor_count)
         _device_info[index] = info
@@ -185,8 +183,6 @@ class _StreamRef:
 
 def current_stream(device_index: int):
     """torch's current stream on ``device_index`` as a (cached) cupy stream."""
-    import torch
-
     ptr = torch.cuda.current_stream(device_index).cuda_stream
     key = (device_index, ptr)
     s = _streams.get(key)
@@ -207,8 +203,6 @@ def launch(fn, device_index: int, grid: int, block: int, args: tuple, shared_mem
 
     ``args`` are kernel parameters: Python ints (64-bit: pointers, sizes), numpy scalars
     (np.int32, np.float32, ...) or Python floats (double)."""
-    import torch
-
     if _driver_launch is not None and torch.cuda.current_device() == device_index:
         packed = _pack(args)
         if packed is not None:
