@@ -286,31 +286,36 @@ class GroupedGemmSm90:
             nb_lo = n_idx * self.tile_n // 128
             nb_hi = cutlass.min((n_idx * self.tile_n + self.tile_n // 2) // 128, nb_max)
         acc.fill(0.0)
+        last = k_tiles - 1
+        # Scales are raw loads one k-tile ahead of their use and only multiplied at promotion: a
+        # product formed before the WGMMA issue made ptxas stall the QGMMA sequence on the global load.
         if const_expr(not self.cfg.overlap_promotion):
+            s0, s1, s2, s3 = self._block_scales(mSA, mSB, e, ra, rb, nb_lo, nb_hi, 0)
             for kt in range(k_tiles):
-                c00, c10, c01, c11 = self._block_scales(mSA, mSB, e, ra, rb, nb_lo, nb_hi, kt)
                 tiled_mma = self._issue_ktile(tiled_mma, tmp, tCrA, tCrB, mainloop, read_state, num_k_blocks)
                 read_state.advance()
+                n0, n1, n2, n3 = self._block_scales(mSA, mSB, e, ra, rb, nb_lo, nb_hi, cutlass.min(kt + 1, last))
                 warpgroup.wait_group(0)
                 mainloop.consumer_release(release_state)
                 release_state.advance()
-                self._promote(acc, tmp, c00, c10, c01, c11)
+                self._promote(acc, tmp, s0, s1, s2, s3)
+                s0, s1, s2, s3 = n0, n1, n2, n3
         else:
             # scalars, not tuples: they are carried through the dynamic loop and if
-            a00, a10, a01, a11 = self._block_scales(mSA, mSB, e, ra, rb, nb_lo, nb_hi, 0)
+            a0, a1, a2, a3 = self._block_scales(mSA, mSB, e, ra, rb, nb_lo, nb_hi, 0)
+            b0, b1, b2, b3 = self._block_scales(mSA, mSB, e, ra, rb, nb_lo, nb_hi, cutlass.min(1, last))
             tiled_mma = self._issue_ktile(tiled_mma, tmp, tCrA, tCrB, mainloop, read_state, num_k_blocks)
             read_state.advance()
-            for p in range(k_tiles // 2):  # tmp holds k-tile 2p in flight
+            for p in range(k_tiles // 2):  # tmp holds k-tile 2p in flight, tmp2 k-tile 2p + 1
                 kt = 2 * p
-                b00, b10, b01, b11 = self._block_scales(mSA, mSB, e, ra, rb, nb_lo, nb_hi, kt + 1)
                 tiled_mma = self._issue_ktile(tiled_mma, tmp2, tCrA, tCrB, mainloop, read_state, num_k_blocks)
                 read_state.advance()
                 warpgroup.wait_group(1)
                 mainloop.consumer_release(release_state)
                 release_state.advance()
-                self._promote(acc, tmp, a00, a10, a01, a11)
+                self._promote(acc, tmp, a0, a1, a2, a3)
+                a0, a1, a2, a3 = self._block_scales(mSA, mSB, e, ra, rb, nb_lo, nb_hi, cutlass.min(kt + 2, last))
                 if kt + 2 < k_tiles:
-                    a00, a10, a01, a11 = self._block_scales(mSA, mSB, e, ra, rb, nb_lo, nb_hi, kt + 2)
                     tiled_mma = self._issue_ktile(tiled_mma, tmp, tCrA, tCrB, mainloop, read_state, num_k_blocks)
                     read_state.advance()
                     warpgroup.wait_group(1)
@@ -318,23 +323,20 @@ class GroupedGemmSm90:
                     warpgroup.wait_group(0)
                 mainloop.consumer_release(release_state)
                 release_state.advance()
-                self._promote(acc, tmp2, b00, b10, b01, b11)
+                self._promote(acc, tmp2, b0, b1, b2, b3)
+                b0, b1, b2, b3 = self._block_scales(mSA, mSB, e, ra, rb, nb_lo, nb_hi, cutlass.min(kt + 3, last))
             if k_tiles % 2 == 1:  # tmp holds the last k-tile
                 warpgroup.wait_group(0)
                 mainloop.consumer_release(release_state)
                 release_state.advance()
-                self._promote(acc, tmp, a00, a10, a01, a11)
+                self._promote(acc, tmp, a0, a1, a2, a3)
         return read_state, release_state
 
     @cute.jit
     def _block_scales(self, mSA, mSB, e, ra, rb, nb_lo, nb_hi, kt):
-        """The four products sa[row] * sb[n-block] a thread's fragment needs for k-tile ``kt``:
-        (row a, low half), (row b, low half), (row a, high half), (row b, high half)."""
-        sa0 = mSA[kt, ra]
-        sa1 = mSA[kt, rb]
-        sb_lo = mSB[e, nb_lo, kt]
-        sb_hi = mSB[e, nb_hi, kt]
-        return sa0 * sb_lo, sa1 * sb_lo, sa0 * sb_hi, sa1 * sb_hi
+        """Raw scales of k-tile ``kt`` for a thread's fragment: sa[row a], sa[row b], sb[low-half
+        n-block], sb[high-half n-block]."""
+        return mSA[kt, ra], mSA[kt, rb], mSB[e, nb_lo, kt], mSB[e, nb_hi, kt]
 
     @cute.jit
     def _issue_ktile(self, tiled_mma, dst, tCrA, tCrB, mainloop, read_state, num_k_blocks):
@@ -350,8 +352,13 @@ class GroupedGemmSm90:
         return tiled_mma
 
     @cute.jit
-    def _promote(self, acc, src, s00, s10, s01, s11):
-        """acc += src * the fragment element's block scale (see `_block_scales` for the order)."""
+    def _promote(self, acc, src, sa0, sa1, sb_lo, sb_hi):
+        """acc += src * sa[row] * sb[n-block] per fragment element (bit 1 of the fragment index picks
+        the row, the half the n-block)."""
+        s00 = sa0 * sb_lo
+        s10 = sa1 * sb_lo
+        s01 = sa0 * sb_hi
+        s11 = sa1 * sb_hi
         half = cute.size(acc) // 2
         for i in cutlass.range_constexpr(half):
             if const_expr((i // 2) % 2 == 0):
