@@ -15,9 +15,11 @@ import torch
 
 import cute_moe
 from cute_moe import quant
-from cute_moe.permute import permute_fp8_per_tensor, quantize_fp8
+from cute_moe.gemm.interface import grouped_gemm
+from cute_moe.layer import gemm_weight_scale
+from cute_moe.permute import permute_fp8, permute_fp8_per_tensor, quantize_fp8
 from cute_moe.plan import make_plan
-from cute_moe.reference import experts_reference
+from cute_moe.reference import experts_reference, gated_activation_reference
 from routing_data import random_topk_ids
 
 pytestmark = pytest.mark.gpu
@@ -29,6 +31,13 @@ DEV = "cuda"
 MODES = ("per_tensor", "per_token", "blockwise")
 E, K, H, I = 8, 2, 256, 128
 TOL = 2e-2
+# End to end, per-tensor activation scaling is ill-conditioned against the reference: GEMM2's single
+# activation scale comes from the amax of GEMM1's output, and when the kernel's and the reference's
+# largest element differ by one bf16 ulp (fp32 summation order, activation arithmetic) every
+# activation is quantized with a slightly different scale and ~6% of them move by one fp8 step:
+# 2-2.6e-2 measured on H200 in about one call in twenty. Each stage on its own inputs stays within TOL
+# (test_fp8_layer_stages_match_float32_on_kernel_inputs), so the end-to-end per-tensor bound is looser.
+LAYER_TOL = {"per_tensor": 4e-2, "per_token": TOL, "blockwise": TOL}
 
 
 def rel_err(out, ref):
@@ -70,7 +79,7 @@ def _check_fp8_call(mode, x, weights, ids, compare_bf16=True):
         bf16 = cute_moe.fused_moe(x, w1, w2, weights, ids, w1_bias=b1, w2_bias=b2, backend="cute")
         vs_bf16 = f", vs bf16 cute {rel_err(out, bf16):.2e}"
     print(f"fp8 {mode} {x.dtype} T={x.shape[0]} k={ids.shape[1]}: err vs fp8 reference {err:.2e}{vs_bf16}")
-    assert err < TOL
+    assert err < LAYER_TOL[mode]
     again = cute_moe.fused_moe(x, None, None, weights, ids, w1_bias=b1, w2_bias=b2, quant=qw, backend="cute")
     assert torch.equal(again, out)  # deterministic
 
@@ -83,6 +92,59 @@ def test_fp8_layer_matches_reference(mode, tokens, kind):
     x = torch.randn(tokens, H, device=DEV).to(torch.bfloat16)
     weights, ids = _routing(kind, tokens)
     _check_fp8_call(mode, x, weights, ids)
+
+
+def _dequantize_act(mode, q, scale):
+    if mode == "blockwise":
+        return quant.dequantize_blockwise_act(q, scale.T.contiguous())
+    return q.float() * (scale.float()[:, None] if mode == "per_token" else scale.float())
+
+
+@needs_sm90
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("tokens", [37, 200])
+def test_fp8_layer_stages_match_float32_on_kernel_inputs(mode, tokens):
+    """The layer's stages one by one: activation quantization as cute_moe.quant's (scales within an ulp,
+    fp8 codes equal but for rare rounding ties), each fp8 GEMM within TOL of float32 on the dequantized
+    operands it was given."""
+    w1, w2, b1, b2, qw = _layer(mode)
+    x = torch.randn(tokens, H, device=DEV).to(torch.bfloat16)
+    _, ids = _routing("random", tokens)
+    plan = make_plan(ids, E)
+    cu, counts = plan.cu_seqlens, plan.counts.tolist()
+    scaling = {"per_tensor": "tensor", "per_token": "token", "blockwise": "block"}[mode]
+    ref_quant = {"per_tensor": quant.quantize_per_tensor, "per_token": quant.quantize_per_token,
+                 "blockwise": quant.quantize_blockwise_act}[mode]
+
+    def check_quant(q, scale, src):
+        rq, rs = ref_quant(src)
+        torch.testing.assert_close(scale.reshape(-1), (rs.T if mode == "blockwise" else rs).reshape(-1),
+                                   rtol=1e-6, atol=0)
+        assert (q.view(torch.uint8) != rq.view(torch.uint8)).float().mean().item() < 1e-3
+
+    def check_gemm(out, a_dq, w_dq, bias, activation):
+        ref = torch.empty(out.shape, device=DEV)
+        o = 0
+        for e, c in enumerate(counts):
+            h = a_dq[o:o + c] @ w_dq[e].T + bias[e].float()
+            ref[o:o + c] = h if activation is None else gated_activation_reference(h, activation)
+            o += c
+        assert rel_err(out, ref) < TOL
+
+    if mode == "per_tensor":
+        xq, xs = permute_fp8_per_tensor(x, plan)
+    else:
+        xq, xs = permute_fp8(x, plan, scaling=scaling)
+    check_quant(xq, xs, x[plan.row_src.long() // K])
+    h = torch.full((tokens * K, I), float("nan"), device=DEV, dtype=torch.bfloat16)
+    grouped_gemm(xq, qw.w1_q, cu, activation="silu", bias=b1, a_scale=xs,
+                 b_scale=gemm_weight_scale(qw.w1_scale, mode), out=h)
+    check_gemm(h, _dequantize_act(mode, xq, xs), quant.dequantize_weight(qw.w1_q, qw.w1_scale, mode), b1, "silu")
+    hq, hs = quantize_fp8(h, scaling=scaling, num_rows=cu[E:])
+    check_quant(hq, hs, h)
+    y = torch.full((tokens * K, H), float("nan"), device=DEV, dtype=torch.bfloat16)
+    grouped_gemm(hq, qw.w2_q, cu, bias=b2, a_scale=hs, b_scale=gemm_weight_scale(qw.w2_scale, mode), out=y)
+    check_gemm(y, _dequantize_act(mode, hq, hs), quant.dequantize_weight(qw.w2_q, qw.w2_scale, mode), b2, None)
 
 
 @needs_sm90
@@ -115,7 +177,7 @@ def test_fp8_layer_cuda_graph_replay_with_new_inputs(mode):
         g.replay()
         torch.cuda.synchronize()
         ref = experts_reference(x, None, None, weights, ids, w1_bias=b1, w2_bias=b2, quant=qw)
-        assert rel_err(out, ref) < TOL
+        assert rel_err(out, ref) < LAYER_TOL[mode]
 
 
 @needs_sm90
