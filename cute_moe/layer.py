@@ -70,9 +70,6 @@ def _fp8_unsupported_reason(x: torch.Tensor, quant: QuantizedWeights) -> str | N
     hidden, inter = x.shape[1], quant.w1_q.shape[1] // 2
     if hidden % 16 or inter % 16:
         return f"fp8: H={hidden} and I={inter} must be multiples of 16 (fp8 GEMM K and 16-byte quantized rows)"
-    if quant.mode == "blockwise" and inter % 128:
-        return (f"blockwise fp8: I={inter} must be a multiple of 128 (GEMM1's gate and up halves must "
-                f"start on 128-row weight scale blocks)")
     if not (x.is_contiguous() and quant.w1_q.is_contiguous() and quant.w2_q.is_contiguous()):
         return "fp8: x, quant.w1_q and quant.w2_q must be contiguous"
     if x.data_ptr() % 16:
@@ -133,7 +130,7 @@ def _fp8_experts(x, quant: QuantizedWeights, plan, activation, w1_bias, w2_bias,
 
 def gemm_weight_scale(scale: torch.Tensor, mode: str) -> torch.Tensor:
     """A QuantizedWeights scale in grouped_gemm's b_scale layout: per_tensor [E, 1, 1] -> [E],
-    per_token [E, N, 1] -> [E, N], blockwise [E, N/128, K/128] as is. A view when the layout allows;
+    per_token [E, N, 1] -> [E, N], blockwise [E, N blocks, ceil(K/128)] as is. A view when the layout allows;
     otherwise a contiguous copy made once and reused while the scale tensor is alive and unmodified
     (not cached while a CUDA graph is being captured, where the copy only runs at replay)."""
     num_experts, n, k = scale.shape

@@ -8,7 +8,10 @@ Every scheme computes ``scale = max(amax, AMAX_EPS) / 448`` in float32 over its 
 - ``per_tensor``: one scale ``[]`` / one scale per expert ``[E, 1, 1]`` (vLLM, Mixtral-FP8).
 - ``per_token``: one scale per row ``[M, 1]`` / one per output channel ``[E, N, 1]``.
 - ``blockwise``: 1x128 groups ``[M, ceil(K/128)]`` / 128x128 tiles ``[E, ceil(N/128), ceil(K/128)]``
-  (DeepSeek-V3's ``weight_scale_inv``: dequantized = q * scale_inv).
+  (DeepSeek-V3's ``weight_scale_inv``: dequantized = q * scale_inv). The gated w1 [E, 2I, H] is
+  blocked per half (gate, then up: ``[E, 2*ceil(I/128), ceil(H/128)]``, as vLLM stores w13's
+  ``weight_scale_inv``), so no block straddles the two; the same as whole-matrix blocks when
+  I % 128 == 0.
 
 Ragged trailing groups/blocks (K or N not a multiple of 128) are scaled by the amax of the elements
 they do contain. Activation scales are dynamic (computed from the data on every call).
@@ -30,9 +33,9 @@ __all__ = [
     "AMAX_EPS", "BLOCK", "FP8_DTYPE", "FP8_MAX", "QUANT_DTYPES", "QUANT_MODES", "QuantConfig",
     "QuantizedWeights", "dequantize", "dequantize_blockwise_act", "dequantize_blockwise_weight",
     "dequantize_per_channel", "dequantize_per_expert", "dequantize_per_tensor", "dequantize_per_token",
-    "dequantize_weight", "fake_quantize_act", "quantize_blockwise_act", "quantize_blockwise_weight",
-    "quantize_per_channel", "quantize_per_expert", "quantize_per_tensor", "quantize_per_token",
-    "quantize_weights",
+    "dequantize_weight", "fake_quantize_act", "quantize_blockwise_act", "quantize_blockwise_gated_weight",
+    "quantize_blockwise_weight", "quantize_per_channel", "quantize_per_expert", "quantize_per_tensor",
+    "quantize_per_token", "quantize_weights", "weight_scale_blocks",
 ]
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -215,6 +218,19 @@ def quantize_blockwise_weight(w: torch.Tensor, block: int = BLOCK) -> tuple[torc
     return _cast(w, _expand(scale, block, w.shape[-2:])), scale
 
 
+def weight_scale_blocks(n: int, gated: bool, block: int = BLOCK) -> int:
+    """Scale rows of a blockwise weight with ``n`` rows: gated (w1, [gate | up]) halves are blocked
+    separately."""
+    return 2 * -(-(n // 2) // block) if gated else -(-n // block)
+
+
+def quantize_blockwise_gated_weight(w1: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_blockwise_weight` of w1 [E, 2I, H]'s gate and up halves, concatenated:
+    (q [E, 2I, H], scale_inv [E, 2*ceil(I/block), ceil(H/block)])."""
+    (gq, gs), (uq, us) = (quantize_blockwise_weight(half, block) for half in w1.chunk(2, dim=-2))
+    return torch.cat([gq, uq], dim=-2), torch.cat([gs, us], dim=-2)
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``q * scale`` in float32 for the broadcasting layouts (per-tensor/expert/token/channel)."""
     return q.float() * scale
@@ -229,7 +245,13 @@ def dequantize_blockwise_act(q: torch.Tensor, scale: torch.Tensor, group: int = 
 
 
 def dequantize_blockwise_weight(q: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
-    """Inverse of :func:`quantize_blockwise_weight`, in float32."""
+    """Inverse of :func:`quantize_blockwise_weight` and, told apart by the scale's shape where the
+    layouts differ, of :func:`quantize_blockwise_gated_weight`, in float32."""
+    n = q.shape[-2]
+    if scale_inv.shape[-2] != weight_scale_blocks(n, False, block) and scale_inv.shape[-2] == weight_scale_blocks(
+            n, True, block):
+        return torch.cat([dequantize_blockwise_weight(hq, hs, block)
+                          for hq, hs in zip(q.chunk(2, dim=-2), scale_inv.chunk(2, dim=-2))], dim=-2)
     return q.float() * _expand(scale_inv, block, q.shape[-2:])
 
 
@@ -253,7 +275,7 @@ def quantize_weights(w1: torch.Tensor, w2: torch.Tensor, config: QuantConfig | s
     """Quantize expert weights w1 [E, 2I, H] and w2 [E, H, I] in ``config``'s weight scheme."""
     mode = _mode(config)
     quantize, _ = _WEIGHT_SCHEMES[mode]
-    w1_q, w1_scale = quantize(w1)
+    w1_q, w1_scale = (quantize_blockwise_gated_weight if mode == "blockwise" else quantize)(w1)
     w2_q, w2_scale = quantize(w2)
     return QuantizedWeights(w1_q, w1_scale, w2_q, w2_scale, mode)
 

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from .quant import BLOCK, FP8_DTYPE, QUANT_MODES, QuantizedWeights
+from .quant import BLOCK, FP8_DTYPE, QUANT_MODES, QuantizedWeights, weight_scale_blocks
 from .reference import ACTIVATIONS, SCORINGS
 
 BACKENDS = ("auto", "reference", "cute")
@@ -168,13 +168,13 @@ def _expert_dims(w1: torch.Tensor, name: str) -> tuple[int, int]:
     return num_experts, two_inter // 2
 
 
-def _weight_scale_shape(mode: str, w: torch.Tensor) -> tuple[int, int, int]:
+def _weight_scale_shape(mode: str, w: torch.Tensor, gated: bool) -> tuple[int, int, int]:
     num_experts, n, k = w.shape
     if mode == "per_tensor":
         return num_experts, 1, 1
     if mode == "per_token":
         return num_experts, n, 1
-    return num_experts, -(-n // BLOCK), -(-k // BLOCK)
+    return num_experts, weight_scale_blocks(n, gated), -(-k // BLOCK)
 
 
 def _check_quant(quant, w1, w2, hidden: int, device: torch.device) -> tuple[int, int]:
@@ -192,7 +192,7 @@ def _check_quant(quant, w1, w2, hidden: int, device: torch.device) -> tuple[int,
     _tensor(quant.w2_q, "quant.w2_q", "[E, H, I]", (num_experts, hidden, inter), (FP8_DTYPE,), device)
     _last_dim_contiguous(quant.w2_q, "quant.w2_q")
     for name, q, scale in (("w1", quant.w1_q, quant.w1_scale), ("w2", quant.w2_q, quant.w2_scale)):
-        shape = _weight_scale_shape(quant.mode, q)
+        shape = _weight_scale_shape(quant.mode, q, gated=name == "w1")
         _tensor(scale, f"quant.{name}_scale", f"({quant.mode} layout)", shape, (torch.float32,), device)
     quant.check_scales()
     return num_experts, inter

@@ -231,7 +231,9 @@ def test_warmup_cross_compiles_the_fp8_kernels_of_a_quantized_layer(cache, monke
     assert [k.scale_mode for k in keys] == ["block", "block"]
     assert all(k.ab_dtype == torch.float8_e4m3fn and k.out_dtype == BF16 and k.config.tile_n == 128 for k in keys)
     assert cute_moe.warmup(layer, tokens=(1,), progress=False)["compiled"] == 2 == len(calls)
-    odd = cute_moe.MIXTRAL_8X7B.scaled(hidden=256, intermediate=144, num_experts=4)  # I % 128 != 0
+    odd = cute_moe.MIXTRAL_8X7B.scaled(hidden=256, intermediate=144, num_experts=4)  # I % 128 != 0: blockwise runs
+    assert cute_moe.warmup(odd, tokens=(1,), quant="blockwise", progress=False)["gemm_kernels"] == 2
+    odd = cute_moe.MIXTRAL_8X7B.scaled(hidden=256, intermediate=72, num_experts=4)  # I % 16 != 0: reference
     assert cute_moe.warmup(odd, tokens=(1,), quant="blockwise", progress=False)["gemm_kernels"] == 0
     with pytest.raises(ValueError, match="quant: expected"):
         cute_moe.warmup(odd, quant="int4")

@@ -23,8 +23,9 @@ def rel_err(out, ref):
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def quantized_operands(mode: str, a: torch.Tensor, b: torch.Tensor):
-    """(qa, a_scale, qb, b_scale, dequantized a, dequantized b) in the kernel's scale layouts."""
+def quantized_operands(mode: str, a: torch.Tensor, b: torch.Tensor, gated: bool = False):
+    """(qa, a_scale, qb, b_scale, dequantized a, dequantized b) in the kernel's scale layouts; a gated
+    b ([gate | up]) is blocked per half in block mode."""
     if mode == "tensor":
         qa, sa = quant.quantize_per_tensor(a)
         qb, sb = quant.quantize_per_expert(b)
@@ -35,7 +36,7 @@ def quantized_operands(mode: str, a: torch.Tensor, b: torch.Tensor):
         return (qa, sa.reshape(-1).contiguous(), qb, sb.squeeze(-1).contiguous(),
                 quant.dequantize(qa, sa), quant.dequantize(qb, sb))
     qa, sa = quant.quantize_blockwise_act(a)
-    qb, sb = quant.quantize_blockwise_weight(b)
+    qb, sb = (quant.quantize_blockwise_gated_weight if gated else quant.quantize_blockwise_weight)(b)
     return (qa, sa.T.contiguous(), qb, sb.contiguous(),
             quant.dequantize_blockwise_act(qa, sa), quant.dequantize_blockwise_weight(qb, sb))
 
@@ -63,11 +64,12 @@ def test_fp8_ragged(mode, activation, tile_m):
     from cute_moe.gemm import grouped_gemm
 
     gated = activation != "none"
-    n, k = (2 * 256, 320) if gated else (384, 320)  # K not a multiple of 128: ragged last scale block
+    # K, N and I = N/2 not multiples of 128: ragged last scale blocks (GPT-OSS: H = I = 2880)
+    n, k = (2 * 160, 320) if gated else (320, 320)
     e = len(RAGGED)
     a = torch.randn(sum(RAGGED), k, device="cuda")
     b = torch.randn(e, n, k, device="cuda") / k**0.5
-    qa, sa, qb, sb, da, db = quantized_operands(mode.removesuffix("_overlap"), a, b)
+    qa, sa, qb, sb, da, db = quantized_operands(mode.removesuffix("_overlap"), a, b, gated)
     cu = torch.tensor([0] + RAGGED, device="cuda").cumsum(0).to(torch.int32)
     out = torch.full((a.shape[0], n // 2 if gated else n), float("nan"), device="cuda", dtype=torch.bfloat16)
     grouped_gemm(qa, qb, cu, activation=activation, a_scale=sa, b_scale=sb, out=out, config=_config(mode, tile_m))
@@ -104,7 +106,7 @@ def test_fp8_persistent_many_tiles_per_cta(mode):
     counts = [3000, 0, 2500]
     a = torch.randn(sum(counts), k, device="cuda")
     b = torch.randn(e, n, k, device="cuda") / k**0.5
-    qa, sa, qb, sb, da, db = quantized_operands(mode.removesuffix("_overlap"), a, b)
+    qa, sa, qb, sb, da, db = quantized_operands(mode.removesuffix("_overlap"), a, b, gated=True)
     cu = torch.tensor([0] + counts, device="cuda").cumsum(0).to(torch.int32)
     out = torch.full((a.shape[0], n // 2), float("nan"), device="cuda", dtype=torch.bfloat16)
     grouped_gemm(qa, qb, cu, activation="silu", a_scale=sa, b_scale=sb, out=out, config=_config(mode, 128))

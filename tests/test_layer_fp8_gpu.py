@@ -148,6 +148,23 @@ def test_fp8_layer_stages_match_float32_on_kernel_inputs(mode, tokens):
 
 
 @needs_sm90
+def test_fp8_blockwise_layer_ragged_scale_blocks():
+    """H and I not multiples of 128 (as GPT-OSS's 2880): ragged last 1x128 groups and 128x128 blocks,
+    w1's gate and up halves blocked separately."""
+    h, i, tokens = 320, 160, 77
+    g = torch.Generator(device=DEV).manual_seed(1)
+    w1 = (torch.randn(E, 2 * i, h, device=DEV, generator=g) * h**-0.5).to(torch.bfloat16)
+    w2 = (torch.randn(E, h, i, device=DEV, generator=g) * i**-0.5).to(torch.bfloat16)
+    qw = quant.quantize_weights(w1, w2, "blockwise")
+    x = torch.randn(tokens, h, device=DEV).to(torch.bfloat16)
+    weights, ids = _routing("random", tokens)
+    out = torch.full_like(x, float("nan"))
+    cute_moe.fused_moe(x, None, None, weights, ids, quant=qw, out=out, backend="cute")
+    assert cute_moe.last_backend() == "cute"
+    assert rel_err(out, experts_reference(x, None, None, weights, ids, quant=qw)) < TOL
+
+
+@needs_sm90
 def test_fp8_layer_fp16():
     x = torch.randn(45, H, device=DEV).to(torch.float16)
     weights, ids = _routing("random", 45)

@@ -92,6 +92,37 @@ def test_blockwise_scales_by_hand():
         torch.testing.assert_close(scale[:, j], x[:, c:c + 128].abs().amax(-1) / FP8_MAX)
 
 
+@pytest.mark.parametrize("inter", [128, 160, 2880])
+def test_blockwise_gated_weight_blocks_each_half(inter):
+    """w1's gate and up halves get their own 128x128 blocks ([E, 2*ceil(I/128), ceil(H/128)]): no block
+    straddles the two, the layout equals whole-matrix blocking when I % 128 == 0, and dequantizing
+    (which tells the layouts apart by the scale's shape) inverts it."""
+    from cute_moe.quant import quantize_blockwise_gated_weight, quantize_weights, weight_scale_blocks
+
+    hidden = 200
+    w1 = torch.randn(2, 2 * inter, hidden)
+    q, scale = quantize_blockwise_gated_weight(w1)
+    nb = -(-inter // 128)
+    assert scale.shape == (2, 2 * nb, 2) and weight_scale_blocks(2 * inter, True) == 2 * nb
+    for e in range(2):
+        for half in range(2):
+            for i, r in enumerate(range(0, inter, 128)):
+                rows = slice(half * inter + r, half * inter + min(r + 128, inter))
+                assert scale[e, half * nb + i, 0] == w1[e, rows, :128].abs().max() / FP8_MAX
+    if inter % 128 == 0:
+        q_whole, scale_whole = quantize_blockwise_weight(w1)
+        assert torch.equal(scale, scale_whole) and torch.equal(q.view(torch.uint8), q_whole.view(torch.uint8))
+    deq = dequantize_blockwise_weight(q, scale)
+    for half in range(2):
+        rows = slice(half * inter, (half + 1) * inter)
+        torch.testing.assert_close(deq[:, rows], dequantize_blockwise_weight(q[:, rows], scale[:, half * nb:(half + 1) * nb]),
+                                   rtol=0, atol=0)
+    assert ((deq - w1).norm() / w1.norm()).item() < 0.05
+    qw = quantize_weights(w1, torch.randn(2, hidden, inter), "blockwise")
+    assert torch.equal(qw.w1_scale, scale) and qw.w2_scale.shape == (2, 2, nb)
+    torch.testing.assert_close(dequantize_weight(qw.w1_q, qw.w1_scale, "blockwise"), deq, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("mode", sorted(ACT))
 def test_zeros_do_not_make_nan(mode):
     q, scale = ACT[mode][0](torch.zeros(4, 130))
@@ -171,7 +202,7 @@ def test_cute_layer_fp8_reasons(monkeypatch):
     def reason(mode, **kw):
         return layer.unsupported_reason("fused_moe", **_fp8_layer_kwargs(mode, **kw))
 
-    assert "multiple of 128" in reason("blockwise", inter=144)
+    assert reason("blockwise", inter=144) is None  # gate/up blocked per half: any I % 16 == 0
     assert reason("per_token", inter=144) is None
     assert "multiples of 16" in reason("per_tensor", hidden=264)
     assert "multiples of 16" in reason("per_token", inter=136)

@@ -258,7 +258,7 @@ class GroupedGemmSm90:
     @cute.jit
     def _mainloop_blockwise(
         self, acc, tmp, tmp2, tCcAcc, tCrA, tCrB, tiled_mma, mainloop, read_state, release_state, mSA, mSB,
-        e, start, count, m_idx, n_idx, n_b, k_tiles, num_k_blocks,
+        e, start, count, m_idx, n_idx, k_tiles, num_k_blocks,
     ):
         """fp8 with DeepSeek-V3 block scales: per 128-wide k-tile, WGMMA into a scratch accumulator,
         then acc += scratch * sa[kb, row] * sb[e, n-block, kb] in fp32 (promotion, as DeepGEMM does).
@@ -279,9 +279,9 @@ class GroupedGemmSm90:
         ra = start + cutlass.min(row0 + tCcAcc[0][0], count - 1)
         rb = start + cutlass.min(row0 + tCcAcc[2][0], count - 1)
         nb_max = cute.size(mSB, mode=[1]) - 1
-        if const_expr(self.gated):
+        if const_expr(self.gated):  # gate and up halves are blocked separately (quantize_blockwise_gated_weight)
             nb_lo = n_idx * self.tile_n_out // 128
-            nb_hi = (n_b // 2 + n_idx * self.tile_n_out) // 128
+            nb_hi = (nb_max + 1) // 2 + nb_lo
         else:
             nb_lo = n_idx * self.tile_n // 128
             nb_hi = cutlass.min((n_idx * self.tile_n + self.tile_n // 2) // 128, nb_max)
@@ -570,7 +570,7 @@ class GroupedGemmSm90:
             if const_expr(self.scale_mode == "block"):
                 read_state, release_state = self._mainloop_blockwise(
                     acc, tmp, tmp2, tCcAcc, tCrA, tCrB, tiled_mma, mainloop, read_state, release_state, mSA, mSB,
-                    e, start, count, m_idx, n_idx, n_b, k_tiles, num_k_blocks,
+                    e, start, count, m_idx, n_idx, k_tiles, num_k_blocks,
                 )
             else:
                 # keep one WGMMA batch in flight, release its stage one k-tile later

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ..quant import TensorMemo, check_scale_values
+from ..quant import TensorMemo, check_scale_values, weight_scale_blocks
 from ..validate import debug_checks_enabled
 from .config import EPILOGUES, GemmConfig, pick_config
 
@@ -131,7 +131,7 @@ def _fake_scales(key: KernelKey, m):
     if key.scale_mode == "token":
         return (make_fake_compact_tensor(f32, (m,), assumed_align=4),
                 make_fake_compact_tensor(f32, (e, key.n), stride_order=(1, 0), assumed_align=4))
-    kb, nb = -(-key.k // 128), -(-key.n // 128)
+    kb, nb = -(-key.k // 128), weight_scale_blocks(key.n, key.activation != "none")
     return (make_fake_compact_tensor(f32, (kb, m), stride_order=(1, 0), assumed_align=4),
             make_fake_compact_tensor(f32, (e, nb, kb), stride_order=(2, 1, 0), assumed_align=4))
 
@@ -155,7 +155,7 @@ def _scale_mode(fp8: bool, a_scale, b_scale, m: int, e: int, n: int, k: int, gat
     _check(a_scale.dtype == torch.float32 and b_scale.dtype == torch.float32,
            lambda: f"a_scale/b_scale: expected float32, got {a_scale.dtype}/{b_scale.dtype}")
     _check(a_scale.is_contiguous() and b_scale.is_contiguous(), "a_scale/b_scale: expected contiguous tensors")
-    kb, nb = -(-k // 128), -(-n // 128)
+    kb, nb = -(-k // 128), weight_scale_blocks(n, gated)
     if a_scale.numel() == 1 and a_scale.dim() <= 1 and b_scale.dim() != 2:  # [1] with b [E, N]: per-token, M = 1
         mode, want_b = "tensor", (e,)
     elif a_scale.dim() == 1:
@@ -165,7 +165,6 @@ def _scale_mode(fp8: bool, a_scale, b_scale, m: int, e: int, n: int, k: int, gat
         mode, want_b = "block", (e, nb, kb)
         _check(a_scale.shape == (kb, m),
                lambda: f"a_scale: blockwise scales need [ceil(K/128)={kb}, M={m}] (group-major), got {tuple(a_scale.shape)}")
-        _check(not gated or (n // 2) % 128 == 0, lambda: f"b: blockwise fp8 with a gated activation needs I=N/2 a multiple of 128, got N={n}")
     _check(tuple(b_scale.shape) == want_b,
            lambda: f"b_scale: {mode} scaling needs shape {list(want_b)}, got {tuple(b_scale.shape)}")
     _check_scale_values(a_scale, b_scale)
@@ -237,7 +236,8 @@ def grouped_gemm(
       per-token:  a_scale `[M]` (per row of a), b_scale `[E, N]` (per output channel);
       blockwise:  a_scale `[ceil(K/128), M]` (1x128 groups, group-major), b_scale
                   `[E, ceil(N/128), ceil(K/128)]` (128x128 blocks: DeepSeek-V3 weight_scale_inv);
-                  a gated activation then needs I = N/2 to be a multiple of 128.
+                  with a gated activation the gate and up halves are blocked separately,
+                  `[E, 2*ceil(N/256), ceil(K/128)]` (cute_moe.quant.quantize_blockwise_gated_weight).
     (a_scale `[1]` with b_scale `[E, N]` is per-token with M = 1.) Scales must be finite and > 0, else
     ValueError naming the argument: b_scale (static weights) is read once (a host sync) and remembered
     while its tensor, or the tensor it views, is alive and unmodified (same data_ptr and _version), so
