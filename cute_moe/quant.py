@@ -149,8 +149,12 @@ class QuantizedWeights:
 
 
 def _scale(amax: torch.Tensor) -> torch.Tensor:
-    """float32 scale for a group whose largest magnitude is ``amax``."""
-    return amax.float().clamp(min=AMAX_EPS) / FP8_MAX
+    """float32 scale for a group whose largest magnitude is ``amax``. Divides by a tensor, not a Python
+    number: CUDA torch turns division by a host scalar into multiplication by its reciprocal, which is
+    an ulp off IEEE division (what the CPU and the fp8 kernels compute) for some amax values, and one
+    ulp of scale moves many fp8 codes."""
+    amax = amax.float().clamp(min=AMAX_EPS)
+    return amax / torch.full((), FP8_MAX, dtype=torch.float32, device=amax.device)
 
 
 def _cast(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
