@@ -91,6 +91,13 @@ def _grid(dev: int, items: int) -> int:
     return max(1, min(-(-items // _WARPS), _nvrtc.device_info(dev)[1] * _BLOCKS_PER_SM))
 
 
+def _segments(dev: int, rows: int, vectors: int, step: int) -> int:
+    """Segments per row (one warp each, ``step`` vectors at a time) so that ``rows`` rows of
+    ``vectors`` vectors fill the largest grid: many for decode, 1 once there are enough rows."""
+    warps = _nvrtc.device_info(dev)[1] * _BLOCKS_PER_SM * _WARPS
+    return max(1, min(-(-warps // max(rows, 1)), -(-vectors // step)))
+
+
 def _check_plan_type(plan) -> None:
     if not isinstance(plan, RoutingPlan):
         raise TypeError(f"plan: expected a RoutingPlan (cute_moe.plan.make_plan), got {type(plan).__name__}")
@@ -323,10 +330,11 @@ def _launch_permute(xt, plan, layout, out, scale, slab_rows, x_dt, mode, vb, pad
     dev = _device_index(xt)
     fn = _get("permute.cu", "permute_rows", dev, _permute_defines(x_dt, mode, plan.top_k, vb, pad))
     i32 = np.int32
+    segs = 1 if mode else _segments(dev, plan.num_tokens, xt.shape[1] * xt.element_size() // vb, 32 * _UNROLL)
     args = (xt.data_ptr(), xt.stride(0) * xt.element_size(), i32(plan.num_tokens), i32(xt.shape[1]),
             plan.dest_rows(layout).data_ptr(), out.data_ptr(), 0 if scale is None else scale.data_ptr(),
-            i32(slab_rows), i32(pad_items), i32(per), base_ptr, count_ptr, i32(max_m), i32(pad_multiple))
-    _nvrtc.launch(fn, dev, _grid(dev, items), _WARPS * 32, args)
+            i32(slab_rows), i32(pad_items), i32(per), base_ptr, count_ptr, i32(max_m), i32(pad_multiple), i32(segs))
+    _nvrtc.launch(fn, dev, _grid(dev, plan.num_tokens * segs + pad_items), _WARPS * 32, args)
     return True
 
 
@@ -385,7 +393,8 @@ def combine(y, plan: RoutingPlan, topk_weights=None, *, layout: str = "flat", ad
         dev = _device_index(yt)
         fn = _get("combine.cu", "combine_rows", dev, _combine_defines(y_dt, add_dt, plan.top_k, w is not None, vb))
         i32 = np.int32
+        segs = _segments(dev, T, hidden * es // vb, 32)
         args = (yt.data_ptr(), plan.dest_rows(layout).data_ptr(), 0 if w is None else w.data_ptr(), add_ptr,
-                add_stride, o.data_ptr(), hidden * es, i32(T), i32(hidden))
-        _nvrtc.launch(fn, dev, _grid(dev, T), _WARPS * 32, args)
+                add_stride, o.data_ptr(), hidden * es, i32(T), i32(hidden), i32(segs))
+        _nvrtc.launch(fn, dev, _grid(dev, T * segs), _WARPS * 32, args)
     return to_kind(o, kind) if out is None else out

@@ -1,4 +1,6 @@
-// Combine: out[t] = sum_{j=0..k-1} w[t, j] * y[token_rows[t, j]] (+ addend[t]), one warp per token.
+// Combine: out[t] = sum_{j=0..k-1} w[t, j] * y[token_rows[t, j]] (+ addend[t]), one warp per (token,
+// row segment): rows are cut into `segs` segments of whole 32-vector steps so that few tokens (decode)
+// still spread over many warps.
 // float32 accumulation with fmaf in the fixed slot order j = 0..k-1 and no atomics, so results are
 // bitwise reproducible. Slots whose row is -1 (dropped) contribute nothing. Output dtype = y's.
 //
@@ -30,11 +32,16 @@ __device__ __forceinline__ void add_addend(const char* __restrict__ p, int first
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 combine_rows(const void* __restrict__ y, const int* __restrict__ token_rows, const float* __restrict__ w,
              const void* __restrict__ addend, i64 add_row_bytes, void* __restrict__ out, i64 out_row_bytes,
-             int num_tokens, int hidden) {
+             int num_tokens, int hidden, int segs) {
     const int lane = threadIdx.x & 31;
     const i64 y_row_bytes = (i64)hidden * Elem<Y_DT>::SIZE;
     const int nv = (int)(y_row_bytes / VB);
-    for (int t = blockIdx.x * WARPS + (threadIdx.x >> 5); t < num_tokens; t += gridDim.x * WARPS) {
+    const int seg_len = (nv + 32 * segs - 1) / (32 * segs) * 32;  // vectors per segment
+    const i64 items = (i64)num_tokens * segs;
+    for (i64 item = blockIdx.x * WARPS + (threadIdx.x >> 5); item < items; item += (i64)gridDim.x * WARPS) {
+        const int t = (int)(item / segs);
+        const int v_begin = (int)(item - (i64)t * segs) * seg_len;
+        const int v_end = min(nv, v_begin + seg_len);
         const int my_row = lane < TOP_K ? token_rows[(i64)t * TOP_K + lane] : -1;
 #if HAS_W
         const float my_w = lane < TOP_K ? w[(i64)t * TOP_K + lane] : 0.f;
@@ -49,7 +56,7 @@ combine_rows(const void* __restrict__ y, const int* __restrict__ token_rows, con
             wts[j] = __shfl_sync(FULL_MASK, my_w, j);
         }
         YR* o = (YR*)((char*)out + (i64)t * out_row_bytes);
-        for (int v = lane; v < nv; v += 32) {
+        for (int v = v_begin + lane; v < v_end; v += 32) {
             YR buf[TOP_K];
 #pragma unroll
             for (int j = 0; j < TOP_K; ++j)

@@ -1,7 +1,9 @@
 // Permute: copy each token's row of x to its k destination rows of an expert-contiguous row space
 // (flat, block_m-padded or masked layout), optionally quantizing to fp8 e4m3 on the way. One warp
-// per token: the row is read once and written k times. Work items past the tokens zero the padding
-// rows of each expert segment so GEMMs read finite data.
+// per (token, row segment): the row is read once and written k times. Copies (MODE 0) cut rows into
+// `segs` segments of whole UNROLL*32-vector steps so that few tokens (decode) still spread over many
+// warps; fp8 modes take segs = 1. Work items past the tokens zero the padding rows of each expert
+// segment so GEMMs read finite data.
 //
 // fp8 follows cute_moe.quant (helpers in common.cuh): scale = max(amax, 1e-10) / 448 over the token
 // (MODE 1), over each 1x128 group (MODE 2) or over all of x (MODE 3); q = x / scale (IEEE division),
@@ -18,14 +20,19 @@ typedef Elem<X_DT> XE;
 #define CHUNK FP8_CHUNK
 
 __device__ __forceinline__ void permute_token(const char* __restrict__ src, const int* dst, int hidden,
-                                              char* __restrict__ out, float* __restrict__ scale, int slab_rows) {
+                                              char* __restrict__ out, float* __restrict__ scale, int slab_rows,
+                                              int seg, int segs) {
     const int lane = threadIdx.x & 31;
 #if MODE == 0
     typedef typename RawVec<VB>::T R;
     const i64 row_bytes = (i64)hidden * XE::SIZE;
-    const int nv = (int)(row_bytes / VB);
+    const int total = (int)(row_bytes / VB);
+    const int step = 32 * UNROLL;
+    const int seg_len = (total + step * segs - 1) / (step * segs) * step;  // vectors per segment
+    const int v_begin = seg * seg_len;
+    const int nv = min(total, v_begin + seg_len);
     const R* s = (const R*)src;
-    for (int v0 = lane; v0 < nv; v0 += 32 * UNROLL) {
+    for (int v0 = v_begin + lane; v0 < nv; v0 += step) {
         R buf[UNROLL];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
@@ -105,22 +112,25 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32)
 permute_rows(const void* __restrict__ x, i64 x_row_bytes, int num_tokens, int hidden,
              const int* __restrict__ dest_rows, void* __restrict__ out, float* __restrict__ scale, int slab_rows,
              int num_pad_items, int pad_per_expert, const int* __restrict__ pad_base,
-             const int* __restrict__ pad_count, int max_m, int pad_multiple) {
+             const int* __restrict__ pad_count, int max_m, int pad_multiple, int segs) {
     const int lane = threadIdx.x & 31;
-    const int items = num_tokens + num_pad_items;
+    const int token_items = num_tokens * segs;
+    const int items = token_items + num_pad_items;
 #if MODE == 3
     if (blockIdx.x == 0 && threadIdx.x == 0) scale[1] = fp8_scale(scale[0]);
 #endif
     for (int item = blockIdx.x * WARPS + (threadIdx.x >> 5); item < items; item += gridDim.x * WARPS) {
-        if (item < num_tokens) {
-            const int my_dst = lane < TOP_K ? dest_rows[(i64)item * TOP_K + lane] : -1;
+        if (item < token_items) {
+            const int t = item / segs;
+            const int my_dst = lane < TOP_K ? dest_rows[(i64)t * TOP_K + lane] : -1;
             int dst[TOP_K];
 #pragma unroll
             for (int j = 0; j < TOP_K; ++j) dst[j] = __shfl_sync(FULL_MASK, my_dst, j);
-            permute_token((const char*)x + (i64)item * x_row_bytes, dst, hidden, (char*)out, scale, slab_rows);
+            permute_token((const char*)x + (i64)t * x_row_bytes, dst, hidden, (char*)out, scale, slab_rows,
+                          item - t * segs, segs);
         } else {
 #if PAD != 0
-            const int q = item - num_tokens;
+            const int q = item - token_items;
             const int e = q / pad_per_expert;
             const int i = q - e * pad_per_expert;
 #if PAD == 1
