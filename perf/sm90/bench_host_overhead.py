@@ -2,9 +2,8 @@
 
     python -m perf.sm90.bench_host_overhead [--tokens 1] [--calls 300] [--profile PATH]
 
-For each reference shape: the CPU time of enqueuing one call (``time.perf_counter`` around a loop of
-calls with no synchronization, divided by the number of calls; the GPU work of a T=1 call is short,
-so the launch queue never fills and blocks the loop), for ``cute_moe.moe`` (router GEMM, route, plan,
+For each reference shape: the CPU time of enqueuing one call (``time.perf_counter`` around the call,
+after a synchronize so the launch queue is empty; median over ``--calls`` calls), for ``cute_moe.moe`` (router GEMM, route, plan,
 permute, GEMM1, GEMM2, combine), ``fused_moe`` on given routing, ``route``, ``make_plan``, ``permute``,
 ``grouped_gemm`` and ``combine``, and ``nn.MoE`` with :meth:`cute_moe.nn.MoE.cuda_graphs` (input copy,
 graph replay, output copy). A torch reference point in the same run: the CPU time of one
@@ -30,18 +29,19 @@ from perf.common import expert_weights, select_shapes, write_results
 
 
 def host_us(fn, calls: int) -> float:
-    """Median over 5 loops of the CPU microseconds per enqueued call of ``fn`` (no sync inside)."""
+    """Median CPU microseconds to enqueue one call of ``fn``, each timed alone after a synchronize (an
+    empty launch queue: a loop of unsynchronized calls fills the queue when the GPU work outlasts the
+    host work, as for graph replays, and then times the GPU instead)."""
     for _ in range(20):
         fn()
-    torch.cuda.synchronize()
     samples = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        samples.append((time.perf_counter() - t0) / calls * 1e6)
+    for _ in range(calls):
         torch.cuda.synchronize()
-    return sorted(samples)[2]
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
+    return sorted(samples)[len(samples) // 2]
 
 
 def bench_shape(shape, tokens: int, calls: int, profile: list) -> dict:
