@@ -20,10 +20,6 @@ class GemmConfig:
     overlap_promotion (blockwise fp8 only): a second scratch accumulator so the next k-tile's WGMMA
     runs while the previous one is promoted into the fp32 accumulator (more registers); off, each
     k-tile's WGMMA is waited for before its promotion (serial).
-    alternate_issue (blockwise fp8, serial promotion, tile_m=128): the two consumer warpgroups take
-    turns issuing their k-tile WGMMAs (two named barriers), so one warpgroup's WGMMA runs while the
-    other promotes, rather than both sharing the tensor cores, finishing together and promoting at
-    the same time.
     """
 
     tile_m: int = 128
@@ -31,7 +27,6 @@ class GemmConfig:
     cluster_m: int = 1
     stages: int = 0
     overlap_promotion: bool = False
-    alternate_issue: bool = False
 
     def __post_init__(self):
         if self.tile_m not in (64, 128):
@@ -40,8 +35,6 @@ class GemmConfig:
             raise ValueError(f"tile_n must be 64, 128 or 256, got {self.tile_n}")
         if self.cluster_m not in (1, 2):
             raise ValueError(f"cluster_m must be 1 or 2, got {self.cluster_m}")
-        if self.alternate_issue and (self.overlap_promotion or self.tile_m != 128):
-            raise ValueError("alternate_issue: needs tile_m=128 (two consumer warpgroups) and serial promotion")
         if self.stages < 0:
             raise ValueError(f"stages must be >= 0, got {self.stages}")
 
