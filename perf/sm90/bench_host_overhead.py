@@ -2,8 +2,8 @@
 
     python -m perf.sm90.bench_host_overhead [--tokens 1] [--calls 300] [--profile PATH]
 
-For each reference shape: the CPU time of enqueuing one call (``time.perf_counter`` around the call,
-after a synchronize so the launch queue is empty; median over ``--calls`` calls), for ``cute_moe.moe`` (router GEMM, route, plan,
+For each reference shape: the CPU time of enqueuing one call (median over bursts of 10 calls, each
+burst timed from an empty launch queue; see :func:`host_us`), for ``cute_moe.moe`` (router GEMM, route, plan,
 permute, GEMM1, GEMM2, combine), ``fused_moe`` on given routing, ``route``, ``make_plan``, ``permute``,
 ``grouped_gemm`` and ``combine``, and ``nn.MoE`` with :meth:`cute_moe.nn.MoE.cuda_graphs` (input copy,
 graph replay, output copy). A torch reference point in the same run: the CPU time of one
@@ -28,18 +28,20 @@ from cute_moe.plan import make_plan
 from perf.common import expert_weights, select_shapes, write_results
 
 
-def host_us(fn, calls: int) -> float:
-    """Median CPU microseconds to enqueue one call of ``fn``, each timed alone after a synchronize (an
-    empty launch queue: a loop of unsynchronized calls fills the queue when the GPU work outlasts the
-    host work, as for graph replays, and then times the GPU instead)."""
+def host_us(fn, calls: int, burst: int = 10) -> float:
+    """Median CPU microseconds per enqueued call of ``fn`` over bursts of ``burst`` calls, each burst
+    timed from an empty launch queue (after a synchronize). Bursts, not one long loop: a long loop of
+    graph replays fills the launch queue and then times the GPU; single calls after a synchronize add
+    the host's wake-up from the wait to every sample."""
     for _ in range(20):
         fn()
     samples = []
-    for _ in range(calls):
+    for _ in range(max(1, calls // burst)):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e6)
+        for _ in range(burst):
+            fn()
+        samples.append((time.perf_counter() - t0) / burst * 1e6)
     torch.cuda.synchronize()
     return sorted(samples)[len(samples) // 2]
 
