@@ -43,3 +43,19 @@ def test_bench_reference_refuses_without_cuda(monkeypatch):
     monkeypatch.setattr(bench_reference.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         bench_reference.main()
+
+
+@pytest.mark.parametrize("module", ["bench_grouped_gemm", "bench_grouped_gemm_fp8", "bench_moe", "bench_host_overhead",
+                                    "ncu_fp8_gemm"])
+def test_sm90_scripts_import_and_refuse_without_a_hopper(monkeypatch, module):
+    """Every sm90 perf script imports on a CPU machine and exits cleanly (status 2) without an sm_90 GPU."""
+    import importlib
+
+    mod = importlib.import_module(f"perf.sm90.{module}")
+    monkeypatch.setattr(mod.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("sys.argv", [module])
+    try:
+        rc = mod.main([]) if "argv" in mod.main.__code__.co_varnames else mod.main()
+    except SystemExit as ex:
+        rc = ex.code if isinstance(ex.code, int) else 2
+    assert rc == 2
