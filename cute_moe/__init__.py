@@ -6,6 +6,7 @@ from .quant import QuantConfig, QuantizedWeights, quantize_weights
 from .reference import ACTIVATIONS, ROUTING_PRESETS, SCORINGS
 from .shapes import DEEPSEEK_V3, GPT_OSS_120B, MIXTRAL_8X7B, QWEN3_30B_A3B, REFERENCE_SHAPES, MoEShape
 from .validate import debug_checks_enabled, set_debug_checks
+from .workspace import Workspace
 from .precompile import warmup
 from .profiling import profile
 

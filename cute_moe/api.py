@@ -26,6 +26,7 @@ import torch
 
 from .interop import array_kind, as_torch, to_kind
 from .quant import QuantizedWeights
+from .workspace import Workspace
 from .reference import experts_reference, route_reference, router_logits_reference
 from .validate import (BACKENDS, check_choice, check_experts, check_ids_in_range, check_route,
                        check_router_weight, check_routing, check_topk, check_weight_on_input, check_x,
@@ -100,7 +101,7 @@ def _fused_moe(kwargs: dict, num_experts: int, backend: str) -> tuple[torch.Tens
     elif name == "cute":
         result = _load_layer()[0].fused_moe(**kwargs)
     else:
-        result = experts_reference(**{k: v for k, v in kwargs.items() if k != "out"})
+        result = experts_reference(**{k: v for k, v in kwargs.items() if k not in ("out", "workspace")})
     if out is None:
         return result, name
     if result is not out:
@@ -143,12 +144,15 @@ def _check_route_args(router_logits, top_k, *, scoring, renormalize, num_groups,
 
 
 def _expert_kwargs(x, w1, w2, *, activation, w1_bias, w2_bias, quant, apply_router_weight_on_input,
-                   shared_output, out) -> tuple[dict, int]:
+                   shared_output, out, workspace=None) -> tuple[dict, int]:
     """Torch views of the expert-stage arguments, checked; returns (kwargs, E)."""
+    if workspace is not None and not isinstance(workspace, Workspace):
+        raise TypeError(f"workspace: expected a cute_moe.Workspace or None, got {type(workspace).__name__}")
     kwargs = dict(x=as_torch(x, "x"), w1=as_torch(w1, "w1"), w2=as_torch(w2, "w2"), activation=activation,
                   w1_bias=as_torch(w1_bias, "w1_bias"), w2_bias=as_torch(w2_bias, "w2_bias"), quant=quant,
                   apply_router_weight_on_input=apply_router_weight_on_input,
-                  shared_output=as_torch(shared_output, "shared_output"), out=as_torch(out, "out"))
+                  shared_output=as_torch(shared_output, "shared_output"), out=as_torch(out, "out"),
+                  workspace=workspace)
     check_x(kwargs["x"])
     num_experts = check_experts(kwargs["x"], kwargs["w1"], kwargs["w2"], activation=activation,
                                 w1_bias=kwargs["w1_bias"], w2_bias=kwargs["w2_bias"], quant=quant,
@@ -158,7 +162,7 @@ def _expert_kwargs(x, w1, w2, *, activation, w1_bias, w2_bias, quant, apply_rout
 
 def fused_moe(x, w1, w2, topk_weights, topk_ids, *, activation: str = "silu", w1_bias=None, w2_bias=None,
               quant: QuantizedWeights | None = None, apply_router_weight_on_input: bool = False,
-              shared_output=None, out=None, backend: str = "auto"):
+              shared_output=None, out=None, workspace: Workspace | None = None, backend: str = "auto"):
     """Routed experts: out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) (+ shared_output).
 
     x [T, H]; w1 [E, 2I, H] ([gate | up] rows); w2 [E, H, I]; topk_weights/topk_ids [T, k];
@@ -171,6 +175,9 @@ def fused_moe(x, w1, w2, topk_weights, topk_ids, *, activation: str = "silu", w1
     type, written into ``out`` when given. NaN inputs propagate to the affected tokens. topk_ids
     must lie in [0, E): checked on the reference path, and on the cute path only with debug checks
     (``set_debug_checks(True)`` / ``CUTE_MOE_DEBUG=1``) because the check syncs with the host.
+    ``workspace`` (a :class:`cute_moe.Workspace`, one per stream): the cute path's intermediate
+    tensors reuse its memory, so with ``out`` too an eager call allocates nothing once the workspace
+    has grown (ignored by the reference backend and under torch.compile).
     """
     if torch.compiler.is_compiling():  # torch.compile: the custom op cute_moe::fused_moe (cute_moe/ops.py)
         result = torch.ops.cute_moe.fused_moe(x, w1, w2, topk_weights, topk_ids, activation, w1_bias, w2_bias,
@@ -181,7 +188,7 @@ def fused_moe(x, w1, w2, topk_weights, topk_ids, *, activation: str = "silu", w1
     kwargs, num_experts = _check_fused_moe_args(
         x, w1, w2, topk_weights, topk_ids, activation=activation, w1_bias=w1_bias, w2_bias=w2_bias, quant=quant,
         apply_router_weight_on_input=apply_router_weight_on_input, shared_output=shared_output, out=out,
-        backend=backend)
+        backend=backend, workspace=workspace)
     result, _state.backend = _fused_moe(kwargs, num_experts, backend)
     return out if out is not None else to_kind(result, kind)
 
@@ -194,12 +201,14 @@ def _quant_tensors(quant: QuantizedWeights | None) -> tuple:
 
 
 def _check_fused_moe_args(x, w1, w2, topk_weights, topk_ids, *, activation, w1_bias, w2_bias, quant,
-                          apply_router_weight_on_input, shared_output, out, backend) -> tuple[dict, int]:
+                          apply_router_weight_on_input, shared_output, out, backend,
+                          workspace=None) -> tuple[dict, int]:
     """fused_moe's checks; returns (the torch kwargs of the backends' fused_moe, E)."""
     check_choice("backend", backend, BACKENDS)
     kwargs, num_experts = _expert_kwargs(
         x, w1, w2, activation=activation, w1_bias=w1_bias, w2_bias=w2_bias, quant=quant,
-        apply_router_weight_on_input=apply_router_weight_on_input, shared_output=shared_output, out=out)
+        apply_router_weight_on_input=apply_router_weight_on_input, shared_output=shared_output, out=out,
+        workspace=workspace)
     kwargs["topk_weights"] = as_torch(topk_weights, "topk_weights")
     kwargs["topk_ids"] = as_torch(topk_ids, "topk_ids")
     x_t = kwargs["x"]
@@ -212,10 +221,11 @@ def moe(x, router_weight, w1, w2, top_k: int, *, scoring: str = "softmax", renor
         num_groups: int | None = None, topk_groups: int | None = None, correction_bias=None,
         routed_scaling_factor: float = 1.0, activation: str = "silu", w1_bias=None, w2_bias=None,
         quant: QuantizedWeights | None = None, apply_router_weight_on_input: bool = False,
-        shared_output=None, out=None, backend: str = "auto"):
+        shared_output=None, out=None, workspace: Workspace | None = None, backend: str = "auto"):
     """The whole MoE layer: router logits x @ router_weight.T (float32), :func:`route`, :func:`fused_moe`.
 
-    ``router_weight`` is [E, H]; the other arguments are those of route and fused_moe. Every
+    ``router_weight`` is [E, H]; the other arguments are those of route and fused_moe (the router
+    logits and top-k outputs are still allocated with a workspace: [T, E] and [T, k]). Every
     argument is checked before any work starts. :func:`last_backend` reports 'cute' only if both
     steps ran on cute kernels.
     """
@@ -231,19 +241,21 @@ def moe(x, router_weight, w1, w2, top_k: int, *, scoring: str = "softmax", renor
         topk_groups=topk_groups, correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor,
         activation=activation, w1_bias=w1_bias, w2_bias=w2_bias, quant=quant,
         apply_router_weight_on_input=apply_router_weight_on_input, shared_output=shared_output, out=out,
-        backend=backend)
+        backend=backend, workspace=workspace)
     result = _moe(kwargs, num_experts, router_weight, routing, backend)
     return out if out is not None else to_kind(result, kind)
 
 
 def _check_moe_args(x, router_weight, w1, w2, top_k, *, scoring, renormalize, num_groups, topk_groups,
                     correction_bias, routed_scaling_factor, activation, w1_bias, w2_bias, quant,
-                    apply_router_weight_on_input, shared_output, out, backend) -> tuple[dict, int, torch.Tensor, dict]:
+                    apply_router_weight_on_input, shared_output, out, backend,
+                    workspace=None) -> tuple[dict, int, torch.Tensor, dict]:
     """moe's checks; returns (expert kwargs, E, router_weight, routing kwargs without the logits)."""
     check_choice("backend", backend, BACKENDS)
     kwargs, num_experts = _expert_kwargs(
         x, w1, w2, activation=activation, w1_bias=w1_bias, w2_bias=w2_bias, quant=quant,
-        apply_router_weight_on_input=apply_router_weight_on_input, shared_output=shared_output, out=out)
+        apply_router_weight_on_input=apply_router_weight_on_input, shared_output=shared_output, out=out,
+        workspace=workspace)
     x_t = kwargs["x"]
     router_weight = as_torch(router_weight, "router_weight")
     correction_bias = as_torch(correction_bias, "correction_bias")

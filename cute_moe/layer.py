@@ -20,8 +20,8 @@ import torch
 
 from .gemm import grouped_gemm
 from .permute import combine, permute, permute_fp8, permute_fp8_per_tensor, quantize_fp8
-from .plan import make_plan
-from .quant import QuantizedWeights, TensorMemo
+from .plan import make_plan, plan_buffer_ints
+from .quant import FP8_DTYPE, QuantizedWeights, TensorMemo
 from .routing import route_gpu
 
 _GEMM_ARCHES = {(9, 0)}
@@ -83,8 +83,9 @@ def route(**kw):
 
 
 def fused_moe(*, x, w1, w2, topk_weights, topk_ids, activation, w1_bias, w2_bias, quant,
-              apply_router_weight_on_input, shared_output, out, stage_hook=None):
-    """Experts of the MoE layer for already-routed tokens; writes ``out`` when given.
+              apply_router_weight_on_input, shared_output, out, workspace=None, stage_hook=None):
+    """Experts of the MoE layer for already-routed tokens; writes ``out`` when given. With a
+    :class:`cute_moe.workspace.Workspace` the intermediate tensors are views of its buffer.
 
     ``stage_hook(name)`` (cute_moe.profile) is called after each stage is enqueued: "plan",
     "permute" (with quant: permute + quantize x), "gemm1" (with quant: GEMM1 + quantizing its
@@ -93,39 +94,63 @@ def fused_moe(*, x, w1, w2, topk_weights, topk_ids, activation, w1_bias, w2_bias
         if stage_hook is not None:
             stage_hook(name)
 
-    num_experts = (w1 if quant is None else quant.w1_q).shape[0]
-    plan = make_plan(topk_ids.to(torch.int32), num_experts)
+    weights = w1 if quant is None else quant.w1_q
+    num_experts, inter = weights.shape[0], weights.shape[1] // 2
+    ids = topk_ids.to(torch.int32)
+    ws = None if workspace is None else _workspace_views(workspace, x, quant, num_experts, inter, ids.numel())
+    plan = make_plan(ids, num_experts) if ws is None else make_plan(ids, num_experts, buffer=ws["plan"])
     hook("plan")
+    if ws is None:
+        ws = dict.fromkeys(("xp", "h", "y", "xq", "xs", "hq", "hs"))
     if quant is None:
-        xp = permute(x, plan)
+        xp = permute(x, plan, out=ws["xp"])
         hook("permute")
-        h = grouped_gemm(xp, w1, plan.cu_seqlens, activation=activation, bias=w1_bias)
+        h = grouped_gemm(xp, w1, plan.cu_seqlens, activation=activation, bias=w1_bias, out=ws["h"])
         hook("gemm1")
-        y = grouped_gemm(h, w2, plan.cu_seqlens, bias=w2_bias)
+        y = grouped_gemm(h, w2, plan.cu_seqlens, bias=w2_bias, out=ws["y"])
     else:
-        y = _fp8_experts(x, quant, plan, activation, w1_bias, w2_bias, hook)
+        y = _fp8_experts(x, quant, plan, activation, w1_bias, w2_bias, hook, ws)
     hook("gemm2")
     result = combine(y, plan, topk_weights.float(), addend=shared_output, out=out)
     hook("combine")
     return result
 
 
-def _fp8_experts(x, quant: QuantizedWeights, plan, activation, w1_bias, w2_bias, hook) -> torch.Tensor:
+def _fp8_experts(x, quant: QuantizedWeights, plan, activation, w1_bias, w2_bias, hook, ws) -> torch.Tensor:
     """permute + quantize x -> fp8 GEMM1 (+ bias, activation) -> quantize -> fp8 GEMM2: [T*k, H] in
-    x's dtype, rows in the plan's flat order. (The API checked quant's scales; grouped_gemm checks
-    its b_scale again, once per scale tensor, for callers that skip the API checks.)"""
+    x's dtype, rows in the plan's flat order; intermediates in ``ws``'s views (None: allocated).
+    (The API checked quant's scales; grouped_gemm checks its b_scale again, once per scale tensor,
+    for callers that skip the API checks.)"""
     mode, cu = quant.mode, plan.cu_seqlens
     if mode == "per_tensor":
-        xq, x_scale = permute_fp8_per_tensor(x, plan)
+        xq, x_scale = permute_fp8_per_tensor(x, plan, out=ws["xq"], out_scale=ws["xs"])
     else:
-        xq, x_scale = permute_fp8(x, plan, scaling=_ACT_SCALING[mode])
+        xq, x_scale = permute_fp8(x, plan, scaling=_ACT_SCALING[mode], out=ws["xq"], out_scale=ws["xs"])
     hook("permute")
     h = grouped_gemm(xq, quant.w1_q, cu, activation=activation, bias=w1_bias, a_scale=x_scale,
-                     b_scale=gemm_weight_scale(quant.w1_scale, mode), out_dtype=x.dtype)
-    hq, h_scale = quantize_fp8(h, scaling=_ACT_SCALING[mode], num_rows=cu[plan.num_experts:])
+                     b_scale=gemm_weight_scale(quant.w1_scale, mode), out_dtype=x.dtype, out=ws["h"])
+    hq, h_scale = quantize_fp8(h, scaling=_ACT_SCALING[mode], num_rows=cu[plan.num_experts:], out=ws["hq"],
+                               out_scale=ws["hs"])
     hook("gemm1")
     return grouped_gemm(hq, quant.w2_q, cu, bias=w2_bias, a_scale=h_scale,
-                        b_scale=gemm_weight_scale(quant.w2_scale, mode), out_dtype=x.dtype)
+                        b_scale=gemm_weight_scale(quant.w2_scale, mode), out_dtype=x.dtype, out=ws["y"])
+
+
+def _workspace_views(workspace, x, quant, num_experts: int, inter: int, rows: int) -> dict:
+    """The layer's intermediates for ``rows`` = T*k flat rows as views of ``workspace``: the plan's
+    int32 buffer, then bf16 (xp, h, y) or fp8 (xq, xs, h, hq, hs, y) tensors."""
+    hidden, dt = x.shape[1], x.dtype
+    specs = {"plan": ((plan_buffer_ints(rows, num_experts),), torch.int32)}
+    if quant is None:
+        specs |= {"xp": ((rows, hidden), dt), "h": ((rows, inter), dt), "y": ((rows, hidden), dt)}
+    else:
+        def scale_shape(cols):
+            return {"per_tensor": (2,), "per_token": (rows,), "blockwise": (-(-cols // 128), rows)}[quant.mode]
+
+        specs |= {"xq": ((rows, hidden), FP8_DTYPE), "xs": (scale_shape(hidden), torch.float32),
+                  "h": ((rows, inter), dt), "hq": ((rows, inter), FP8_DTYPE),
+                  "hs": (scale_shape(inter), torch.float32), "y": ((rows, hidden), dt)}
+    return dict(zip(specs, workspace.views(x.device, list(specs.values()))))
 
 
 def gemm_weight_scale(scale: torch.Tensor, mode: str) -> torch.Tensor:

@@ -230,10 +230,12 @@ def permute_fp8(x, plan: RoutingPlan, *, layout: str = "flat", scaling: str = "b
     return to_kind(q, kind), to_kind(s, kind)
 
 
-def permute_fp8_per_tensor(x, plan: RoutingPlan, *, layout: str = "flat", out=None, pad_to: int | None = None):
+def permute_fp8_per_tensor(x, plan: RoutingPlan, *, layout: str = "flat", out=None, out_scale=None,
+                           pad_to: int | None = None):
     """Like :func:`permute_fp8` with one dynamic scale for all of ``x``: ``max(amax|x|, 1e-10) / 448``
     as :func:`cute_moe.quant.quantize_per_tensor`. Two launches (an amax reduction over x, then the
-    permute), no host sync. Returns (q, scale float32 [1])."""
+    permute), no host sync. ``out_scale``: optional float32 [2] scratch ([amax, scale]; zeroed here).
+    Returns (q, scale float32 [1])."""
     kind = array_kind(x)
     xt = as_torch(x, "x")
     x_dt = _check_x(xt, plan)
@@ -244,7 +246,7 @@ def permute_fp8_per_tensor(x, plan: RoutingPlan, *, layout: str = "flat", out=No
          else _check_out(out, shape, (FP8_DTYPE, torch.uint8), xt.device))
     if q.data_ptr() % 16:
         raise ValueError("out: must be 16-byte aligned")
-    ws = torch.zeros(2, dtype=torch.float32, device=xt.device)  # [amax, scale]
+    ws = _amax_scratch(out_scale, xt.device)
     _launch_amax(xt, x_dt, None, ws)
     if not _launch_permute(xt, plan, layout, q, ws, 1, x_dt, _MODE_TENSOR, 16, pad_to):
         ws[1:].fill_(AMAX_EPS / FP8_MAX)
@@ -253,7 +255,14 @@ def permute_fp8_per_tensor(x, plan: RoutingPlan, *, layout: str = "flat", out=No
     return (to_kind(q, kind) if out is None else out), to_kind(ws[1:], kind)
 
 
-def quantize_fp8(x, *, scaling: str = "token", num_rows=None):
+def _amax_scratch(out_scale, device) -> torch.Tensor:
+    """float32 [2] = [amax, scale] of the per-tensor kernels, zeroed: ``out_scale`` or a new tensor."""
+    if out_scale is None:
+        return torch.zeros(2, dtype=torch.float32, device=device)
+    return _check_out(out_scale, (2,), (torch.float32,), device, "out_scale").zero_()
+
+
+def quantize_fp8(x, *, scaling: str = "token", num_rows=None, out=None, out_scale=None):
     """Rows of ``x`` [M, K] (bf16/fp16/fp32) quantized to fp8 e4m3, row r to row r (cute_moe.quant
     semantics), e.g. GEMM1's activated output before GEMM2.
 
@@ -263,7 +272,9 @@ def quantize_fp8(x, *, scaling: str = "token", num_rows=None):
     tensor on x's device whose first element n limits the work to rows < min(M, n) (e.g.
     ``plan.cu_seqlens[E:]``); later rows of q and scale are not written and not in the per-tensor amax.
     n is read on the device: no host sync, CUDA-graph safe. K must be a multiple of 16 and rows
-    16-byte aligned. Returns (q float8_e4m3fn, uint8 for cupy callers; scale float32).
+    16-byte aligned. ``out`` [M, K] fp8 and ``out_scale`` (the scale's shape; for ``"tensor"`` a [2]
+    scratch holding [amax, scale]) are optional destinations. Returns (q float8_e4m3fn, uint8 for cupy
+    callers; scale float32).
     """
     kind = array_kind(x)
     xt = as_torch(x, "x")
@@ -276,13 +287,17 @@ def quantize_fp8(x, *, scaling: str = "token", num_rows=None):
         raise ValueError(f"num_rows: expected an int32 tensor with at least one element on {xt.device}, got "
                          f"{count.dtype} {tuple(count.shape)} on {count.device}")
     rows, cols = xt.shape
-    q = torch.empty((rows, cols), dtype=FP8_DTYPE, device=xt.device)
+    q = (torch.empty((rows, cols), dtype=FP8_DTYPE, device=xt.device) if out is None
+         else _check_out(out, (rows, cols), (FP8_DTYPE,), xt.device))
+    if q.data_ptr() % 16:
+        raise ValueError("out: must be 16-byte aligned")
     if scaling == "tensor":
-        scale = torch.zeros(2, dtype=torch.float32, device=xt.device)  # [amax, scale]
+        scale = _amax_scratch(out_scale, xt.device)
         _launch_amax(xt, x_dt, count, scale)
     else:
-        scale = torch.empty((rows,) if scaling == "token" else (-(-cols // FP8_GROUP), rows),
-                            dtype=torch.float32, device=xt.device)
+        sshape = (rows,) if scaling == "token" else (-(-cols // FP8_GROUP), rows)
+        scale = (torch.empty(sshape, dtype=torch.float32, device=xt.device) if out_scale is None
+                 else _check_out(out_scale, sshape, (torch.float32,), xt.device, "out_scale"))
     if rows:
         dev = _device_index(xt)
         mode = 1 + QUANT_SCALINGS.index(scaling)

@@ -158,11 +158,37 @@ def _check_ids(topk_ids, num_experts, block_m, max_m) -> torch.Tensor:
     return ids
 
 
-def make_plan(topk_ids, num_experts: int, *, block_m: int | None = None, max_m: int | None = None
-              ) -> RoutingPlan:
+def _plan_sizes(n: int, E: int, block_m: int | None, max_m: int | None) -> tuple[list[int], int, int]:
+    """(int32 sizes of the plan's tensors, chunk, number of chunks) for n = T*k rows."""
+    sizes = [E, E + 1, n, n]
+    if block_m is not None:
+        prows = padded_capacity(n, E, block_m)
+        sizes += [E + 1, prows, n, prows // block_m]
+    if max_m is not None:
+        sizes += [E, E * max_m, n, 1]
+    if n <= _SINGLE_CTA_MAX_ROWS:
+        return sizes, n, 1
+    threads = 32 * _warps(E)
+    chunk = max(-(-n // _MAX_CHUNKS), _MIN_CHUNK)
+    chunk = -(-chunk // threads) * threads
+    return sizes, chunk, -(-n // chunk)
+
+
+def plan_buffer_ints(num_rows: int, num_experts: int, *, block_m: int | None = None,
+                     max_m: int | None = None) -> int:
+    """int32 elements :func:`make_plan` needs in ``buffer`` for ``num_rows`` = T*k (plan tensors and
+    the per-chunk histograms)."""
+    sizes, _, num_chunks = _plan_sizes(num_rows, num_experts, block_m, max_m)
+    return sum(sizes) + (num_chunks * num_experts if num_chunks > 1 else 0)
+
+
+def make_plan(topk_ids, num_experts: int, *, block_m: int | None = None, max_m: int | None = None,
+              buffer: torch.Tensor | None = None) -> RoutingPlan:
     """Build the :class:`RoutingPlan` of ``topk_ids`` [T, k] (int32/int64, torch or cupy, CUDA) on the
     GPU: flat layout always, padded layout with ``block_m``, masked layout with ``max_m``.
-    No host sync; 1 kernel for T*k <= 2048, else 2."""
+    No host sync; 1 kernel for T*k <= 2048, else 2. ``buffer``: optional contiguous int32 CUDA tensor
+    of at least :func:`plan_buffer_ints` elements that the plan's tensors become views of (no
+    allocation; see cute_moe.workspace)."""
     ids = _check_ids(topk_ids, num_experts, block_m, max_m)
     if ids.device.type != "cuda":
         raise ValueError(f"topk_ids: expected a CUDA tensor, got device {ids.device} (see plan_reference)")
@@ -172,13 +198,18 @@ def make_plan(topk_ids, num_experts: int, *, block_m: int | None = None, max_m: 
     padded, masked = block_m is not None, max_m is not None
     prows = padded_capacity(n, E, block_m)
     nblocks = prows // block_m if padded else 0
-    sizes = [E, E + 1, n, n]
-    if padded:
-        sizes += [E + 1, prows, n, nblocks]
-    if masked:
-        sizes += [E, E * max_m, n, 1]
-    buf = torch.empty(sum(sizes), dtype=torch.int32, device=ids.device)
-    parts = list(buf.split(sizes))
+    sizes, chunk, num_chunks = _plan_sizes(n, E, block_m, max_m)
+    hist_ints = num_chunks * E if num_chunks > 1 else 0
+    if buffer is None:
+        buf = torch.empty(sum(sizes) + hist_ints, dtype=torch.int32, device=ids.device)
+    else:
+        need = sum(sizes) + hist_ints
+        if (buffer.dtype != torch.int32 or buffer.dim() != 1 or not buffer.is_contiguous()
+                or buffer.device != ids.device or buffer.numel() < need):
+            raise ValueError(f"buffer: expected a contiguous 1-D int32 tensor of >= {need} elements on "
+                             f"{ids.device}, got {buffer.dtype} {tuple(buffer.shape)} on {buffer.device}")
+        buf = buffer
+    parts = list(buf[:sum(sizes)].split(sizes))
     counts, cu, row_src, token_rows = parts[:4]
     pcu = prow_src = ptoken_rows = eob = mm = mrow_src = mtoken_rows = overflow = None
     if padded:
@@ -195,19 +226,12 @@ def make_plan(topk_ids, num_experts: int, *, block_m: int | None = None, max_m: 
                _nvrtc.get_function(dev, _SOURCE, "plan_scatter", d), 32 * _warps(E))
         _fn_cache[key] = fns
     count_fn, scatter_fn, threads = fns
-    if n <= _SINGLE_CTA_MAX_ROWS:
-        chunk, num_chunks = n, 1
-    else:
-        chunk = max(-(-n // _MAX_CHUNKS), _MIN_CHUNK)
-        chunk = -(-chunk // threads) * threads
-        num_chunks = -(-n // chunk)
     import numpy as np
 
     i32 = np.int32
     hist_ptr = 0
     if num_chunks > 1:
-        hist = torch.empty(num_chunks * E, dtype=torch.int32, device=ids.device)
-        hist_ptr = hist.data_ptr()
+        hist_ptr = buf[sum(sizes):].data_ptr()
         _nvrtc.launch(count_fn, dev, num_chunks, threads, (ids.data_ptr(), i32(n), i32(chunk), hist_ptr))
 
     def ptr(t):

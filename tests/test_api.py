@@ -142,7 +142,7 @@ class FakeLayer(types.ModuleType):
 ROUTE_KWARGS = sorted(["router_logits", "top_k", "scoring", "renormalize", "num_groups", "topk_groups",
                        "correction_bias", "routed_scaling_factor"])
 FUSED_KWARGS = sorted(["x", "w1", "w2", "topk_weights", "topk_ids", "activation", "w1_bias", "w2_bias", "quant",
-                       "apply_router_weight_on_input", "shared_output", "out"])
+                       "apply_router_weight_on_input", "shared_output", "out", "workspace"])
 
 
 def test_auto_picks_cute_when_the_layer_takes_the_call(monkeypatch):

@@ -18,6 +18,8 @@ from cute_moe.quant import (FP8_DTYPE, FP8_MAX, QuantConfig, QuantizedWeights, d
                             quantize_per_channel, quantize_per_expert, quantize_per_tensor,
                             quantize_per_token, quantize_weights)
 from cute_moe.reference import experts_reference, gated_activation_reference, route_reference
+from cute_moe.plan import plan_buffer_ints
+from cute_moe.workspace import Workspace
 
 
 def per_element(scale: torch.Tensor, shape, block: int) -> torch.Tensor:
@@ -271,8 +273,32 @@ class _KernelEmulation:
 
         for name in ("permute_fp8", "permute_fp8_per_tensor", "quantize_fp8", "grouped_gemm", "combine"):
             monkeypatch.setattr(layer, name, getattr(self, name))
-        monkeypatch.setattr(layer, "make_plan", plan_reference)
+        monkeypatch.setattr(layer, "make_plan", self.make_plan)
+        self._plan_reference = plan_reference
         self.calls = []
+
+    def make_plan(self, ids, num_experts, *, buffer=None):
+        plan = self._plan_reference(ids, num_experts)
+        if buffer is not None:  # the workspace's int32 buffer must hold the plan
+            assert buffer.dtype == torch.int32 and buffer.numel() >= plan_buffer_ints(ids.numel(), num_experts)
+        return plan
+
+    @staticmethod
+    def _store(value, dest):
+        """``value`` written into the layer-provided destination ``dest`` (a workspace view), if any."""
+        if dest is None:
+            return value
+        assert dest.shape == value.shape and dest.dtype == value.dtype, (dest.shape, value.shape, dest.dtype)
+        return dest.copy_(value)
+
+    def _store_scale(self, scale, dest, scaling):
+        if dest is None:
+            return scale
+        if scaling == "tensor":  # a [2] scratch: [amax, scale]; the kernels hand back its [1:] view
+            assert dest.shape == (2,)
+            dest[1:] = scale
+            return dest[1:]
+        return self._store(scale, dest)
 
     @staticmethod
     def _rows(x, plan):
@@ -289,21 +315,25 @@ class _KernelEmulation:
         q, s = quantize_per_tensor(rows)
         return q, s.reshape(1)
 
-    def permute_fp8(self, x, plan, *, scaling):
+    def permute_fp8(self, x, plan, *, scaling, out=None, out_scale=None):
         self.calls.append(("permute_fp8", scaling))
-        return self._quantize(self._rows(x, plan), scaling)
+        q, s = self._quantize(self._rows(x, plan), scaling)
+        return self._store(q, out), self._store_scale(s, out_scale, scaling)
 
-    def permute_fp8_per_tensor(self, x, plan):
+    def permute_fp8_per_tensor(self, x, plan, *, out=None, out_scale=None):
         self.calls.append(("permute_fp8_per_tensor",))
         q, s = self._quantize(x, "tensor")
-        return self._rows(q.view(torch.uint8), plan).view(FP8_DTYPE), s
+        q = self._rows(q.view(torch.uint8), plan).view(FP8_DTYPE)
+        return self._store(q, out), self._store_scale(s, out_scale, "tensor")
 
-    def quantize_fp8(self, h, *, scaling, num_rows):
+    def quantize_fp8(self, h, *, scaling, num_rows, out=None, out_scale=None):
         self.calls.append(("quantize_fp8", scaling))
         assert h.dtype in (torch.bfloat16, torch.float16) and int(num_rows[0]) == h.shape[0]
-        return self._quantize(h, scaling)
+        q, s = self._quantize(h, scaling)
+        return self._store(q, out), self._store_scale(s, out_scale, scaling)
 
-    def grouped_gemm(self, a, b, cu, *, activation="none", bias=None, a_scale=None, b_scale=None, out_dtype=None):
+    def grouped_gemm(self, a, b, cu, *, activation="none", bias=None, a_scale=None, b_scale=None, out_dtype=None,
+                     out=None):
         from cute_moe.gemm.interface import _scale_mode
 
         num_e, n, k = b.shape
@@ -321,7 +351,7 @@ class _KernelEmulation:
             if bias is not None:
                 h = h + bias[e].bfloat16().float()
             outs.append(gated_activation_reference(h, activation) if activation != "none" else h)
-        return torch.cat(outs).to(out_dtype)
+        return self._store(torch.cat(outs).to(out_dtype), out)
 
     def combine(self, y, plan, weights, *, addend=None, out=None):
         got = (y.float()[plan.token_rows.long()] * weights[..., None]).sum(1)
@@ -333,7 +363,8 @@ class _KernelEmulation:
 
 @pytest.mark.parametrize("mode", sorted(ACT))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fp8_layer_glue_on_emulated_kernels(monkeypatch, mode, dtype):
+@pytest.mark.parametrize("workspace", [False, True])
+def test_fp8_layer_glue_on_emulated_kernels(monkeypatch, mode, dtype, workspace):
     from cute_moe import layer
 
     kernels = _KernelEmulation(monkeypatch)
@@ -347,8 +378,11 @@ def test_fp8_layer_glue_on_emulated_kernels(monkeypatch, mode, dtype):
     weights, ids = route_reference(torch.randn(tokens, num_e, generator=g), k, renormalize=True)
     shared = torch.randn(tokens, hidden, generator=g).to(dtype)
     out = torch.full_like(x, float("nan"))
+    ws = Workspace() if workspace else None
     got = layer.fused_moe(x=x, w1=None, w2=None, topk_weights=weights, topk_ids=ids, activation="silu", w1_bias=b1,
-                          w2_bias=None, quant=qw, apply_router_weight_on_input=False, shared_output=shared, out=out)
+                          w2_bias=None, quant=qw, apply_router_weight_on_input=False, shared_output=shared, out=out,
+                          workspace=ws)
+    assert (ws is None) or ws.nbytes > 0
     assert got is out
     want = experts_reference(x, None, None, weights, ids, w1_bias=b1, quant=qw, shared_output=shared)
     assert ((out.float() - want.float()).norm() / want.float().norm()) < 5e-3  # rounding-level differences
