@@ -7,7 +7,7 @@ For each reference shape and token count, with random softmax top-k routing: our
 a torch pipeline doing the same work with torch ops (argsort permute, torch._grouped_mm, silu*up,
 torch._grouped_mm, index_add combine) and a per-expert torch loop (one mm pair per active expert,
 the routing fixed on the host before timing), both in CUDA graphs; and our fp8 layer (blockwise
-128x128 scales where I % 128 == 0, as DeepSeek-V3 ships, else per-token) in a CUDA graph. The bf16
+1x128 / 128x128 scales, as DeepSeek-V3 ships) in a CUDA graph. The bf16
 floor is max(FLOPs / dense bf16 mm rate, touched weight bytes / read bandwidth); the fp8 floor uses
 the dense fp8 mm rate (torch._scaled_mm) and 1-byte weights; all rates are measured in the same run.
 """
@@ -85,7 +85,7 @@ def bench_shape(shape, tokens_list, dense_tflops, read_gbs, fp8_tflops) -> list[
     e, k, h, i = shape.num_experts, shape.top_k, shape.hidden, shape.intermediate
     w1, w2 = expert_weights(shape)
     w1t, w2t = w1.transpose(1, 2), w2.transpose(1, 2)
-    fp8_mode = "blockwise" if i % 128 == 0 else "per_token"
+    fp8_mode = "blockwise"
     qw = quantize_experts(w1, w2, fp8_mode) if fp8_tflops else None
     rows = []
     for t in tokens_list:
