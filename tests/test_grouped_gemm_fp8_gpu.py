@@ -50,14 +50,16 @@ def _reference(a, b, cu, activation):
 
 
 def _config(mode: str, tile_m: int):
-    """"block_overlap": blockwise with GemmConfig.overlap_promotion."""
+    """"block_overlap" / "block_turns": blockwise with GemmConfig.overlap_promotion / take_turns
+    (the latter needs two consumer warpgroups: tile_m=128)."""
     from cute_moe.gemm import GemmConfig
 
-    return GemmConfig(tile_m, 256 if mode in ("tensor", "token") else 128, overlap_promotion=mode == "block_overlap")
+    return GemmConfig(tile_m, 256 if mode in ("tensor", "token") else 128, overlap_promotion=mode == "block_overlap",
+                      take_turns=mode == "block_turns" and tile_m == 128)
 
 
 @needs_sm90
-@pytest.mark.parametrize("mode", ["tensor", "token", "block", "block_overlap"])
+@pytest.mark.parametrize("mode", ["tensor", "token", "block", "block_overlap", "block_turns"])
 @pytest.mark.parametrize("activation", ["none", "silu", "swiglu_oai"])
 @pytest.mark.parametrize("tile_m", [64, 128])
 def test_fp8_ragged(mode, activation, tile_m):
@@ -69,7 +71,7 @@ def test_fp8_ragged(mode, activation, tile_m):
     e = len(RAGGED)
     a = torch.randn(sum(RAGGED), k, device="cuda")
     b = torch.randn(e, n, k, device="cuda") / k**0.5
-    qa, sa, qb, sb, da, db = quantized_operands(mode.removesuffix("_overlap"), a, b, gated)
+    qa, sa, qb, sb, da, db = quantized_operands(mode.split("_")[0], a, b, gated)
     cu = torch.tensor([0] + RAGGED, device="cuda").cumsum(0).to(torch.int32)
     out = torch.full((a.shape[0], n // 2 if gated else n), float("nan"), device="cuda", dtype=torch.bfloat16)
     grouped_gemm(qa, qb, cu, activation=activation, a_scale=sa, b_scale=sb, out=out, config=_config(mode, tile_m))
@@ -96,7 +98,7 @@ def test_fp8_scale_shapes_checked():
 
 
 @needs_sm90
-@pytest.mark.parametrize("mode", ["tensor", "token", "block", "block_overlap"])
+@pytest.mark.parametrize("mode", ["tensor", "token", "block", "block_overlap", "block_turns"])
 def test_fp8_persistent_many_tiles_per_cta(mode):
     """Several tiles per CTA and more k-tiles than pipeline stages: the pipeline state must carry
     across tiles (a stale state re-reads old stages and deadlocks or corrupts the next tile)."""
@@ -106,7 +108,7 @@ def test_fp8_persistent_many_tiles_per_cta(mode):
     counts = [3000, 0, 2500]
     a = torch.randn(sum(counts), k, device="cuda")
     b = torch.randn(e, n, k, device="cuda") / k**0.5
-    qa, sa, qb, sb, da, db = quantized_operands(mode.removesuffix("_overlap"), a, b, gated=True)
+    qa, sa, qb, sb, da, db = quantized_operands(mode.split("_")[0], a, b, gated=True)
     cu = torch.tensor([0] + counts, device="cuda").cumsum(0).to(torch.int32)
     out = torch.full((a.shape[0], n // 2), float("nan"), device="cuda", dtype=torch.bfloat16)
     grouped_gemm(qa, qb, cu, activation="silu", a_scale=sa, b_scale=sb, out=out, config=_config(mode, 128))
