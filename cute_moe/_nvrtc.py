@@ -29,6 +29,21 @@ import torch
 # element dtype codes of every -D<NAME>_DT define (common.cuh's Elem<kDt>)
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
+
+def check_rows(x, name: str, layout: str) -> int:
+    """``x`` a 2-D CUDA bf16/fp16/fp32 matrix with a dense last dimension (what the row kernels
+    read); returns its dtype code. Raises naming ``name`` and its ``layout`` (e.g. "[T, H]")."""
+    if x is None or x.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D {layout} tensor, got {None if x is None else tuple(x.shape)}")
+    if x.device.type != "cuda":
+        raise ValueError(f"{name}: expected a CUDA tensor, got device {x.device}")
+    code = DTYPE_CODES.get(x.dtype)
+    if code is None:
+        raise TypeError(f"{name}: expected bf16, fp16 or fp32, got {x.dtype}")
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        raise ValueError(f"{name}: expected a contiguous last dimension, got strides {x.stride()}")
+    return code
+
 KERNEL_SOURCES = ("routing.cu", "plan.cu", "permute.cu", "combine.cu", "quantize.cu")
 HEADERS = ("common.cuh",)
 

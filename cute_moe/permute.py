@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import _nvrtc
-from ._nvrtc import DTYPE_CODES
+from ._nvrtc import DTYPE_CODES, check_rows
 from .interop import array_kind, as_torch, to_kind
 from .plan import LAYOUTS, RoutingPlan
 from .quant import AMAX_EPS, FP8_MAX
@@ -113,23 +113,9 @@ def _check_plan(plan, layout: str, device: torch.device) -> None:
         raise ValueError(f"plan: top_k <= 32 supported, got {plan.top_k}")
 
 
-def _check_rows(x, name: str, layout: str) -> int:
-    """``x`` a 2-D CUDA bf16/fp16/fp32 matrix with a dense last dimension; returns its dtype code."""
-    if x is None or x.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-D {layout} tensor, got {None if x is None else tuple(x.shape)}")
-    if x.device.type != "cuda":
-        raise ValueError(f"{name}: expected a CUDA tensor, got device {x.device}")
-    code = DTYPE_CODES.get(x.dtype)
-    if code is None:
-        raise TypeError(f"{name}: expected bf16, fp16 or fp32, got {x.dtype}")
-    if x.shape[1] > 1 and x.stride(1) != 1:
-        raise ValueError(f"{name}: expected a contiguous last dimension, got strides {x.stride()}")
-    return code
-
-
 def _check_x(x: torch.Tensor, plan: RoutingPlan, name: str = "x") -> int:
     _check_plan_type(plan)
-    code = _check_rows(x, name, "[T, H]")
+    code = check_rows(x, name, "[T, H]")
     if x.shape[0] != plan.num_tokens:
         raise ValueError(f"{name}: expected {plan.num_tokens} rows (the plan's T), got {x.shape[0]}")
     return code
@@ -280,7 +266,7 @@ def quantize_fp8(x, *, scaling: str = "token", num_rows=None, out=None, out_scal
     xt = as_torch(x, "x")
     if scaling not in QUANT_SCALINGS:
         raise ValueError(f"scaling: expected one of {QUANT_SCALINGS}, got {scaling!r}")
-    x_dt = _check_rows(xt, "x", "[M, K]")
+    x_dt = check_rows(xt, "x", "[M, K]")
     _check_fp8_rows(xt, "fp8 quantization", "K")
     count = as_torch(num_rows, "num_rows")
     if count is not None and (count.dtype != torch.int32 or count.numel() < 1 or count.device != xt.device):

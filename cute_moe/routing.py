@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import _nvrtc
-from ._nvrtc import DTYPE_CODES
+from ._nvrtc import DTYPE_CODES, check_rows
 from .interop import array_kind, as_torch, to_kind
 
 SCORINGS = ("softmax", "sigmoid")
@@ -72,17 +72,9 @@ def route_gpu(router_logits, top_k: int, *, scoring: str = "softmax", renormaliz
     kind = array_kind(router_logits)
     logits = as_torch(router_logits, "router_logits")
     bias = as_torch(correction_bias, "correction_bias")
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise ValueError(f"router_logits: expected a 2-D [T, E] tensor, got shape {tuple(logits.shape)}")
-    if logits.device.type != "cuda":
-        raise ValueError(f"router_logits: expected a CUDA tensor, got device {logits.device}")
-    logit_dt = DTYPE_CODES.get(logits.dtype)
-    if logit_dt is None:
-        raise TypeError(f"router_logits: expected bf16, fp16 or fp32, got {logits.dtype}")
+    logit_dt = check_rows(logits, "router_logits", "[T, E]")
     num_tokens, num_experts = logits.shape
     _check_int("num_experts (router_logits.shape[1])", num_experts, 1, MAX_EXPERTS, "kernel limit")
-    if num_experts > 1 and logits.stride(1) != 1:
-        raise ValueError(f"router_logits: expected a contiguous last dimension, got strides {logits.stride()}")
     _check_int("top_k", top_k, 1, min(num_experts, MAX_TOP_K), "min(E, 32)")
     if scoring not in SCORINGS:
         raise ValueError(f"scoring: expected one of {SCORINGS}, got {scoring!r}")
