@@ -200,16 +200,16 @@ def make_plan(topk_ids, num_experts: int, *, block_m: int | None = None, max_m: 
     nblocks = prows // block_m if padded else 0
     sizes, chunk, num_chunks = _plan_sizes(n, E, block_m, max_m)
     hist_ints = num_chunks * E if num_chunks > 1 else 0
+    need = sum(sizes) + hist_ints
     if buffer is None:
-        buf = torch.empty(sum(sizes) + hist_ints, dtype=torch.int32, device=ids.device)
+        buf = torch.empty(need, dtype=torch.int32, device=ids.device)
     else:
-        need = sum(sizes) + hist_ints
         if (buffer.dtype != torch.int32 or buffer.dim() != 1 or not buffer.is_contiguous()
                 or buffer.device != ids.device or buffer.numel() < need):
             raise ValueError(f"buffer: expected a contiguous 1-D int32 tensor of >= {need} elements on "
                              f"{ids.device}, got {buffer.dtype} {tuple(buffer.shape)} on {buffer.device}")
         buf = buffer
-    parts = list(buf[:sum(sizes)].split(sizes))
+    parts = list(buf.split(sizes + [buf.numel() - sum(sizes)]))[:len(sizes)]  # the rest: histograms
     counts, cu, row_src, token_rows = parts[:4]
     pcu = prow_src = ptoken_rows = eob = mm = mrow_src = mtoken_rows = overflow = None
     if padded:
@@ -231,7 +231,7 @@ def make_plan(topk_ids, num_experts: int, *, block_m: int | None = None, max_m: 
     i32 = np.int32
     hist_ptr = 0
     if num_chunks > 1:
-        hist_ptr = buf[sum(sizes):].data_ptr()
+        hist_ptr = buf.data_ptr() + 4 * sum(sizes)
         _nvrtc.launch(count_fn, dev, num_chunks, threads, (ids.data_ptr(), i32(n), i32(chunk), hist_ptr))
 
     def ptr(t):
