@@ -50,16 +50,14 @@ def _reference(a, b, cu, activation):
 
 
 def _config(mode: str, tile_m: int):
-    """"block_overlap" / "block_turns": blockwise with GemmConfig.overlap_promotion / take_turns
-    (the latter needs two consumer warpgroups: tile_m=128)."""
+    """"block_overlap": blockwise with GemmConfig.overlap_promotion."""
     from cute_moe.gemm import GemmConfig
 
-    return GemmConfig(tile_m, 256 if mode in ("tensor", "token") else 128, overlap_promotion=mode == "block_overlap",
-                      take_turns=mode == "block_turns" and tile_m == 128)
+    return GemmConfig(tile_m, 256 if mode in ("tensor", "token") else 128, overlap_promotion=mode == "block_overlap")
 
 
 @needs_sm90
-@pytest.mark.parametrize("mode", ["tensor", "token", "block", "block_overlap", "block_turns"])
+@pytest.mark.parametrize("mode", ["tensor", "token", "block", "block_overlap"])
 @pytest.mark.parametrize("activation", ["none", "silu", "swiglu_oai"])
 @pytest.mark.parametrize("tile_m", [64, 128])
 def test_fp8_ragged(mode, activation, tile_m):
@@ -98,7 +96,7 @@ def test_fp8_scale_shapes_checked():
 
 
 @needs_sm90
-@pytest.mark.parametrize("mode", ["tensor", "token", "block", "block_overlap", "block_turns"])
+@pytest.mark.parametrize("mode", ["tensor", "token", "block", "block_overlap"])
 def test_fp8_persistent_many_tiles_per_cta(mode):
     """Several tiles per CTA and more k-tiles than pipeline stages: the pipeline state must carry
     across tiles (a stale state re-reads old stages and deadlocks or corrupts the next tile)."""

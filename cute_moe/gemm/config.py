@@ -20,11 +20,6 @@ class GemmConfig:
     overlap_promotion (blockwise fp8 only): a second scratch accumulator so the next k-tile's WGMMA
     runs while the previous one is promoted into the fp32 accumulator (more registers); off, each
     k-tile's WGMMA is waited for before its promotion (serial).
-    take_turns (blockwise fp8, serial promotion, tile_m=128; experimental, not yet measured): the two
-    consumer warpgroups take turns on the tensor cores, one k-tile each, handing over (two named
-    barriers) when their WGMMA has completed, so each promotion runs under the other warpgroup's
-    WGMMA. Without it both warpgroups' WGMMAs share the tensor cores, finish together and leave them
-    idle while both promote (a model that fits the measured ~25% promotion loss).
     """
 
     tile_m: int = 128
@@ -32,7 +27,6 @@ class GemmConfig:
     cluster_m: int = 1
     stages: int = 0
     overlap_promotion: bool = False
-    take_turns: bool = False
 
     def __post_init__(self):
         if self.tile_m not in (64, 128):
@@ -41,8 +35,6 @@ class GemmConfig:
             raise ValueError(f"tile_n must be 64, 128 or 256, got {self.tile_n}")
         if self.cluster_m not in (1, 2):
             raise ValueError(f"cluster_m must be 1 or 2, got {self.cluster_m}")
-        if self.take_turns and (self.overlap_promotion or self.tile_m != 128):
-            raise ValueError("take_turns: needs tile_m=128 (two consumer warpgroups) and serial promotion")
         if self.stages < 0:
             raise ValueError(f"stages must be >= 0, got {self.stages}")
 

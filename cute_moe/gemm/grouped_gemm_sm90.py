@@ -83,8 +83,8 @@ class GroupedGemmSm90:
         self.has_row_scale = has_row_scale
         self.masked = masked
         self.scale_mode = scale_mode
-        if (config.overlap_promotion or config.take_turns) and scale_mode != "block":
-            raise ValueError("overlap_promotion, take_turns: only blockwise fp8 promotes per k-tile")
+        if config.overlap_promotion and scale_mode != "block":
+            raise ValueError("overlap_promotion: only blockwise fp8 promotes per k-tile")
         self.acc_dtype = cutlass.Float32
         self.tile_m, self.tile_n = config.tile_m, config.tile_n
         self.cm = config.cluster_m
@@ -95,8 +95,6 @@ class GroupedGemmSm90:
         self.epi_store_warp = 4
         self.epi_barrier = pipeline.NamedBarrier(barrier_id=1, num_threads=self.num_mma_threads)
         self.smem_capacity = utils.get_smem_capacity_in_bytes("sm_90")
-
-    _TURN_BARRIER = 2  # named barriers 2 and 3: warpgroup 0's and 1's turn on the tensor cores (take_turns)
 
     # ------------------------------------------------------------------ host-side (trace time)
     def _setup(self, a_dtype, c_dtype, num_experts: int):
@@ -260,7 +258,7 @@ class GroupedGemmSm90:
     @cute.jit
     def _mainloop_blockwise(
         self, acc, tmp, tmp2, tCcAcc, tCrA, tCrB, tiled_mma, mainloop, read_state, release_state, mSA, mSB,
-        e, start, count, m_idx, n_idx, k_tiles, num_k_blocks, wg,
+        e, start, count, m_idx, n_idx, k_tiles, num_k_blocks,
     ):
         """fp8 with DeepSeek-V3 block scales: per 128-wide k-tile, WGMMA into a scratch accumulator,
         then acc += scratch * sa[kb, row] * sb[e, n-block, kb] in fp32 (promotion, as DeepGEMM does).
@@ -294,14 +292,10 @@ class GroupedGemmSm90:
         if const_expr(not self.cfg.overlap_promotion):
             s0, s1, s2, s3 = self._block_scales(mSA, mSB, e, ra, rb, nb_lo, nb_hi, 0)
             for kt in range(k_tiles):
-                if const_expr(self.cfg.take_turns):  # my turn: the other warpgroup's WGMMA has completed
-                    cute.arch.barrier(barrier_id=self._TURN_BARRIER + wg, number_of_threads=256)
                 tiled_mma = self._issue_ktile(tiled_mma, tmp, tCrA, tCrB, mainloop, read_state, num_k_blocks)
                 read_state.advance()
                 n0, n1, n2, n3 = self._block_scales(mSA, mSB, e, ra, rb, nb_lo, nb_hi, cutlass.min(kt + 1, last))
                 warpgroup.wait_group(0)
-                if const_expr(self.cfg.take_turns):  # hand the tensor cores over, then promote under its WGMMA
-                    cute.arch.barrier_arrive(barrier_id=self._TURN_BARRIER + 1 - wg, number_of_threads=256)
                 mainloop.consumer_release(release_state)
                 release_state.advance()
                 self._promote(acc, tmp, s0, s1, s2, s3)
@@ -312,7 +306,9 @@ class GroupedGemmSm90:
             # flight there), so only tmp's promotion overlaps a WGMMA. Measured alternatives (H200, T=8192):
             # tmp2's promotion repeated in both branches moves that wait to the back edge and was no
             # faster; a branch-free body with a group in flight across the back edge makes ptxas serialize
-            # every WGMMA; warpgroups taking turns to issue (named barriers) matched serial promotion.
+            # every WGMMA; warpgroups taking turns to issue (named barriers) matched serial promotion, and
+            # taking turns after each WGMMA completed (one warpgroup's promotion under the other's WGMMA)
+            # was 1.3-1.4x slower than serial: one 64-row warpgroup alone does not keep the tensor cores busy.
             a0, a1, a2, a3 = self._block_scales(mSA, mSB, e, ra, rb, nb_lo, nb_hi, 0)
             b0, b1, b2, b3 = self._block_scales(mSA, mSB, e, ra, rb, nb_lo, nb_hi, cutlass.min(1, last))
             tiled_mma = self._issue_ktile(tiled_mma, tmp, tCrA, tCrB, mainloop, read_state, num_k_blocks)
@@ -572,10 +568,6 @@ class GroupedGemmSm90:
         n_acc = cute.size(acc)
         n_out_frag = cute.size(out)
         tile_count = Int32(0)
-        wg = mma_tidx // 128
-        if const_expr(self.cfg.take_turns):  # warpgroup 0 takes the first turn
-            if wg == 1:
-                cute.arch.barrier_arrive(barrier_id=self._TURN_BARRIER, number_of_threads=256)
         t = cluster_id
         e = Int32(0)
         while t < total_tiles:
@@ -585,7 +577,7 @@ class GroupedGemmSm90:
             if const_expr(self.scale_mode == "block"):
                 read_state, release_state = self._mainloop_blockwise(
                     acc, tmp, tmp2, tCcAcc, tCrA, tCrB, tiled_mma, mainloop, read_state, release_state, mSA, mSB,
-                    e, start, count, m_idx, n_idx, k_tiles, num_k_blocks, wg,
+                    e, start, count, m_idx, n_idx, k_tiles, num_k_blocks,
                 )
             else:
                 # keep one WGMMA batch in flight, release its stage one k-tile later

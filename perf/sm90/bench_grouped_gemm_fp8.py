@@ -26,8 +26,8 @@ from perf.common import bench_ms, expert_weights, quantize_experts, select_shape
 from perf.sm90.bench_grouped_gemm import rel_err, routing_offsets
 
 # block: the shipped blockwise config; block_serial / block_overlap force GemmConfig.overlap_promotion
-# off / on; block_turns: serial promotion with GemmConfig.take_turns
-MODES = ("tensor", "token", "block", "block_serial", "block_overlap", "block_turns")
+# off / on
+MODES = ("tensor", "token", "block", "block_serial", "block_overlap")
 
 
 QUANT_MODES = {"tensor": "per_tensor", "token": "per_token", "block": "blockwise"}
@@ -96,7 +96,7 @@ def bench_shape(shape, tokens_list) -> list[dict]:
     e, k, h, i = shape.num_experts, shape.top_k, shape.hidden, shape.intermediate
     w1, w2 = expert_weights(shape)
     qw = {m: quantize_weights(m, w1, w2) for m in QUANT_MODES}
-    qw["block_serial"] = qw["block_overlap"] = qw["block_turns"] = qw["block"]
+    qw["block_serial"] = qw["block_overlap"] = qw["block"]
     print(f"{shape.name}: weights quantized", flush=True)
     rows = []
     for t in tokens_list:
@@ -116,8 +116,8 @@ def bench_shape(shape, tokens_list) -> list[dict]:
             xq, sx = quantize_act(mode.split("_")[0], x)
             aq, sa = quantize_act(mode.split("_")[0], a2)
             c1 = c2 = None
-            if mode in ("block_serial", "block_overlap", "block_turns"):
-                flags = dict(overlap_promotion=mode == "block_overlap", take_turns=mode == "block_turns")
+            if mode in ("block_serial", "block_overlap"):
+                flags = dict(overlap_promotion=mode == "block_overlap")
                 c1 = dataclasses.replace(pick_config(m, 2 * i, h, e, True, blockwise=True), **flags)
                 c2 = dataclasses.replace(pick_config(m, h, i, e, False, blockwise=True), **flags)
             g1 = lambda: grouped_gemm(xq, q1, cu, activation="silu", a_scale=sx, b_scale=s1, config=c1)  # noqa: E731
@@ -171,9 +171,8 @@ def main(argv=None) -> int:
     write_results(
         "sm90_grouped_gemm_fp8", rows,
         {"title": "sm90 fp8 grouped GEMM (GEMM1+SwiGLU and GEMM2): scaling modes vs bf16 and torch._scaled_grouped_mm"},
-        md_columns=["shape", "T", "bf16_ms", "tensor_ms", "token_ms", "block_ms", "block_serial_ms", "block_overlap_ms", "block_turns_ms",
+        md_columns=["shape", "T", "bf16_ms", "tensor_ms", "token_ms", "block_ms", "block_serial_ms", "block_overlap_ms",
                     "block_speedup_vs_bf16", "block_serial_speedup_vs_bf16", "block_overlap_speedup_vs_bf16",
-                    "block_turns_speedup_vs_bf16",
                     "token_speedup_vs_bf16", "torch_scaled_ms", "token_speedup_vs_torch", "block_err_vs_bf16",
                     "tensor_err_vs_dequantized", "token_err_vs_dequantized", "block_err_vs_dequantized"],
         plot=speedup_plot("torch._scaled_grouped_mm time / ours (per-token fp8)",

@@ -6,7 +6,7 @@
 
 Runs GEMM1 (+SwiGLU) of a reference shape at ``--tokens`` twice (the first call compiles and warms
 up; profile the second), on random operands quantized like the layer's. Compare ``--mode token``
-(no promotion) with ``--mode block`` (and ``--overlap``, ``--turns``): tensor pipe utilization, issue slots and
+(no promotion) with ``--mode block`` (and ``--overlap``): tensor pipe utilization, issue slots and
 the stall reasons of the consumer warps. Prints the time of the second call too.
 """
 
@@ -32,7 +32,6 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", default="block", choices=["tensor", "token", "block"])
     ap.add_argument("--overlap", choices=["on", "off"], default=None,
                     help="blockwise: force GemmConfig.overlap_promotion (default: the shipped choice)")
-    ap.add_argument("--turns", action="store_true", help="blockwise: GemmConfig.take_turns (serial promotion)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("ncu_fp8_gemm needs a CUDA GPU", file=sys.stderr)
@@ -46,9 +45,9 @@ def main(argv=None) -> int:
     cu = routing_offsets(args.tokens, e, k)
     xq, sx = quantize_act(args.mode, torch.randn(m, h, device="cuda", dtype=torch.bfloat16))
     config = None
-    if args.mode == "block" and (args.overlap is not None or args.turns):
+    if args.mode == "block" and args.overlap is not None:
         config = dataclasses.replace(pick_config(m, 2 * i, h, e, True, blockwise=True),
-                                     overlap_promotion=args.overlap == "on" and not args.turns, take_turns=args.turns)
+                                     overlap_promotion=args.overlap == "on")
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(2):
         start.record()
