@@ -1,0 +1,114 @@
+"""Decode grouped GEMMs (few tokens): how close GEMM1 and GEMM2 get to the weight-streaming floor.
+
+    python -m perf.sm90.bench_decode_gemm [--tokens 1,8] [--shapes ...] [--sweep] [--ncu]
+
+At small T the grouped GEMM reads each active expert's weights once and is memory-bound. Each timed
+CUDA graph replays the GEMM on ``--routings`` different random routings in turn, so consecutive calls
+touch different experts (as consecutive decode steps do) and the weights are not served from L2.
+Reports microseconds per call, the active experts' weight bytes per second and its fraction of the
+read bandwidth measured in the same run, for the shipped config (and with ``--sweep`` for every
+64-row tile config). ``--ncu``: run each shipped GEMM twice and exit, for Nsight Compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from cute_moe.gemm import GemmConfig, grouped_gemm, pick_config
+from perf.common import expert_weights, select_shapes, write_results
+from perf.sm90.bench_grouped_gemm import routing_offsets
+from perf.sm90.bench_moe import read_bandwidth_gbs
+
+SWEEP = [GemmConfig(64, n, stages=s) for n in (64, 128, 256) for s in (0, 4)]
+
+
+def graph_us(calls: list, rep: int = 20) -> float:
+    """Median microseconds per call of a CUDA graph that runs ``calls`` once each, in order."""
+    for fn in calls:
+        fn()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for fn in calls:
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(rep)]
+    for start, end in events:
+        start.record()
+        g.replay()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in events)
+    return times[len(times) // 2] * 1e3 / len(calls)
+
+
+def bench_shape(shape, tokens_list, routings: int, sweep: bool, read_gbs: float, ncu: bool) -> list[dict]:
+    e, k, h, i = shape.num_experts, shape.top_k, shape.hidden, shape.intermediate
+    w1, w2 = expert_weights(shape)
+    rows = []
+    for t in tokens_list:
+        m = t * k
+        cus = [routing_offsets(t, e, k) for _ in range(routings)]
+        active = sum(int((cu[1:] > cu[:-1]).sum()) for cu in cus) / routings
+        x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
+        a2 = torch.randn(m, i, device="cuda", dtype=torch.bfloat16)
+        gemms = {
+            "gemm1": (lambda cu, c: grouped_gemm(x, w1, cu, activation="silu", config=c),
+                      pick_config(m, 2 * i, h, e, True), 2 * i * h * 2),
+            "gemm2": (lambda cu, c: grouped_gemm(a2, w2, cu, config=c), pick_config(m, h, i, e, False), h * i * 2),
+        }
+        for name, (fn, shipped, expert_bytes) in gemms.items():
+            if ncu:
+                for _ in range(2):
+                    fn(cus[0], shipped)
+                continue
+            configs = [shipped] + [c for c in SWEEP if sweep and c != shipped]
+            for cfg in configs:
+                us = graph_us([lambda cu=cu, c=cfg: fn(cu, c) for cu in cus])
+                gbs = active * expert_bytes / us / 1e3
+                row = {"shape": shape.name, "T": t, "gemm": name, "active_experts": active,
+                       "tile": f"{cfg.tile_m}x{cfg.tile_n}s{cfg.stages}", "shipped": cfg == shipped, "us": us,
+                       "weight_gbs": gbs, "frac_of_read_bw": gbs / read_gbs}
+                rows.append(row)
+                print(f"{shape.name:14s} T={t:3d} {name} {row['tile']:10s}{'*' if row['shipped'] else ' '} "
+                      f"{us:8.2f} us {gbs:7.0f} GB/s ({100 * gbs / read_gbs:4.1f}% of read bw)", flush=True)
+    del w1, w2
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", default="1,8")
+    ap.add_argument("--shapes", default="", help="comma-separated name prefixes (default: all)")
+    ap.add_argument("--routings", type=int, default=16, help="distinct routings cycled through per graph")
+    ap.add_argument("--sweep", action="store_true", help="also time every 64-row tile config")
+    ap.add_argument("--ncu", action="store_true", help="run each shipped GEMM twice and exit (for ncu)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        print("bench_decode_gemm needs a Hopper (sm_90) GPU", file=sys.stderr)
+        return 2
+    read_gbs = 0.0 if args.ncu else read_bandwidth_gbs()
+    if not args.ncu:
+        print(f"read bandwidth {read_gbs:.0f} GB/s", flush=True)
+    rows = []
+    for shape in select_shapes(args.shapes):
+        rows += bench_shape(shape, [int(t) for t in args.tokens.split(",")], args.routings, args.sweep, read_gbs,
+                            args.ncu)
+    if args.ncu:
+        torch.cuda.synchronize()
+        return 0
+    write_results(
+        "sm90_decode_gemm", rows,
+        {"title": "sm90 decode grouped GEMMs: weight-streaming rate vs read bandwidth", "read_gbs": read_gbs,
+         "routings": args.routings},
+        md_columns=["shape", "T", "gemm", "tile", "shipped", "active_experts", "us", "weight_gbs", "frac_of_read_bw"],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
