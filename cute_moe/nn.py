@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from . import api
+from . import _nvrtc, api
 from .api import moe
 from .quant import QuantConfig, QuantizedWeights, quantize_weights
 from .validate import BACKENDS, check_choice, check_routing
 from .reference import ACTIVATIONS
+
+# torch's current device index and raw current stream of a device, without building Python objects
+_current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+    lambda index: torch.cuda.current_stream(index).cuda_stream)
 
 
 class MoE(torch.nn.Module):
@@ -23,6 +28,7 @@ class MoE(torch.nn.Module):
     """
 
     _graph_max_tokens = 0
+    _graph_copy_output = True
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, *,
                  scoring: str = "softmax", renormalize: bool = False, num_groups: int | None = None,
@@ -93,35 +99,48 @@ class MoE(torch.nn.Module):
             return None
         return QuantizedWeights(self.w1_q, self.w1_scale, self.w2_q, self.w2_scale, self.quant_mode)
 
-    def cuda_graphs(self, max_tokens: int = 64) -> "MoE":
+    def cuda_graphs(self, max_tokens: int = 64, copy_output: bool = True) -> "MoE":
         """Serve eager calls of at most ``max_tokens`` tokens from CUDA graphs (decode); 0 turns it off.
 
-        The first CUDA call with a given token count (and dtype, device, shared_output or not) runs the
-        layer once eagerly on a side stream (compiling what it needs) and, if it ran on the cute
-        kernels, captures it into a CUDA graph that reads a static input buffer. Later calls copy x in,
-        replay the graph and return a copy of its output: a few host operations instead of about eight
-        Python-launched kernels with their argument checks. Graphs are rebuilt when a weight tensor is
-        replaced (``quantize_``, ``to``, assigning a parameter); values copied into the existing
-        weights (``load_state_dict``) are seen by the graphs. Calls under ``torch.compile``, inside an
-        outer graph capture, on the CPU or with more tokens run eagerly. Returns self."""
+        - First call per (tokens, hidden, dtype, device, shared_output dtype): runs eagerly on a side stream
+          (compiles kernels), then, if it ran on the cute kernels, captures a graph over static inputs.
+        - Later calls: ``cuMemcpyDtoDAsync`` x (and shared_output) in, then ``cuGraphLaunch``, through ctypes
+          on torch's current stream: a few driver calls instead of ~8 Python-launched kernels and checks.
+        - Non-contiguous or other-device inputs are copied with ``Tensor.copy_``; without the driver, without
+          ``raw_cuda_graph_exec`` (torch < 2.6) or with x off the current device, ``graph.replay()`` launches
+          (equivalent: torch's replay only adds a device guard and RNG bookkeeping, unused here).
+        - ``copy_output=True`` returns a fresh copy of the output; ``False`` returns the graph's output buffer
+          itself (no allocation, no copy), overwritten by the next call with the same token count.
+        - Replacing a weight tensor (``quantize_``, ``to``, assigning a parameter) rebuilds the graphs (data
+          pointers are compared on every call); values copied into weights (``load_state_dict``) are seen.
+        - Calls under ``torch.compile``, inside an outer capture, on the CPU or with more tokens run eagerly.
+
+        Returns self."""
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
             raise ValueError(f"max_tokens: expected an int >= 0, got {max_tokens!r}")
+        if not isinstance(copy_output, bool):
+            raise ValueError(f"copy_output: expected a bool, got {copy_output!r}")
         self._graph_max_tokens = max_tokens
+        self._graph_copy_output = copy_output
         self._graphs: dict = {}
-        self._graph_weights: tuple = ()
+        self._graph_weights: list | None = None
         return self
 
     def forward(self, x: torch.Tensor, shared_output: torch.Tensor | None = None) -> torch.Tensor:
         """MoE output for ``x`` [..., H] (same shape and dtype); ``shared_output`` [..., H] is added."""
-        flat = x.reshape(-1, x.shape[-1])
-        shared = None if shared_output is None else shared_output.reshape(flat.shape)
+        # 2-D x and shared_output are used as they are: a reshape costs a torch dispatch per call
+        flat = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
+        shared = shared_output
+        if shared is not None and shared.shape != flat.shape:
+            shared = shared.reshape(flat.shape)
         out = None
-        if 0 < flat.shape[0] <= self._graph_max_tokens and isinstance(flat, torch.Tensor) and flat.is_cuda \
+        rows = flat.shape[0]
+        if 0 < rows <= self._graph_max_tokens and isinstance(flat, torch.Tensor) and flat.is_cuda \
                 and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
-            out = self._replay(flat, shared)
+            out = self._replay(flat, shared, rows)
         if out is None:
             out = self._eager(flat, shared)
-        return out.reshape(x.shape)
+        return out if x.ndim == 2 else out.reshape(x.shape)
 
     def _eager(self, flat: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
         return moe(flat, self.router_weight, self.w1, self.w2, self.top_k, **self.routing,
@@ -130,35 +149,63 @@ class MoE(torch.nn.Module):
                    apply_router_weight_on_input=self.apply_router_weight_on_input,
                    shared_output=shared, backend=self.backend)
 
-    def _weight_ptrs(self) -> tuple:
+    def _weight_ptrs(self) -> list:
         """Addresses of every weight tensor (read from the module's dicts: attribute lookup through
-        nn.Module.__getattr__ would cost more than the graph replay saves)."""
-        tensors = (*self._parameters.values(), *self._buffers.values())
-        return tuple(0 if t is None else t.data_ptr() for t in tensors) + (self.quant_mode,)
+        nn.Module.__getattr__ would cost more than the graph replay saves) and the quant mode."""
+        ptrs = [0 if t is None else t.data_ptr() for t in (*self._parameters.values(), *self._buffers.values())]
+        ptrs.append(self.quant_mode)
+        return ptrs
 
-    def _replay(self, flat: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor | None:
+    def _replay(self, flat: torch.Tensor, shared: torch.Tensor | None, rows: int) -> torch.Tensor | None:
         """The graphed call (see :meth:`cuda_graphs`), or None when this call cannot be graphed."""
         ptrs = self._weight_ptrs()
         if ptrs != self._graph_weights:
             self._graphs, self._graph_weights = {}, ptrs
-        key = (flat.shape[0], flat.dtype, flat.device, flat.shape[1], shared is not None)
-        entry = self._graphs.get(key)
-        if entry is None:
-            entry = self._graphs[key] = self._capture(flat, shared)
-        if entry is False:
+        device = flat.get_device()
+        key = (rows, flat.shape[1], flat.dtype, device, None if shared is None else shared.dtype)
+        g = self._graphs.get(key)
+        if g is None:
+            g = self._graphs[key] = self._capture(flat, shared)
+        if g is False:
             return None
-        graph, x_static, shared_static, out_static = entry
-        x_static.copy_(flat)
-        if shared_static is not None:
-            shared_static.copy_(shared)
-        graph.replay()
-        return out_static.clone()
+        if not g.exec_handle or _current_device() != device:
+            g.x.copy_(flat)
+            if shared is not None:
+                g.shared.copy_(shared)
+            g.graph.replay()
+            return g.out.clone() if self._graph_copy_output else g.out
+        stream = _raw_stream(device)
+        memcpy = _nvrtc.memcpy_dtod
+        if flat.is_contiguous():
+            rc = memcpy(g.x_ptr, flat.data_ptr(), g.x_bytes, stream)
+            if rc:
+                _driver_error(rc, "cuMemcpyDtoDAsync (x)")
+        else:
+            g.x.copy_(flat)
+        if shared is not None:
+            if shared.is_contiguous() and shared.get_device() == device:
+                rc = memcpy(g.shared_ptr, shared.data_ptr(), g.shared_bytes, stream)
+                if rc:
+                    _driver_error(rc, "cuMemcpyDtoDAsync (shared_output)")
+            else:
+                g.shared.copy_(shared)
+        rc = _nvrtc.graph_launch(g.exec_handle, stream)
+        if rc:
+            _driver_error(rc, "cuGraphLaunch")
+        if not self._graph_copy_output:
+            return g.out
+        out = torch.empty_like(g.out)
+        rc = memcpy(out.data_ptr(), g.out_ptr, g.out_bytes, stream)
+        if rc:
+            _driver_error(rc, "cuMemcpyDtoDAsync (output)")
+        return out
 
     def _capture(self, flat: torch.Tensor, shared: torch.Tensor | None):
-        """(graph, static x, static shared_output, static output) for this call's key, or False when
-        the layer does not run on the cute kernels for it (the reference path syncs with the host)."""
-        x_static = flat.clone()
-        shared_static = None if shared is None else shared.clone()
+        """The :class:`_Graph` for this call's key, or False when the layer does not run on the cute
+        kernels for it (the reference path syncs with the host)."""
+        # contiguous static inputs: replays copy contiguous rows into them byte for byte
+        x_static = flat.clone(memory_format=torch.contiguous_format)
+        shared_static = None if shared is None else shared.clone(memory_format=torch.contiguous_format)
         stream = torch.cuda.current_stream(flat.device)
         side = torch.cuda.Stream(flat.device)
         side.wait_stream(stream)
@@ -171,7 +218,7 @@ class MoE(torch.nn.Module):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out_static = self._eager(x_static, shared_static)
-        return graph, x_static, shared_static, out_static
+        return _Graph(graph, x_static, shared_static, out_static)
 
     def extra_repr(self) -> str:
         weight = self.w1 if self.quant_mode is None else self.w1_q
@@ -179,3 +226,31 @@ class MoE(torch.nn.Module):
         return (f"hidden={hidden}, intermediate={two_inter // 2}, num_experts={num_experts}, "
                 f"top_k={self.top_k}, activation={self.activation!r}, quant={self.quant_mode!r}, "
                 f"routing={self.routing}")
+
+
+class _Graph:
+    """One captured call of :meth:`MoE.cuda_graphs`: the graph, its static buffers, their addresses and
+    sizes, and the driver handle of the instantiated graph (0: replay through ``graph.replay()``)."""
+
+    __slots__ = ("graph", "exec_handle", "x", "shared", "out", "x_ptr", "shared_ptr", "out_ptr", "x_bytes",
+                 "shared_bytes", "out_bytes")
+
+    def __init__(self, graph, x: torch.Tensor, shared: torch.Tensor | None, out: torch.Tensor):
+        self.graph, self.x, self.shared, self.out = graph, x, shared, out
+        self.x_ptr, self.x_bytes = x.data_ptr(), x.nbytes
+        self.out_ptr, self.out_bytes = out.data_ptr(), out.nbytes
+        self.shared_ptr = 0 if shared is None else shared.data_ptr()
+        self.shared_bytes = 0 if shared is None else shared.nbytes
+        self.exec_handle = 0
+        raw = getattr(graph, "raw_cuda_graph_exec", None)  # torch >= 2.6
+        if raw is not None and _nvrtc.graph_launch is not None and _nvrtc.memcpy_dtod is not None \
+                and out.is_contiguous():
+            try:
+                handle = raw()
+            except RuntimeError:  # not instantiated
+                handle = 0
+            self.exec_handle = handle if isinstance(handle, int) else 0
+
+
+def _driver_error(rc: int, what: str):
+    raise RuntimeError(f"{what} failed with CUresult {rc}")

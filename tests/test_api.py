@@ -263,3 +263,7 @@ def test_nn_moe_cuda_graphs_is_a_no_op_on_the_cpu():
     assert layer.cuda_graphs(8) is layer and torch.equal(layer(x), ref) and layer._graphs == {}
     with pytest.raises(ValueError, match="max_tokens: expected an int >= 0"):
         layer.cuda_graphs(-1)
+    with pytest.raises(ValueError, match="copy_output: expected a bool"):
+        layer.cuda_graphs(8, copy_output="yes")
+    assert layer.cuda_graphs(8, copy_output=False) is layer and torch.equal(layer(x), ref)
+    assert torch.equal(layer(x.reshape(1, 3, 64), x.reshape(1, 3, 64)), layer._eager(x, x).reshape(1, 3, 64))

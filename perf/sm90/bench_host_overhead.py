@@ -6,8 +6,10 @@ For each reference shape: the CPU time of enqueuing one call (median over bursts
 burst timed from an empty launch queue; see :func:`host_us`), for ``cute_moe.moe`` (router GEMM, route, plan,
 permute, GEMM1, GEMM2, combine), ``fused_moe`` on given routing, ``route``, ``make_plan``, ``permute``,
 ``grouped_gemm`` and ``combine``, and ``nn.MoE`` with :meth:`cute_moe.nn.MoE.cuda_graphs` (input copy,
-graph replay, output copy). A torch reference point in the same run: the CPU time of one
-``torch._grouped_mm`` call. ``--profile`` writes a cProfile breakdown (by own time) of the moe calls.
+graph replay, output copy; ``nocopy``: ``copy_output=False``, no output copy; ``graph_replay`` in the JSON
+rows says whether replays went through the driver or ``graph.replay()``). A torch reference point in the
+same run: the CPU time of one ``torch._grouped_mm`` call. ``--profile`` writes a cProfile breakdown (by
+own time) of the moe calls.
 """
 
 from __future__ import annotations
@@ -63,10 +65,15 @@ def bench_shape(shape, tokens: int, calls: int, profile: list) -> dict:
     moe = lambda: cute_moe.moe(x, rw, w1, w2, k, renormalize=True, out=out, backend="cute")  # noqa: E731
     graphed = cute_moe.nn.MoE.from_weights(rw, w1, w2, k, renormalize=True, backend="cute").cuda_graphs(64)
     assert torch.equal(graphed(x), graphed._eager(x, None))
+    nocopy = cute_moe.nn.MoE.from_weights(rw, w1, w2, k, renormalize=True, backend="cute").cuda_graphs(
+        64, copy_output=False)
+    assert torch.equal(nocopy(x), graphed._eager(x, None))
     row = {
         "shape": shape.name, "T": tokens,
         "moe_us": host_us(moe, calls),
         "nn_moe_cuda_graphs_us": host_us(lambda: graphed(x), calls),
+        "nn_moe_cuda_graphs_nocopy_us": host_us(lambda: nocopy(x), calls),
+        "graph_replay": "driver" if all(g.exec_handle for g in graphed._graphs.values()) else "torch",
         "fused_moe_us": host_us(lambda: cute_moe.fused_moe(x, w1, w2, topk_w, topk_ids, out=out, backend="cute"),
                                 calls),
         "route_us": host_us(lambda: cute_moe.route(logits, k, renormalize=True, backend="cute"), calls),
@@ -112,8 +119,9 @@ def main(argv=None) -> int:
         "sm90_host_overhead", rows,
         {"title": f"CPU time per eager call (microseconds, T={args.tokens}): whole layer and each op",
          "target": "moe host overhead <= 20 us per call"},
-        md_columns=["shape", "T", "moe_us", "nn_moe_cuda_graphs_us", "fused_moe_us", "route_us", "plan_us", "permute_us", "gemm1_us",
-                    "gemm2_us", "combine_us", "torch_grouped_mm_us", "torch_empty_us"],
+        md_columns=["shape", "T", "moe_us", "nn_moe_cuda_graphs_us", "nn_moe_cuda_graphs_nocopy_us", "fused_moe_us",
+                    "route_us", "plan_us", "permute_us", "gemm1_us", "gemm2_us", "combine_us", "torch_grouped_mm_us",
+                    "torch_empty_us"],
     )
     return 0
 
