@@ -223,7 +223,12 @@ def launch(fn, device_index: int, grid: int, block: int, args: tuple, shared_mem
         if packed is not None:
             buf, params = packed
             stream = torch._C._cuda_getCurrentRawStream(device_index)
-            if _driver_launch(fn.ptr, grid, 1, 1, block, 1, 1, shared_mem, stream, params, None) == 0:
+            if _driver_launch_ex is not None:
+                cfg = _launch_config()
+                cfg.gridDimX, cfg.blockDimX, cfg.sharedMemBytes, cfg.hStream = grid, block, shared_mem, stream
+                if _driver_launch_ex(ctypes.byref(cfg), fn.ptr, params, None) == 0:
+                    return
+            elif _driver_launch(fn.ptr, grid, 1, 1, block, 1, 1, shared_mem, stream, params, None) == 0:
                 return
     import cupy
 
@@ -231,18 +236,63 @@ def launch(fn, device_index: int, grid: int, block: int, args: tuple, shared_mem
         fn((grid, 1, 1), (block, 1, 1), args, shared_mem=shared_mem, stream=current_stream(device_index))
 
 
-def _load_driver_launch():
-    """ctypes ``cuLaunchKernel`` of the CUDA driver, or None (no driver library)."""
+def driver_function(name: str, argtypes: list):
+    """ctypes function ``name`` of the CUDA driver returning a CUresult (0: success), or None (no
+    driver library or no such symbol)."""
     try:
-        f = ctypes.CDLL("libcuda.so.1").cuLaunchKernel
+        f = ctypes.CDLL("libcuda.so.1")[name]
     except (OSError, AttributeError):
         return None
     f.restype = ctypes.c_int
-    f.argtypes = [ctypes.c_void_p, *[ctypes.c_uint] * 7, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    f.argtypes = argtypes
     return f
 
 
+def _load_driver_launch():
+    """ctypes ``cuLaunchKernel`` of the CUDA driver, or None (no driver library)."""
+    return driver_function("cuLaunchKernel", [ctypes.c_void_p, *[ctypes.c_uint] * 7, ctypes.c_void_p,
+                                              ctypes.c_void_p, ctypes.c_void_p])
+
+
 _driver_launch = None if os.environ.get("CUTE_MOE_CUPY_LAUNCH") else _load_driver_launch()
+
+# Programmatic dependent launch (PDL) for every kernel of the layer: each kernel starts with
+# griddepcontrol.wait and then lets the next one launch (kernels/common.cuh; the grouped GEMM does
+# the same), so in a stream or CUDA graph a kernel's launch and prologue overlap the previous
+# kernel's tail. CUTE_MOE_PDL=0 launches them the ordinary way (the GEMM's disk cache keys on it).
+PDL = os.environ.get("CUTE_MOE_PDL", "1") != "0"
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
+
+
+class _LaunchAttribute(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int), ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
+
+
+def _launch_config() -> _LaunchConfig:
+    """This thread's reusable cuLaunchKernelEx config (1-D, one PDL attribute)."""
+    cfg = getattr(_tls, "launch_config", None)
+    if cfg is None:
+        attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+        cfg = _LaunchConfig(gridDimY=1, gridDimZ=1, blockDimY=1, blockDimZ=1, attrs=ctypes.pointer(attr), numAttrs=1)
+        cfg._attr = attr  # keep the attribute alive with the config
+        _tls.launch_config = cfg
+    return cfg
+
+
+_driver_launch_ex = (driver_function("cuLaunchKernelEx", [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                                          ctypes.c_void_p])
+                     if _driver_launch is not None and PDL else None)
+# nn.MoE.cuda_graphs replays: cuGraphLaunch(exec, stream) and cuMemcpyDtoDAsync_v2(dst, src, bytes, stream).
+# Every argument is a 64-bit integer register on LP64 ABIs; c_void_p converts Python ints fastest.
+graph_launch = driver_function("cuGraphLaunch", [ctypes.c_void_p] * 2)
+memcpy_dtod = driver_function("cuMemcpyDtoDAsync_v2", [ctypes.c_void_p] * 4)
 _SCALAR_CODES = {int: "q", float: "d"}
 
 

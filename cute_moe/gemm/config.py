@@ -46,7 +46,7 @@ def pick_config(rows: int, n: int, k: int, num_experts: int, gated: bool, num_sm
 
     Many rows per expert: 128x256 tiles, the largest whose fp32 accumulators stay in the registers of
     two consumer warpgroups (blockwise fp8 keeps a second accumulator: 128 wide). Few rows (decode): the GEMM streams each active expert's weights once and
-    is memory-bound, so take 64-row tiles and narrow the N tile until the tiles cover every SM.
+    is memory-bound: 64-row tiles, the narrowest N tile that keeps all tiles in one wave.
     """
     active = max(1, min(num_experts, rows))
     rows_per_expert = masked_max_m or rows / active
@@ -61,10 +61,13 @@ def pick_config(rows: int, n: int, k: int, num_experts: int, gated: bool, num_sm
         # measured on H200 (perf/results/sm90_grouped_gemm_sweep): multicast pays off for the wide
         # gated GEMM1 of large experts only
         return GemmConfig(128, 256, cluster_m=2 if gated and rows_per_expert >= 1024 else 1)
+    # Decode: memory-bound, one wave at most. Measured (H200, perf/results/sm90_decode_gemm, T=1 and 8,
+    # weights cold): the narrowest tile whose tiles still fit in one wave streams fastest; a second,
+    # partial wave of narrower tiles is 6-25% slower; if even 256-wide tiles overflow one wave, 256.
     m_tiles = active * max(1, -(-int(rows_per_expert) // 64))
     n_cols = n // 2 if gated else n
-    for tile_n in (256, 128):
+    for tile_n in (64, 128, 256):
         tile_n_out = tile_n // 2 if gated else tile_n
-        if m_tiles * -(-n_cols // tile_n_out) >= num_sms:
+        if m_tiles * -(-n_cols // tile_n_out) <= num_sms:
             return GemmConfig(64, tile_n)
-    return GemmConfig(64, 64)
+    return GemmConfig(64, 256)

@@ -37,6 +37,8 @@ from typing import Callable
 
 import torch
 
+from .._nvrtc import PDL
+
 FORMAT = 2
 ENABLED = True  # process-wide switch (tests, benchmarks); CUTE_MOE_CACHE_DIR="" disables it too
 
@@ -103,7 +105,8 @@ def describe(key) -> str:
 
 def _record(key) -> dict:
     dsl, ffi = _versions_of()
-    return {"format": FORMAT, "key": describe(key), "cutlass_dsl": dsl, "tvm_ffi": ffi, "source": source_digest()}
+    return {"format": FORMAT, "key": describe(key), "cutlass_dsl": dsl, "tvm_ffi": ffi, "source": source_digest(),
+            "pdl": PDL}
 
 
 def entry_paths(key) -> tuple[str, str, str] | None:

@@ -37,6 +37,7 @@ from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.pipeline import pipeline_init_arrive, pipeline_init_wait
 from cutlass.tensor_utils import LayoutEnum
 
+from .._nvrtc import PDL
 from .config import GemmConfig
 
 _SWIGLU_ALPHA = 1.702
@@ -214,6 +215,7 @@ class GroupedGemmSm90:
             cluster=[self.cm, 1, 1],
             min_blocks_per_mp=1,
             stream=stream,
+            use_pdl=PDL,
         )
 
     def _clipped_store_view(self, mC: cute.Tensor, m_total, n_out):
@@ -434,6 +436,9 @@ class GroupedGemmSm90:
         cluster_id = bidx // self.cm
         num_clusters = gdim // self.cm
 
+        # Programmatic dependent launch: everything above overlaps the previous kernel's tail; every
+        # global read and write below waits for it (its outputs: A, the segments, the scales).
+        cute.arch.griddepcontrol_wait()
         # ---- per-CTA tile list: sPrefix[e] = first tile of expert e (in units of output tiles)
         sPrefix = storage.tile_prefix.get_tensor(cute.make_layout(num_experts + 1))
         if warp_idx == 0:
@@ -673,4 +678,6 @@ class GroupedGemmSm90:
                 self.epi_barrier.arrive_and_wait()
             tile_count = tile_count + 1
             t = t + num_clusters
+        # the next kernel (launched with PDL) may start its prologue while the last stores drain
+        cute.arch.griddepcontrol_launch_dependents()
         store_pipe.producer_tail()

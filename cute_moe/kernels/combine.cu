@@ -33,6 +33,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32)
 combine_rows(const void* __restrict__ y, const int* __restrict__ token_rows, const float* __restrict__ w,
              const void* __restrict__ addend, i64 add_row_bytes, void* __restrict__ out, i64 out_row_bytes,
              int num_tokens, int hidden, int segs) {
+    PDL_ENTER();
     const int lane = threadIdx.x & 31;
     const i64 y_row_bytes = (i64)hidden * Elem<Y_DT>::SIZE;
     const int nv = (int)(y_row_bytes / VB);

@@ -10,6 +10,20 @@ typedef unsigned long long u64;
 
 #define FULL_MASK 0xffffffffu
 
+// Programmatic dependent launch (sm_90+; the host launches every kernel with it where the driver
+// allows): a kernel's first statement waits for the previous kernel in the stream to finish and
+// flush (so no read or write may come before it), then lets the next kernel launch and run its own
+// prologue while this one works.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_ENTER()                                                   \
+    do {                                                              \
+        asm volatile("griddepcontrol.wait;" ::: "memory");            \
+        asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); \
+    } while (0)
+#else
+#define PDL_ENTER() do {} while (0)
+#endif
+
 // Element dtype codes used by every -D<NAME>_DT define.
 #define DT_F32 0
 #define DT_F16 1

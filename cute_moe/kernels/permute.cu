@@ -113,6 +113,7 @@ permute_rows(const void* __restrict__ x, i64 x_row_bytes, int num_tokens, int hi
              const int* __restrict__ dest_rows, void* __restrict__ out, float* __restrict__ scale, int slab_rows,
              int num_pad_items, int pad_per_expert, const int* __restrict__ pad_base,
              const int* __restrict__ pad_count, int max_m, int pad_multiple, int segs) {
+    PDL_ENTER();
     const int lane = threadIdx.x & 31;
     const int token_items = num_tokens * segs;
     const int items = token_items + num_pad_items;

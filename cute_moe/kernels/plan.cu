@@ -27,6 +27,7 @@ __device__ __forceinline__ int load_expert(const expert_id_t* __restrict__ ids, 
 
 extern "C" __global__ void __launch_bounds__(NW * 32)
 plan_count(const expert_id_t* __restrict__ ids, int n, int chunk, int* __restrict__ block_hist) {
+    PDL_ENTER();
     __shared__ int hist[NUM_E];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int e = threadIdx.x; e < NUM_E; e += NW * 32) hist[e] = 0;
@@ -87,6 +88,7 @@ plan_scatter(const expert_id_t* __restrict__ ids, int n, int chunk, int num_chun
              int* __restrict__ padded_row_src, int* __restrict__ padded_token_rows, int* __restrict__ expert_of_block,
              int max_m, int* __restrict__ masked_m, int* __restrict__ masked_row_src,
              int* __restrict__ masked_token_rows, int* __restrict__ overflow) {
+    PDL_ENTER();
     // per-span counts, then each span's offset in its expert segment; [expert][span], odd row stride so
     // lanes touching different experts hit different banks
     __shared__ int warp_off[NUM_E][WSTRIDE];

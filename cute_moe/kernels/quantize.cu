@@ -21,6 +21,7 @@ __device__ __forceinline__ int row_limit(int rows, const int* __restrict__ count
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 amax_rows(const void* __restrict__ x, i64 x_row_bytes, int rows, int cols, const int* __restrict__ count,
           float* __restrict__ scale) {
+    PDL_ENTER();
     __shared__ float warp_amax[WARPS];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int n = row_limit(rows, count);
@@ -40,6 +41,7 @@ amax_rows(const void* __restrict__ x, i64 x_row_bytes, int rows, int cols, const
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 quantize_rows(const void* __restrict__ x, i64 x_row_bytes, int rows, int cols, const int* __restrict__ count,
               u8* __restrict__ out, float* __restrict__ scale) {
+    PDL_ENTER();
     const int lane = threadIdx.x & 31;
     const int n = row_limit(rows, count);
     const int nchunk = cols / FP8_CHUNK;

@@ -54,6 +54,7 @@ __device__ __forceinline__ void cas(u32& ka, int& sa, u32& kb, int& sb) {
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 route_topk(const void* __restrict__ logits_, i64 row_stride, const void* __restrict__ bias_, float scaling,
            float* __restrict__ out_w, int* __restrict__ out_ids, int num_tokens) {
+    PDL_ENTER();
     typedef Elem<LOGIT_DT> LE;
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
