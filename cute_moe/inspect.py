@@ -62,6 +62,13 @@ def shipped_kernels(arch: str):
             name = f"fp8_{mode}_{'gemm1_' + act if act != 'none' else 'gemm2'}_{tile.tile_m}x{tile.tile_n}"
             out.append((name + ("_overlap" if tile.overlap_promotion else ""), "fp8",
                         KernelKey(arch, f8, bf16, tile, act, False, False, False, e, n, kk, 132, mode)))
+    for act, tile in (("silu", GemmConfig(64, 128)), ("none", GemmConfig(128, 256))):
+        n, kk = (2 * i, h) if act != "none" else (h, i)
+        out.append((f"gemm_{act}_{tile.tile_m}x{tile.tile_n}_prefetch", "bf16",
+                    KernelKey(arch, bf16, bf16, tile, act, False, False, False, e, n, kk, 132, "none", True)))
+    out.append(("fp8_block_gemm1_silu_64x128_prefetch", "fp8",
+                KernelKey(arch, f8, bf16, GemmConfig(64, 128), "silu", False, False, False, e, 2 * i, h, 132, "block",
+                          True)))
     out.append(("gemm_plain_128x256", "bf16",
                 KernelKey(arch, bf16, bf16, GemmConfig(128, 256), "none", False, False, False, e, h, i, 132)))
     return out

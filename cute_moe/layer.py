@@ -105,9 +105,10 @@ def fused_moe(*, x, w1, w2, topk_weights, topk_ids, activation, w1_bias, w2_bias
     if quant is None:
         xp = permute(x, plan, out=ws["xp"])
         hook("permute")
-        h = grouped_gemm(xp, w1, plan.cu_seqlens, activation=activation, bias=w1_bias, out=ws["h"])
+        h = grouped_gemm(xp, w1, plan.cu_seqlens, activation=activation, bias=w1_bias, out=ws["h"],
+                         segments_ready=True)
         hook("gemm1")
-        y = grouped_gemm(h, w2, plan.cu_seqlens, bias=w2_bias, out=ws["y"])
+        y = grouped_gemm(h, w2, plan.cu_seqlens, bias=w2_bias, out=ws["y"], segments_ready=True)
     else:
         y = _fp8_experts(x, quant, plan, activation, w1_bias, w2_bias, hook, ws)
     hook("gemm2")
@@ -128,12 +129,14 @@ def _fp8_experts(x, quant: QuantizedWeights, plan, activation, w1_bias, w2_bias,
         xq, x_scale = permute_fp8(x, plan, scaling=_ACT_SCALING[mode], out=ws["xq"], out_scale=ws["xs"])
     hook("permute")
     h = grouped_gemm(xq, quant.w1_q, cu, activation=activation, bias=w1_bias, a_scale=x_scale,
-                     b_scale=gemm_weight_scale(quant.w1_scale, mode), out_dtype=x.dtype, out=ws["h"])
+                     b_scale=gemm_weight_scale(quant.w1_scale, mode), out_dtype=x.dtype, out=ws["h"],
+                     segments_ready=True)
     hq, h_scale = quantize_fp8(h, scaling=_ACT_SCALING[mode], num_rows=cu[plan.num_experts:], out=ws["hq"],
                                out_scale=ws["hs"])
     hook("gemm1")
     return grouped_gemm(hq, quant.w2_q, cu, bias=w2_bias, a_scale=h_scale,
-                        b_scale=gemm_weight_scale(quant.w2_scale, mode), out_dtype=x.dtype, out=ws["y"])
+                        b_scale=gemm_weight_scale(quant.w2_scale, mode), out_dtype=x.dtype, out=ws["y"],
+                        segments_ready=True)
 
 
 def _workspace_views(workspace, x, quant, num_experts: int, inter: int, rows: int) -> dict:

@@ -81,7 +81,7 @@ def gemm_keys(spec: _Layer, num_tokens: int, arch: str, num_sms: int) -> list:
     GEMM1 [E, 2I, H] with the gated activation, then GEMM2 [E, H, I]; fp8 operands with the
     layer's scaling mode (output in the activation dtype) for a quantized layer."""
     from .gemm.config import pick_config
-    from .gemm.interface import KernelKey
+    from .gemm.interface import KernelKey, prefetch_weights
 
     if not spec.gemm_ok or spec.dtype not in _GEMM_DTYPES or num_tokens <= 0 or spec.hidden % 8 or spec.inter % 8:
         return []
@@ -93,10 +93,13 @@ def gemm_keys(spec: _Layer, num_tokens: int, arch: str, num_sms: int) -> list:
             return []  # the layer runs the reference for these (layer._fp8_unsupported_reason)
         ab, mode = torch.float8_e4m3fn, _SCALE_MODES[spec.quant]
     block = mode == "block"
-    return [KernelKey(arch, ab, dt, pick_config(rows, 2 * i, h, e, True, num_sms, 0, block), spec.activation,
-                      spec.w1_bias, False, False, e, 2 * i, h, num_sms, mode),
-            KernelKey(arch, ab, dt, pick_config(rows, h, i, e, False, num_sms, 0, block), "none",
-                      spec.w2_bias, False, False, e, h, i, num_sms, mode)]
+    c1 = pick_config(rows, 2 * i, h, e, True, num_sms, 0, block)
+    c2 = pick_config(rows, h, i, e, False, num_sms, 0, block)
+    # the layer's GEMMs run after its plan: segments_ready
+    return [KernelKey(arch, ab, dt, c1, spec.activation, spec.w1_bias, False, False, e, 2 * i, h, num_sms, mode,
+                      prefetch_weights(c1, True)),
+            KernelKey(arch, ab, dt, c2, "none", spec.w2_bias, False, False, e, h, i, num_sms, mode,
+                      prefetch_weights(c2, True))]
 
 
 def _warm_nvrtc(spec: _Layer, device: torch.device, gemms: bool, shared_output: bool) -> None:

@@ -71,6 +71,26 @@ def test_ragged_segments(tile, activation):
 
 
 @needs_sm90
+@pytest.mark.parametrize("tile", [(128, 256), (64, 128), (64, 64)])
+@pytest.mark.parametrize("activation", ["none", "silu"])
+@pytest.mark.parametrize("k", [264, 2048])
+def test_segments_ready_prefetch(tile, activation, k):
+    """segments_ready: the weights of each CTA's first tile are loaded before the wait for the previous
+    kernel. Fewer and more k-tiles than pipeline stages; several tiles per CTA; A written by the kernel
+    right before the GEMM."""
+    from cute_moe.gemm import GemmConfig, grouped_gemm
+
+    n = 2 * 136 if activation != "none" else 200
+    a, b, cu = _data([3000, 0, 2500, 1, 0, 700], n, k, 6)
+    a_src = torch.randn_like(a)
+    out = torch.full((a.shape[0], n // 2 if activation != "none" else n), float("nan"),
+                     device="cuda", dtype=torch.bfloat16)
+    a.copy_(a_src)
+    grouped_gemm(a, b, cu, activation=activation, out=out, config=GemmConfig(*tile), segments_ready=True)
+    assert rel_err(out, _reference(a_src, b, cu, activation)) < TOL
+
+
+@needs_sm90
 @pytest.mark.parametrize("num_experts", [8, 128, 256])
 def test_many_experts_random_routing(num_experts):
     from cute_moe.gemm import grouped_gemm

@@ -333,7 +333,7 @@ class _KernelEmulation:
         return self._store(q, out), self._store_scale(s, out_scale, scaling)
 
     def grouped_gemm(self, a, b, cu, *, activation="none", bias=None, a_scale=None, b_scale=None, out_dtype=None,
-                     out=None):
+                     out=None, segments_ready=False):
         from cute_moe.gemm.interface import _scale_mode
 
         num_e, n, k = b.shape

@@ -76,6 +76,7 @@ class GroupedGemmSm90:
         has_row_scale: bool = False,
         masked: bool = False,
         scale_mode: str = "none",
+        prefetch_weights: bool = False,
     ):
         self.cfg = config
         self.activation = activation
@@ -86,6 +87,11 @@ class GroupedGemmSm90:
         self.scale_mode = scale_mode
         if config.overlap_promotion and scale_mode != "block":
             raise ValueError("overlap_promotion: only blockwise fp8 promotes per k-tile")
+        if prefetch_weights and config.cluster_m != 1:
+            raise ValueError("prefetch_weights: only without clusters (cluster_m=1)")
+        # the segments are complete before the previous kernel runs (the layer's plan, two or more
+        # launches back): read them and start the weight loads before waiting for that kernel
+        self.prefetch = prefetch_weights
         self.acc_dtype = cutlass.Float32
         self.tile_m, self.tile_n = config.tile_m, config.tile_n
         self.cm = config.cluster_m
@@ -256,6 +262,34 @@ class GroupedGemmSm90:
         m_groups = (sPrefix[e + 1] - sPrefix[e]) // n_tiles
         local = t - sPrefix[e]
         return e, local % m_groups * self.cm + rank, local // m_groups
+
+    @cute.jit
+    def _weight_tiles(self, tma_b, mB_tma, sB_tma, e: Int32, n_idx: Int32, n_b, rank: Int32):
+        """TMA partitions of expert e's weight tiles for N-tile n_idx: (smem, gate or whole rows, up rows)."""
+        mB_e = mB_tma[None, None, e]
+        gB0 = cute.local_tile(mB_e, (self.b_box_n, self.tile_k), (n_idx, None))
+        tBsB, tBgB0 = cpasync.tma_partition(
+            tma_b, rank, cute.make_layout(self.cm), cute.group_modes(sB_tma, 0, 2), cute.group_modes(gB0, 0, 2)
+        )
+        tBgB1 = tBgB0
+        if const_expr(self.gated):
+            # up rows start at I = N_b / 2
+            gB1 = cute.local_tile(
+                cute.domain_offset((n_b // 2, 0), mB_e), (self.b_box_n, self.tile_k), (n_idx, None)
+            )
+            _, tBgB1 = cpasync.tma_partition(
+                tma_b, rank, cute.make_layout(self.cm), cute.group_modes(sB_tma, 0, 2), cute.group_modes(gB1, 0, 2)
+            )
+        return tBsB, tBgB0, tBgB1
+
+    @cute.jit
+    def _load_weights(self, tma_b, tBsB, tBgB0, tBgB1, kt, index, bar, mcast_mask):
+        """Issue k-tile kt's weight loads into stage `index` (two half-height boxes when gated)."""
+        if const_expr(self.gated):
+            cute.copy(tma_b, tBgB0[None, kt], tBsB[None, 2 * index], tma_bar_ptr=bar, mcast_mask=mcast_mask)
+            cute.copy(tma_b, tBgB1[None, kt], tBsB[None, 2 * index + 1], tma_bar_ptr=bar, mcast_mask=mcast_mask)
+        else:
+            cute.copy(tma_b, tBgB0[None, kt], tBsB[None, index], tma_bar_ptr=bar, mcast_mask=mcast_mask)
 
     @cute.jit
     def _mainloop_blockwise(
@@ -437,8 +471,11 @@ class GroupedGemmSm90:
         num_clusters = gdim // self.cm
 
         # Programmatic dependent launch: everything above overlaps the previous kernel's tail; every
-        # global read and write below waits for it (its outputs: A, the segments, the scales).
-        cute.arch.griddepcontrol_wait()
+        # global access below waits for it (its outputs: A, the segments, the scales). With prefetch the
+        # producer reads the segments and loads the first stages' weights first, the consumers wait below.
+        if const_expr(not self.prefetch):
+            cute.arch.griddepcontrol_wait()
+            cute.arch.griddepcontrol_launch_dependents()
         # ---- per-CTA tile list: sPrefix[e] = first tile of expert e (in units of output tiles)
         sPrefix = storage.tile_prefix.get_tensor(cute.make_layout(num_experts + 1))
         if warp_idx == 0:
@@ -479,6 +516,23 @@ class GroupedGemmSm90:
                 b_mcast_mask = cutlass.Int16((1 << self.cm) - 1 if self.cm > 1 else 0)
                 t = cluster_id
                 e = Int32(0)
+                # prefetch: the first tile's first `pre` stages get their weight tiles before the wait and
+                # their A tiles after it (a_state replays those stages' barriers); first is 1 on that tile
+                pre = Int32(0)
+                first = Int32(1)
+                a_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.ab_stage)
+                if const_expr(self.prefetch):
+                    if t < total_tiles:
+                        e, m_idx, n_idx = self._tile_coords(sPrefix, t, e, n_tiles, rank)
+                        tBsB, tBgB0, tBgB1 = self._weight_tiles(tma_b, mB_tma, sB_tma, e, n_idx, n_b, rank)
+                        pre = cutlass.min(k_tiles, self.ab_stage)
+                        for kt in range(pre):
+                            mainloop.producer_acquire(state)
+                            bar = mainloop.producer_get_barrier(state)
+                            self._load_weights(tma_b, tBsB, tBgB0, tBgB1, kt, state.index, bar, b_mcast_mask)
+                            state.advance()
+                    cute.arch.griddepcontrol_wait()
+                    cute.arch.griddepcontrol_launch_dependents()
                 while t < total_tiles:
                     e, m_idx, n_idx = self._tile_coords(sPrefix, t, e, n_tiles, rank)
                     start, count = self._segment(mSeg, e, max_m)
@@ -489,38 +543,27 @@ class GroupedGemmSm90:
                     tAsA, tAgA = cpasync.tma_partition(
                         tma_a, 0, cute.make_layout(1), cute.group_modes(sA, 0, 2), cute.group_modes(gA, 0, 2)
                     )
-                    mB_e = mB_tma[None, None, e]
-                    gB0 = cute.local_tile(mB_e, (self.b_box_n, self.tile_k), (n_idx, None))
-                    tBsB, tBgB0 = cpasync.tma_partition(
-                        tma_b, rank, cute.make_layout(self.cm), cute.group_modes(sB_tma, 0, 2), cute.group_modes(gB0, 0, 2)
-                    )
-                    tBgB1 = tBgB0
-                    if const_expr(self.gated):
-                        # up rows start at I = N_b / 2
-                        gB1 = cute.local_tile(
-                            cute.domain_offset((n_b // 2, 0), mB_e), (self.b_box_n, self.tile_k), (n_idx, None)
-                        )
-                        _, tBgB1 = cpasync.tma_partition(
-                            tma_b, rank, cute.make_layout(self.cm), cute.group_modes(sB_tma, 0, 2), cute.group_modes(gB1, 0, 2)
-                        )
+                    tBsB, tBgB0, tBgB1 = self._weight_tiles(tma_b, mB_tma, sB_tma, e, n_idx, n_b, rank)
                     for kt in range(k_tiles):
-                        mainloop.producer_acquire(state)
-                        bar = mainloop.producer_get_barrier(state)
-                        cute.copy(tma_a, tAgA[None, kt], tAsA[None, state.index], tma_bar_ptr=bar)
-                        if const_expr(self.gated):
-                            cute.copy(tma_b, tBgB0[None, kt], tBsB[None, 2 * state.index], tma_bar_ptr=bar,
-                                      mcast_mask=b_mcast_mask)
-                            cute.copy(tma_b, tBgB1[None, kt], tBsB[None, 2 * state.index + 1], tma_bar_ptr=bar,
-                                      mcast_mask=b_mcast_mask)
+                        if kt < pre * first:  # weights already in flight: the A tile only
+                            bar = mainloop.producer_get_barrier(a_state)
+                            cute.copy(tma_a, tAgA[None, kt], tAsA[None, a_state.index], tma_bar_ptr=bar)
+                            a_state.advance()
                         else:
-                            cute.copy(tma_b, tBgB0[None, kt], tBsB[None, state.index], tma_bar_ptr=bar,
-                                      mcast_mask=b_mcast_mask)
-                        mainloop.producer_commit(state)
-                        state.advance()
+                            mainloop.producer_acquire(state)
+                            bar = mainloop.producer_get_barrier(state)
+                            cute.copy(tma_a, tAgA[None, kt], tAsA[None, state.index], tma_bar_ptr=bar)
+                            self._load_weights(tma_b, tBsB, tBgB0, tBgB1, kt, state.index, bar, b_mcast_mask)
+                            mainloop.producer_commit(state)
+                            state.advance()
+                    first = Int32(0)
                     t = t + num_clusters
                 mainloop.producer_tail(state)
         else:
             cute.arch.setmaxregister_increase(232)
+            if const_expr(self.prefetch):
+                cute.arch.griddepcontrol_wait()
+                cute.arch.griddepcontrol_launch_dependents()
             self._consumer(
                 tidx, warp_idx, cluster_id, num_clusters, rank, total_tiles, sPrefix, mSeg, mBias, mRowScale, mSA, mSB,
                 max_m, n_b, n_tiles, k_tiles, mainloop, tiled_mma, tiled_mma_out, sA, sB, sC,
@@ -678,6 +721,4 @@ class GroupedGemmSm90:
                 self.epi_barrier.arrive_and_wait()
             tile_count = tile_count + 1
             t = t + num_clusters
-        # the next kernel (launched with PDL) may start its prologue while the last stores drain
-        cute.arch.griddepcontrol_launch_dependents()
         store_pipe.producer_tail()

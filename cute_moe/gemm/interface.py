@@ -54,10 +54,17 @@ class KernelKey:
     k: int
     num_sms: int
     scale_mode: str = "none"
+    prefetch_weights: bool = False
 
     @property
     def n_out(self) -> int:
         return self.n // 2 if self.activation != "none" else self.n
+
+
+def prefetch_weights(config: GemmConfig, segments_ready: bool) -> bool:
+    """Whether a GEMM whose segments are ready early loads weights before the previous kernel ends
+    (GroupedGemmSm90's prefetch; without clusters only)."""
+    return bool(segments_ready) and config.cluster_m == 1
 
 
 COMPILE_STATS = {"disk": 0, "compiled": 0}  # kernels loaded from the disk cache / JIT-compiled
@@ -107,7 +114,8 @@ def _compile(key: KernelKey, extra_options: str = "") -> Callable:
     )
     row_scale = make_fake_compact_tensor(cutlass.Float32, (m,), assumed_align=4) if key.has_row_scale else None
     sa, sb = _fake_scales(key, m)
-    gemm = GroupedGemmSm90(key.config, key.activation, key.has_bias, key.has_row_scale, key.masked, key.scale_mode)
+    gemm = GroupedGemmSm90(key.config, key.activation, key.has_bias, key.has_row_scale, key.masked, key.scale_mode,
+                           key.prefetch_weights)
     fn = cute.compile(
         gemm, a, b, c, seg, bias, row_scale, sa, sb, cutlass.Int32(1), key.num_sms,
         make_fake_stream(use_tvm_ffi_env_stream=True),
@@ -220,6 +228,7 @@ def grouped_gemm(
     out: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     config: GemmConfig | None = None,
+    segments_ready: bool = False,
 ) -> torch.Tensor:
     """Grouped GEMM over experts on the GPU: ``out[rows of e] = epilogue(a[rows of e] @ b[e].T)``.
 
@@ -244,6 +253,10 @@ def grouped_gemm(
     steady-state calls do no host sync; a_scale (per call) is read only with debug checks on
     (``cute_moe.set_debug_checks``); neither while a CUDA graph is being captured.
     Rows of out outside every expert's segment are not written.
+    segments_ready: cu_seqlens / masked_m were complete before the kernel launched just before this
+    GEMM started (e.g. the layer's plan, two launches back); the GEMM then reads them and starts
+    streaming weights while that kernel finishes (programmatic dependent launch). Leave it False when
+    the previous kernel writes them.
     """
     masked = masked_m is not None
     _check((cu_seqlens is not None) != masked, "pass exactly one of cu_seqlens (varlen layout) or masked_m (masked layout)")
@@ -303,7 +316,7 @@ def grouped_gemm(
     if config is None:
         config = pick_config(m_rows, n, k, num_experts, gated, num_sms, max_m, scale_mode == "block")
     fast = (arch, a.dtype, out_dtype, config, activation, bias is not None, row_scale is not None,
-            masked, num_experts, n, k, num_sms, scale_mode)
+            masked, num_experts, n, k, num_sms, scale_mode, prefetch_weights(config, segments_ready))
     fn = _FAST.get(fast)
     if fn is None:
         fn = _FAST[fast] = compile_kernel(KernelKey(*fast))
