@@ -191,12 +191,12 @@ def select_shapes(prefixes: str):
     return [s for s in REFERENCE_SHAPES if not wanted or any(s.name.startswith(p) for p in wanted)]
 
 
-def speedup_plot(ylabel: str, title: str, color: str = "tab:green") -> Callable:
-    """A ``write_results`` plot: one bar of row['speedup_vs_torch'] per (shape, T) row, 1.0 marked."""
+def speedup_plot(ylabel: str, title: str, color: str = "tab:green", key: str = "speedup_vs_torch") -> Callable:
+    """A ``write_results`` plot: one bar of row[key] per (shape, T) row, 1.0 marked."""
 
     def plot(ax, rows):
         labels = [f"{r['shape'].split('-')[0]}\nT={r['T']}" for r in rows]
-        ax.bar(range(len(rows)), [r["speedup_vs_torch"] for r in rows], color=color)
+        ax.bar(range(len(rows)), [r[key] for r in rows], color=color)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(range(len(rows)), labels, fontsize=6, rotation=90)
         ax.set_ylabel(ylabel)

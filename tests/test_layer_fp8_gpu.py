@@ -31,6 +31,13 @@ DEV = "cuda"
 MODES = ("per_tensor", "per_token", "blockwise")
 E, K, H, I = 8, 2, 256, 128
 TOL = 2e-2
+# End to end, per-tensor mode: Hopper's fp8 WGMMA accumulates with less than fp32 precision, so GEMM1's
+# bf16 output differs from the float32 reference by one bf16 ulp in a few percent of elements; when the
+# tensor's largest element is one of them (about one call in ten on these sizes), the per-tensor scale of
+# GEMM2's input moves by 2^-8 and about 8% of its fp8 codes by one step: 1.7e-2 to 2.6e-2 measured
+# (H200). Per-token and blockwise scales confine that to one row or group. The stage test below checks
+# the quantization bitwise on the kernel's own GEMM1 output.
+E2E_TOL = {"per_tensor": 4e-2}
 
 
 def rel_err(out, ref):
@@ -72,7 +79,7 @@ def _check_fp8_call(mode, x, weights, ids, compare_bf16=True):
         bf16 = cute_moe.fused_moe(x, w1, w2, weights, ids, w1_bias=b1, w2_bias=b2, backend="cute")
         vs_bf16 = f", vs bf16 cute {rel_err(out, bf16):.2e}"
     print(f"fp8 {mode} {x.dtype} T={x.shape[0]} k={ids.shape[1]}: err vs fp8 reference {err:.2e}{vs_bf16}")
-    assert err < TOL
+    assert err < E2E_TOL.get(mode, TOL)
     again = cute_moe.fused_moe(x, None, None, weights, ids, w1_bias=b1, w2_bias=b2, quant=qw, backend="cute")
     assert torch.equal(again, out)  # deterministic
 

@@ -61,7 +61,7 @@ def pick_config(rows: int, n: int, k: int, num_experts: int, gated: bool, num_sm
         # measured on H200 (perf/results/sm90_grouped_gemm_sweep): multicast pays off for the wide
         # gated GEMM1 of large experts only
         return GemmConfig(128, 256, cluster_m=2 if gated and rows_per_expert >= 1024 else 1)
-    # Decode: memory-bound, one wave at most. Measured (H200, perf/results/sm90_decode_gemm, T=1 and 8,
+    # Decode: memory-bound, one wave at most. Measured (H200, perf/results/sm90_decode_gemm_sweep, T=1, 8,
     # weights cold): the narrowest tile whose tiles still fit in one wave streams fastest; a second,
     # partial wave of narrower tiles is 6-25% slower; if even 256-wide tiles overflow one wave, 256.
     m_tiles = active * max(1, -(-int(rows_per_expert) // 64))

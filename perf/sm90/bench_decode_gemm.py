@@ -87,6 +87,8 @@ def main(argv=None) -> int:
     ap.add_argument("--routings", type=int, default=16, help="distinct routings cycled through per graph")
     ap.add_argument("--sweep", action="store_true", help="also time every 64-row tile config")
     ap.add_argument("--ncu", action="store_true", help="run each shipped GEMM twice and exit (for ncu)")
+    ap.add_argument("--name", default="sm90_decode_gemm",
+                    help="result file name under perf/results/ (the sweep: sm90_decode_gemm_sweep)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         print("bench_decode_gemm needs a Hopper (sm_90) GPU", file=sys.stderr)
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         return 0
     write_results(
-        "sm90_decode_gemm", rows,
+        args.name, rows,
         {"title": "sm90 decode grouped GEMMs: weight-streaming rate vs read bandwidth", "read_gbs": read_gbs,
          "routings": args.routings},
         md_columns=["shape", "T", "gemm", "tile", "shipped", "active_experts", "us", "weight_gbs", "frac_of_read_bw"],
