@@ -223,7 +223,7 @@ def launch(fn, device_index: int, grid: int, block: int, args: tuple, shared_mem
         if packed is not None:
             buf, params = packed
             stream = torch._C._cuda_getCurrentRawStream(device_index)
-            if _driver_launch_ex is not None:
+            if _driver_launch_ex is not None and _pdl_on(device_index):
                 cfg = _launch_config()
                 cfg.gridDimX, cfg.blockDimX, cfg.sharedMemBytes, cfg.hStream = grid, block, shared_mem, stream
                 if _driver_launch_ex(ctypes.byref(cfg), fn.ptr, params, None) == 0:
@@ -273,6 +273,17 @@ class _LaunchConfig(ctypes.Structure):
                 ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
                 ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
                 ("attrs", ctypes.POINTER(_LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
+
+
+_pdl_devices: dict[int, bool] = {}
+
+
+def _pdl_on(device_index: int) -> bool:
+    """PDL launches on this device: sm_90 and newer (griddepcontrol; older GPUs launch the ordinary way)."""
+    on = _pdl_devices.get(device_index)
+    if on is None:
+        on = _pdl_devices[device_index] = torch.cuda.get_device_capability(device_index)[0] >= 9
+    return on
 
 
 def _launch_config() -> _LaunchConfig:
