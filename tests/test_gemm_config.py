@@ -1,0 +1,74 @@
+"""CPU-only: tile choice, the prefetch flag of the layer's GEMMs, and the driver launch structs."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+from cute_moe import _nvrtc
+from cute_moe.gemm.config import GemmConfig, pick_config
+from cute_moe.gemm.interface import prefetch_weights
+from cute_moe.shapes import GPT_OSS_120B, MIXTRAL_8X7B, QWEN3_30B_A3B, REFERENCE_SHAPES
+
+
+def _tiles(shape, tokens, gated, cfg):
+    rows = tokens * shape.top_k
+    active = min(shape.num_experts, rows)
+    n = shape.intermediate if gated else shape.hidden
+    n_tile = cfg.tile_n // 2 if gated else cfg.tile_n
+    return active * -(-(rows // active or 1) // cfg.tile_m) * -(-n // n_tile)
+
+
+@pytest.mark.parametrize("shape", REFERENCE_SHAPES, ids=lambda s: s.name)
+@pytest.mark.parametrize("gated", [True, False])
+def test_decode_tiles_fit_one_wave_or_are_widest(shape, gated):
+    """T=1: 64-row tiles; the narrowest N tile whose tiles fit in one wave of 132 SMs, else 256 wide."""
+    n, k = (2 * shape.intermediate, shape.hidden) if gated else (shape.hidden, shape.intermediate)
+    cfg = pick_config(shape.top_k, n, k, shape.num_experts, gated, 132)
+    assert cfg.tile_m == 64
+    tiles = _tiles(shape, 1, gated, cfg)
+    assert tiles <= 132 or cfg.tile_n == 256
+    if cfg.tile_n > 64:
+        narrower = GemmConfig(64, cfg.tile_n // 2)
+        assert _tiles(shape, 1, gated, narrower) > 132
+
+
+def test_decode_tiles_measured_best():
+    """The H200 sweep's fastest T=1 tiles (perf/results/sm90_decode_gemm_sweep)."""
+    picks = {(s.name, g): pick_config(s.top_k, 2 * s.intermediate if g else s.hidden,
+                                      s.hidden if g else s.intermediate, s.num_experts, g, 132).tile_n
+             for s in (MIXTRAL_8X7B, QWEN3_30B_A3B, GPT_OSS_120B) for g in (True, False)}
+    assert picks == {("Mixtral-8x7B", True): 256, ("Mixtral-8x7B", False): 64,
+                     ("Qwen3-30B-A3B", True): 128, ("Qwen3-30B-A3B", False): 128,
+                     ("GPT-OSS-120B", True): 256, ("GPT-OSS-120B", False): 128}
+
+
+def test_prefetch_only_for_ready_segments_without_clusters():
+    assert prefetch_weights(GemmConfig(64, 128), True)
+    assert not prefetch_weights(GemmConfig(64, 128), False)
+    assert not prefetch_weights(GemmConfig(128, 256, cluster_m=2), True)
+
+
+def test_layer_gemm_keys_prefetch_weights():
+    """The keys warmup compiles are the ones the layer runs: segments ready, so prefetch unless clustered."""
+    import cute_moe
+
+    spec = cute_moe.precompile._layers(MIXTRAL_8X7B, dtype=torch.bfloat16, activation="silu", bias=False,
+                                       routing={})[0][0]
+    for tokens in (1, 8192):
+        for key in cute_moe.precompile.gemm_keys(spec, tokens, "sm_90a", 132):
+            assert key.prefetch_weights == (key.config.cluster_m == 1), key
+
+
+def test_launch_structs_match_the_driver_abi():
+    """CUlaunchAttribute (id, pad, 64-byte value union) and CUlaunchConfig as cuda.h lays them out."""
+    assert ctypes.sizeof(_nvrtc._LaunchAttribute) == 72
+    assert _nvrtc._LaunchAttribute.value.offset == 8
+    assert ctypes.sizeof(_nvrtc._LaunchConfig) == 56
+    assert (_nvrtc._LaunchConfig.sharedMemBytes.offset, _nvrtc._LaunchConfig.hStream.offset,
+            _nvrtc._LaunchConfig.attrs.offset, _nvrtc._LaunchConfig.numAttrs.offset) == (24, 32, 40, 48)
+    cfg = _nvrtc._launch_config()
+    assert cfg.numAttrs == 1 and cfg.attrs[0].id == 6 and cfg.attrs[0].value == 1  # programmatic serialization
+    assert _nvrtc._launch_config() is cfg  # reused per thread
