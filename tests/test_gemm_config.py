@@ -72,3 +72,11 @@ def test_launch_structs_match_the_driver_abi():
     cfg = _nvrtc._launch_config()
     assert cfg.numAttrs == 1 and cfg.attrs[0].id == 6 and cfg.attrs[0].value == 1  # programmatic serialization
     assert _nvrtc._launch_config() is cfg  # reused per thread
+
+
+def test_segments_ready_must_be_a_bool():
+    from cute_moe.gemm import grouped_gemm
+
+    a, b = torch.zeros(4, 64, dtype=torch.bfloat16), torch.zeros(2, 64, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="segments_ready: expected a bool"):
+        grouped_gemm(a, b, torch.tensor([0, 2, 4], dtype=torch.int32), segments_ready="yes")

@@ -259,6 +259,7 @@ def grouped_gemm(
     the previous kernel writes them.
     """
     masked = masked_m is not None
+    _check(isinstance(segments_ready, bool), lambda: f"segments_ready: expected a bool, got {segments_ready!r}")
     _check((cu_seqlens is not None) != masked, "pass exactly one of cu_seqlens (varlen layout) or masked_m (masked layout)")
     _check(activation in EPILOGUES, lambda: f"activation: expected one of {EPILOGUES}, got {activation!r}")
     _check(a.is_cuda, lambda: f"a: expected a CUDA tensor, got device {a.device}")
