@@ -62,6 +62,10 @@ def shipped_kernels(arch: str):
             name = f"fp8_{mode}_{'gemm1_' + act if act != 'none' else 'gemm2'}_{tile.tile_m}x{tile.tile_n}"
             out.append((name + ("_overlap" if tile.overlap_promotion else ""), "fp8",
                         KernelKey(arch, f8, bf16, tile, act, False, False, False, e, n, kk, 132, mode)))
+    for act, tile in (("silu", GemmConfig(64, 96)), ("none", GemmConfig(64, 160))):  # in-between widths
+        n, kk = (2 * i, h) if act != "none" else (h, i)
+        out.append((f"gemm_{act}_{tile.tile_m}x{tile.tile_n}", "bf16",
+                    KernelKey(arch, bf16, bf16, tile, act, False, False, False, e, n, kk, 132)))
     for act, tile in (("silu", GemmConfig(64, 128)), ("none", GemmConfig(128, 256))):
         n, kk = (2 * i, h) if act != "none" else (h, i)
         out.append((f"gemm_{act}_{tile.tile_m}x{tile.tile_n}_prefetch", "bf16",

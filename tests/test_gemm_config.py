@@ -80,3 +80,16 @@ def test_segments_ready_must_be_a_bool():
     a, b = torch.zeros(4, 64, dtype=torch.bfloat16), torch.zeros(2, 64, 64, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="segments_ready: expected a bool"):
         grouped_gemm(a, b, torch.tensor([0, 2, 4], dtype=torch.int32), segments_ready="yes")
+
+
+def test_tile_widths():
+    """Multiples of 32 from 64 to 256; blockwise fp8 keeps block-aligned halves (64, 128, 256)."""
+    from cute_moe.gemm.grouped_gemm_sm90 import GroupedGemmSm90
+
+    assert GemmConfig(64, 96).tile_n == 96 and GemmConfig(128, 224).tile_n == 224
+    for bad in (32, 80, 288):
+        with pytest.raises(ValueError, match="tile_n must be a multiple of 32"):
+            GemmConfig(64, bad)
+    with pytest.raises(ValueError, match="tile_n must be 64, 128 or 256"):
+        GroupedGemmSm90(GemmConfig(64, 96), "silu", scale_mode="block")
+    assert GroupedGemmSm90(GemmConfig(64, 96), "silu").tile_n_out == 48

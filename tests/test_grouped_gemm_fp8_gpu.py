@@ -81,6 +81,24 @@ def test_fp8_ragged(mode, activation, tile_m):
 
 
 @needs_sm90
+@pytest.mark.parametrize("mode", ["tensor", "token"])
+@pytest.mark.parametrize("activation, tile_n", [("silu", 96), ("none", 160)])
+def test_fp8_in_between_tile_widths(mode, activation, tile_n):
+    """Tile widths between the powers of two (store subtiles of 16 columns for a 48-wide gated output)."""
+    from cute_moe.gemm import GemmConfig, grouped_gemm
+
+    gated = activation != "none"
+    n, k = (2 * 160, 320) if gated else (320, 320)
+    a = torch.randn(sum(RAGGED), k, device="cuda")
+    b = torch.randn(len(RAGGED), n, k, device="cuda") / k**0.5
+    qa, sa, qb, sb, da, db = quantized_operands(mode, a, b, gated)
+    cu = torch.tensor([0] + RAGGED, device="cuda").cumsum(0).to(torch.int32)
+    out = torch.full((a.shape[0], n // 2 if gated else n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    grouped_gemm(qa, qb, cu, activation=activation, a_scale=sa, b_scale=sb, out=out, config=GemmConfig(64, tile_n))
+    assert rel_err(out, _reference(da, db, cu, activation)) < TOL
+
+
+@needs_sm90
 def test_fp8_scale_shapes_checked():
     from cute_moe.gemm import grouped_gemm
 

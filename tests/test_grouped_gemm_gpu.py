@@ -57,7 +57,8 @@ RAGGED = [0, 1, 127, 129, 256, 0, 3, 64]
 
 
 @needs_sm90
-@pytest.mark.parametrize("tile", [(128, 256), (128, 256, 2), (64, 256), (64, 128, 2), (64, 64)])
+@pytest.mark.parametrize("tile", [(128, 256), (128, 256, 2), (64, 256), (64, 128, 2), (64, 64), (64, 96), (64, 160),
+                                  (128, 192)])
 @pytest.mark.parametrize("activation", ["none", "silu", "gelu", "swiglu_oai"])
 def test_ragged_segments(tile, activation):
     from cute_moe.gemm import GemmConfig, grouped_gemm
@@ -71,7 +72,7 @@ def test_ragged_segments(tile, activation):
 
 
 @needs_sm90
-@pytest.mark.parametrize("tile", [(128, 256), (64, 128), (64, 64)])
+@pytest.mark.parametrize("tile", [(128, 256), (64, 128), (64, 64), (64, 96)])
 @pytest.mark.parametrize("activation", ["none", "silu"])
 @pytest.mark.parametrize("k", [264, 2048])
 def test_segments_ready_prefetch(tile, activation, k):

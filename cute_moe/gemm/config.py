@@ -5,14 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 EPILOGUES = ("none", "silu", "gelu", "swiglu_oai")
+TILE_N = tuple(range(64, 257, 32))
+DECODE_TILE_N = (64, 128, 256)
 
 
 @dataclass(frozen=True)
 class GemmConfig:
     """Static shape of one compiled grouped-GEMM kernel.
 
-    tile_n is the accumulator width; a gated epilogue (GEMM1 + activation) writes tile_n // 2
-    output columns because each tile holds gate and up columns side by side.
+    tile_n is the accumulator width, a multiple of 32 from 64 to 256 (WGMMA takes any multiple of 8;
+    widths between the powers of two let a decode GEMM cut N into as many tiles as there are SMs);
+    a gated epilogue (GEMM1 + activation) writes tile_n // 2 output columns because each tile holds
+    gate and up columns side by side. Blockwise fp8 needs 64, 128 or 256 (block-aligned halves).
     tile_k is fixed by the operand type (one 128-byte swizzle atom): 64 for bf16, 128 for fp8.
     cluster_m=2 pairs CTAs on consecutive M-tiles of one expert and multicasts their shared weight
     tile (halving its L2->SM traffic); an expert with an odd M-tile count gets one empty tile.
@@ -31,8 +35,8 @@ class GemmConfig:
     def __post_init__(self):
         if self.tile_m not in (64, 128):
             raise ValueError(f"tile_m must be 64 or 128, got {self.tile_m}")
-        if self.tile_n not in (64, 128, 256):
-            raise ValueError(f"tile_n must be 64, 128 or 256, got {self.tile_n}")
+        if self.tile_n not in TILE_N:
+            raise ValueError(f"tile_n must be a multiple of 32 from 64 to 256, got {self.tile_n}")
         if self.cluster_m not in (1, 2):
             raise ValueError(f"cluster_m must be 1 or 2, got {self.cluster_m}")
         if self.stages < 0:
@@ -64,9 +68,11 @@ def pick_config(rows: int, n: int, k: int, num_experts: int, gated: bool, num_sm
     # Decode: memory-bound, one wave at most. Measured (H200, perf/results/sm90_decode_gemm_sweep, T=1, 8,
     # weights cold): the narrowest tile whose tiles still fit in one wave streams fastest; a second,
     # partial wave of narrower tiles is 6-25% slower; if even 256-wide tiles overflow one wave, 256.
+    # DECODE_TILE_N: the widths measured so far; TILE_N's in-between widths (96, 160, ...) would fill one
+    # wave more exactly (GPT-OSS: 120 tiles of 192 instead of 92 of 256) and await a GPU run.
     m_tiles = active * max(1, -(-int(rows_per_expert) // 64))
     n_cols = n // 2 if gated else n
-    for tile_n in (64, 128, 256):
+    for tile_n in DECODE_TILE_N:
         tile_n_out = tile_n // 2 if gated else tile_n
         if m_tiles * -(-n_cols // tile_n_out) <= num_sms:
             return GemmConfig(64, tile_n)

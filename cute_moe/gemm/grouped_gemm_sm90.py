@@ -87,6 +87,8 @@ class GroupedGemmSm90:
         self.scale_mode = scale_mode
         if config.overlap_promotion and scale_mode != "block":
             raise ValueError("overlap_promotion: only blockwise fp8 promotes per k-tile")
+        if scale_mode == "block" and config.tile_n not in (64, 128, 256):
+            raise ValueError(f"blockwise fp8: tile_n must be 64, 128 or 256, got {config.tile_n}")
         if prefetch_weights and config.cluster_m != 1:
             raise ValueError("prefetch_weights: only without clusters (cluster_m=1)")
         # the segments are complete before the previous kernel runs (the layer's plan, two or more
@@ -121,7 +123,8 @@ class GroupedGemmSm90:
         tile_k = 128 * 8 // a_dtype.width  # one 128-byte swizzle atom
         self.tile_k = tile_k
         self.tile_mnk = (self.tile_m, self.tile_n, tile_k)
-        self.epi_tile = (self.tile_m, min(32, self.tile_n_out))
+        # store subtiles of 32 columns, or 16 where the output tile is an odd multiple of 16 (tile_n 96, 160, 224 gated)
+        self.epi_tile = (self.tile_m, min(32 if self.tile_n_out % 32 == 0 else 16, self.tile_n_out))
         self.epi_stage = 4 if self.tile_n_out >= 128 else 2
 
         a_layout = LayoutEnum.ROW_MAJOR

@@ -24,7 +24,8 @@ from perf.common import expert_weights, select_shapes, write_results
 from perf.sm90.bench_grouped_gemm import routing_offsets
 from perf.sm90.bench_moe import read_bandwidth_gbs
 
-SWEEP = [GemmConfig(64, n, stages=s) for n in (64, 128, 256) for s in (0, 4)]
+SWEEP = [GemmConfig(64, n, stages=s) for n in (64, 128, 256) for s in (0, 4)] + [
+    GemmConfig(64, n) for n in (96, 160, 192, 224)]
 
 
 def graph_us(calls: list, rep: int = 20) -> float:
