@@ -15,12 +15,13 @@ shipped GEMM twice and exit, for Nsight Compute.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 
 import torch
 
 from cute_moe.gemm import GemmConfig, grouped_gemm, pick_config
-from perf.common import expert_weights, select_shapes, write_results
+from perf.common import bench_ms, expert_weights, select_shapes, write_results
 from perf.sm90.bench_grouped_gemm import routing_offsets
 from perf.sm90.bench_moe import read_bandwidth_gbs
 
@@ -28,24 +29,11 @@ SWEEP = [GemmConfig(64, n, stages=s) for n in (64, 128, 256) for s in (0, 4)] + 
     GemmConfig(64, n) for n in (96, 160, 192, 224)]
 
 
-def graph_us(calls: list, rep: int = 20) -> float:
-    """Median microseconds per call of a CUDA graph that runs ``calls`` once each, in order."""
-    for fn in calls:
-        fn()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for fn in calls:
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(rep)]
-    for start, end in events:
-        start.record()
-        g.replay()
-        end.record()
-    torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) for s, e in events)
-    return times[len(times) // 2] * 1e3 / len(calls)
+def graph_us(fn, cus: list, config) -> float:
+    """Microseconds per call of ``fn(cu, config)`` in a CUDA graph that runs it once on each routing of ``cus``."""
+    turn = itertools.count()
+    return 1e3 * bench_ms(lambda: fn(cus[next(turn) % len(cus)], config), warmup=len(cus), rep=20, graph=True,
+                          calls_per_graph=len(cus))
 
 
 def bench_shape(shape, tokens_list, routings: int, sweep: bool, read_gbs: float, ncu: bool) -> list[dict]:
@@ -76,8 +64,8 @@ def bench_shape(shape, tokens_list, routings: int, sweep: bool, read_gbs: float,
                 continue
             configs = [shipped] + [c for c in SWEEP if sweep and c != shipped]
             for cfg in configs:
-                us = graph_us([lambda cu=cu, c=cfg: fn(cu, c) for cu in cus])
-                fixed_us = graph_us([lambda cu=cu, c=cfg: fn_fixed(cu, c) for cu in cus])
+                us = graph_us(fn, cus, cfg)
+                fixed_us = graph_us(fn_fixed, cus, cfg)
                 gbs = active * expert_bytes / us / 1e3
                 row = {"shape": shape.name, "T": t, "gemm": name, "active_experts": active,
                        "tile": f"{cfg.tile_m}x{cfg.tile_n}s{cfg.stages}", "shipped": cfg == shipped, "us": us,
