@@ -21,9 +21,8 @@ if __package__ in (None, ""):
 
 from cute_moe import permute as pm
 from cute_moe.plan import make_plan
-from cute_moe.shapes import REFERENCE_SHAPES
 from perf.bench_routing import _stage_bytes
-from perf.common import bench_ms, copy_bandwidth_gbs
+from perf.common import bench_ms, copy_bandwidth_gbs, select_shapes
 
 WARPS = (4, 8, 16)
 UNROLL = (2, 3, 4, 6)
@@ -31,14 +30,20 @@ BLOCKS_PER_SM = (4, 8, 16, 32)
 TOKENS = (8192, 65536)
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="", help="comma-separated name prefixes (default: all, GPT-OSS first)")
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("perf/sweep_permute.py needs a CUDA GPU")
     torch.manual_seed(0)
     copy_gbs = copy_bandwidth_gbs()
     print(f"{torch.cuda.get_device_name()}  copy bandwidth {copy_gbs:.0f} GB/s")
-    shapes = sorted(REFERENCE_SHAPES, key=lambda s: s.name != "GPT-OSS-120B")
-    for shape, T in itertools.product(shapes, TOKENS):
+    shapes = sorted(select_shapes(args.shapes), key=lambda s: s.name != "GPT-OSS-120B")
+    for shape, T in itertools.product(shapes, [int(t) for t in args.tokens.split(",")]):
         E, k, H = shape.num_experts, shape.top_k, shape.hidden
         ids = torch.randint(0, E, (T, k), device="cuda", dtype=torch.int32)
         plan = make_plan(ids, E)

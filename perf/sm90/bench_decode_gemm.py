@@ -7,8 +7,8 @@ CUDA graph replays the GEMM on ``--routings`` different random routings in turn,
 touch different experts (as consecutive decode steps do) and the weights are not served from L2.
 Reports microseconds per call, the active experts' weight bytes per second and its fraction of the
 read bandwidth measured in the same run, for the shipped config (and with ``--sweep`` for every
-64-row tile config), and the time of the same GEMM with one 64-deep k-tile (same tiles, launch,
-prologue and epilogue: the fixed cost) with the streaming rate of the rest. ``--ncu``: run each
+64-row tile width), and for the shipped config the time of the same GEMM with one 64-deep k-tile
+(same tiles, launch, prologue and epilogue: the fixed cost) with the streaming rate of the rest. ``--ncu``: run each
 shipped GEMM twice and exit, for Nsight Compute.
 """
 
@@ -21,12 +21,12 @@ import sys
 import torch
 
 from cute_moe.gemm import GemmConfig, grouped_gemm, pick_config
+from cute_moe.gemm.config import TILE_N
 from perf.common import bench_ms, expert_weights, select_shapes, write_results
 from perf.sm90.bench_grouped_gemm import routing_offsets
 from perf.sm90.bench_moe import read_bandwidth_gbs
 
-SWEEP = [GemmConfig(64, n, stages=s) for n in (64, 128, 256) for s in (0, 4)] + [
-    GemmConfig(64, n) for n in (96, 160, 192, 224)]
+SWEEP = [GemmConfig(64, n) for n in TILE_N]
 
 
 def graph_us(fn, cus: list, config) -> float:
@@ -65,16 +65,17 @@ def bench_shape(shape, tokens_list, routings: int, sweep: bool, read_gbs: float,
             configs = [shipped] + [c for c in SWEEP if sweep and c != shipped]
             for cfg in configs:
                 us = graph_us(fn, cus, cfg)
-                fixed_us = graph_us(fn_fixed, cus, cfg)
+                fixed_us = graph_us(fn_fixed, cus, cfg) if cfg == shipped else None
                 gbs = active * expert_bytes / us / 1e3
                 row = {"shape": shape.name, "T": t, "gemm": name, "active_experts": active,
                        "tile": f"{cfg.tile_m}x{cfg.tile_n}s{cfg.stages}", "shipped": cfg == shipped, "us": us,
                        "weight_gbs": gbs, "frac_of_read_bw": gbs / read_gbs, "one_ktile_us": fixed_us,
-                       "stream_gbs": active * expert_bytes / max(us - fixed_us, 1e-3) / 1e3}
+                       "stream_gbs": None if fixed_us is None else active * expert_bytes / max(us - fixed_us, 1e-3) / 1e3}
                 rows.append(row)
                 print(f"{shape.name:14s} T={t:3d} {name} {row['tile']:10s}{'*' if row['shipped'] else ' '} "
-                      f"{us:8.2f} us {gbs:7.0f} GB/s ({100 * gbs / read_gbs:4.1f}% of read bw); one k-tile "
-                      f"{fixed_us:6.2f} us, rest {row['stream_gbs']:5.0f} GB/s", flush=True)
+                      f"{us:8.2f} us {gbs:7.0f} GB/s ({100 * gbs / read_gbs:4.1f}% of read bw)"
+                      + ("" if fixed_us is None else
+                         f"; one k-tile {fixed_us:6.2f} us, rest {row['stream_gbs']:5.0f} GB/s"), flush=True)
     del w1, w2
     torch.cuda.empty_cache()
     return rows
