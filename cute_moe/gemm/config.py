@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 EPILOGUES = ("none", "silu", "gelu", "swiglu_oai")
 TILE_N = tuple(range(64, 257, 32))
-DECODE_TILE_N = (64, 128, 256)
 
 
 @dataclass(frozen=True)
@@ -66,13 +65,13 @@ def pick_config(rows: int, n: int, k: int, num_experts: int, gated: bool, num_sm
         # gated GEMM1 of large experts only
         return GemmConfig(128, 256, cluster_m=2 if gated and rows_per_expert >= 1024 else 1)
     # Decode: memory-bound, one wave at most. Measured (H200, perf/results/sm90_decode_gemm_sweep, T=1, 8,
-    # weights cold): the narrowest tile whose tiles still fit in one wave streams fastest; a second,
-    # partial wave of narrower tiles is 6-25% slower; if even 256-wide tiles overflow one wave, 256.
-    # DECODE_TILE_N: the widths measured so far; TILE_N's in-between widths (96, 160, ...) would fill one
-    # wave more exactly (GPT-OSS: 120 tiles of 192 instead of 92 of 256) and await a GPU run.
+    # weights cold, every width of TILE_N): the narrowest tile whose tiles still fit in one wave streams
+    # fastest (GPT-OSS GEMM1 192 wide: 120 tiles, 9% faster than 92 tiles of 256; Qwen3 GEMM1 96 wide:
+    # 11% faster than 128); a second, partial wave of narrower tiles is 6-25% slower; if even 256-wide
+    # tiles overflow one wave, 256.
     m_tiles = active * max(1, -(-int(rows_per_expert) // 64))
     n_cols = n // 2 if gated else n
-    for tile_n in DECODE_TILE_N:
+    for tile_n in TILE_N:
         tile_n_out = tile_n // 2 if gated else tile_n
         if m_tiles * -(-n_cols // tile_n_out) <= num_sms:
             return GemmConfig(64, tile_n)
