@@ -41,8 +41,10 @@ def compile_specializations() -> list[tuple[str, dict]]:
         (8, 2, 2, "softmax", None, 0, 0, True),       # Mixtral
         (128, 4, 0, "softmax", None, 0, 0, True),     # GPT-OSS, fp32 logits
         (60, 4, 1, "softmax", None, 0, 0, False),     # Qwen2-MoE-like, E not a multiple of 32
-        (256, 8, 2, "sigmoid", 0, 8, 4, True),        # DeepSeek-V3, fp32 bias
+        (256, 8, 2, "sigmoid", 0, 8, 4, True),        # DeepSeek-V3, fp32 bias (select_grouped256)
+        (256, 8, 0, "sigmoid", 0, 8, 4, True),        # fp32 logits
         (256, 8, 2, "sigmoid", 2, 8, 4, True),        # bf16 bias
+        (256, 8, 1, "sigmoid", None, 8, 4, True),     # fp16 logits, no bias (group max)
         (64, 4, 1, "sigmoid", 0, 8, 3, True),         # groups of 8 (shared-memory group scan)
         (16, 3, 0, "sigmoid", 0, 16, 5, True),        # groups of 1
         (128, 6, 2, "sigmoid", 0, 2, 1, False),       # groups of 64 (two slots per lane), no renorm

@@ -7,11 +7,15 @@
 // expert) -- i.e. ascending flat index, deterministic. With one chunk, plan_scatter counts by
 // itself; with several, plan_count first writes each chunk's histogram to block_hist [chunks, E].
 // Ids outside [0, E) are dropped (their token rows are -1), e.g. experts of another rank.
+// Latency, not bandwidth, bounds these kernels: ids are loaded IDS_BATCH steps ahead of their use,
+// per-expert sums run one thread per expert with independent loads, and shared memory is set up
+// before the PDL wait (so it overlaps the routing kernel's tail).
 //
 // Defines: NUM_E, NW (warps per CTA), IDS_I64, HAS_PADDED, HAS_MASKED.
 #include "common.cuh"
 
 #define WSTRIDE (NW + 1 + NW % 2)  // odd, > NW
+#define IDS_BATCH 8                // 32-index steps whose ids one warp loads before using them
 
 #if IDS_I64
 typedef long long expert_id_t;
@@ -27,17 +31,23 @@ __device__ __forceinline__ int load_expert(const expert_id_t* __restrict__ ids, 
 
 extern "C" __global__ void __launch_bounds__(NW * 32)
 plan_count(const expert_id_t* __restrict__ ids, int n, int chunk, int* __restrict__ block_hist) {
-    PDL_ENTER();
     __shared__ int hist[NUM_E];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int e = threadIdx.x; e < NUM_E; e += NW * 32) hist[e] = 0;
+    PDL_ENTER();
     __syncthreads();
     const int start = blockIdx.x * chunk;
     const int end = min(n, start + chunk);
-    for (int base = start + warp * 32; base < end; base += NW * 32) {
-        const int e = load_expert(ids, base + lane, end);
-        const u32 peers = __match_any_sync(FULL_MASK, e);
-        if (e >= 0 && (__ffs(peers) - 1) == lane) atomicAdd(&hist[e], __popc(peers));
+    for (int b0 = start + warp * 32; b0 < end; b0 += NW * 32 * IDS_BATCH) {
+        int ev[IDS_BATCH];
+#pragma unroll
+        for (int u = 0; u < IDS_BATCH; ++u) ev[u] = load_expert(ids, b0 + u * NW * 32 + lane, end);
+#pragma unroll
+        for (int u = 0; u < IDS_BATCH; ++u) {
+            if (b0 + u * NW * 32 >= end) break;  // warp-uniform
+            const u32 peers = __match_any_sync(FULL_MASK, ev[u]);
+            if (ev[u] >= 0 && (__ffs(peers) - 1) == lane) atomicAdd(&hist[ev[u]], __popc(peers));
+        }
     }
     __syncthreads();
     for (int e = threadIdx.x; e < NUM_E; e += NW * 32) block_hist[(i64)blockIdx.x * NUM_E + e] = hist[e];
@@ -88,7 +98,6 @@ plan_scatter(const expert_id_t* __restrict__ ids, int n, int chunk, int num_chun
              int* __restrict__ padded_row_src, int* __restrict__ padded_token_rows, int* __restrict__ expert_of_block,
              int max_m, int* __restrict__ masked_m, int* __restrict__ masked_row_src,
              int* __restrict__ masked_token_rows, int* __restrict__ overflow) {
-    PDL_ENTER();
     // per-span counts, then each span's offset in its expert segment; [expert][span], odd row stride so
     // lanes touching different experts hit different banks
     __shared__ int warp_off[NUM_E][WSTRIDE];
@@ -102,11 +111,13 @@ plan_scatter(const expert_id_t* __restrict__ ids, int n, int chunk, int num_chun
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int nthreads = NW * 32;
-    for (int i = threadIdx.x; i < NUM_E * WSTRIDE; i += nthreads) (&warp_off[0][0])[i] = 0;
     for (int e = threadIdx.x; e < NUM_E; e += nthreads) {
+#pragma unroll
+        for (int w = 0; w < NW; ++w) warp_off[e][w] = 0;
         total[e] = 0;
         before[e] = 0;
     }
+    PDL_ENTER();
     __syncthreads();
 
     // 1. per-span histograms
@@ -115,34 +126,60 @@ plan_scatter(const expert_id_t* __restrict__ ids, int n, int chunk, int num_chun
     const int span = (chunk + NW - 1) / NW;
     const int span_start = min(end, start + warp * span);
     const int span_end = min(end, span_start + span);
-    for (int base = span_start; base < span_end; base += 32) {
-        const int e = load_expert(ids, base + lane, span_end);
-        const u32 peers = __match_any_sync(FULL_MASK, e);
-        if (e >= 0 && (__ffs(peers) - 1) == lane) warp_off[e][warp] += __popc(peers);
-        __syncwarp();
+    for (int b0 = span_start; b0 < span_end; b0 += 32 * IDS_BATCH) {
+        int ev[IDS_BATCH];
+#pragma unroll
+        for (int u = 0; u < IDS_BATCH; ++u) ev[u] = load_expert(ids, b0 + 32 * u + lane, span_end);
+#pragma unroll
+        for (int u = 0; u < IDS_BATCH; ++u) {
+            if (b0 + 32 * u >= span_end) break;  // warp-uniform
+            const u32 peers = __match_any_sync(FULL_MASK, ev[u]);
+            if (ev[u] >= 0 && (__ffs(peers) - 1) == lane) warp_off[ev[u]][warp] += __popc(peers);
+            __syncwarp();
+        }
     }
+    // every chunk's histogram: expert totals and the rows of earlier chunks
     if (num_chunks > 1) {
+#if (NW * 32) % NUM_E == 0
+        // thread (g, e) sums chunks g, g + G, ... of expert e in registers (independent loads)
+        constexpr int G = NW * 32 / NUM_E;
+        const int e = threadIdx.x % NUM_E;
+        int tot = 0, bef = 0;
+#pragma unroll 8
+        for (int c = threadIdx.x / NUM_E; c < num_chunks; c += G) {
+            const int v = block_hist[(i64)c * NUM_E + e];
+            tot += v;
+            bef += c < (int)blockIdx.x ? v : 0;
+        }
+        if (G == 1) {
+            total[e] = tot;
+            before[e] = bef;
+        } else {
+            atomicAdd(&total[e], tot);
+            atomicAdd(&before[e], bef);
+        }
+#else
         for (int i = threadIdx.x; i < num_chunks * NUM_E; i += nthreads) {
             const int c = block_hist[i];
             const int e = i % NUM_E;
             atomicAdd(&total[e], c);
             if (i / NUM_E < (int)blockIdx.x) atomicAdd(&before[e], c);
         }
+#endif
     }
     __syncthreads();
 
-    // 2. span offsets within each expert segment (and totals when this is the only chunk): one warp
-    //    per expert, lane w scans span w
-    for (int e = warp; e < NUM_E; e += NW) {
-        const int c = lane < NW ? warp_off[e][lane] : 0;
-        int incl = c;
+    // 2. span offsets within each expert segment (and totals when this is the only chunk): one thread
+    //    per expert runs over the spans (odd row stride: no bank conflicts)
+    for (int e = threadIdx.x; e < NUM_E; e += nthreads) {
+        int run = before[e];
 #pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int x = __shfl_up_sync(FULL_MASK, incl, o);
-            if (lane >= o) incl += x;
+        for (int w = 0; w < NW; ++w) {
+            const int c = warp_off[e][w];
+            warp_off[e][w] = run;
+            run += c;
         }
-        if (lane < NW) warp_off[e][lane] = before[e] + incl - c;
-        if (lane == 31 && num_chunks == 1) total[e] = incl;
+        if (num_chunks == 1) total[e] = run;
     }
     __syncthreads();
 
@@ -220,39 +257,46 @@ plan_scatter(const expert_id_t* __restrict__ ids, int n, int chunk, int num_chun
 
     // 5. stable scatter: each warp walks its span in order
     const u32 lt = lanemask_lt();
-    for (int base = span_start; base < span_end; base += 32) {
-        const int i = base + lane;
-        const int e = load_expert(ids, i, span_end);
-        const u32 peers = __match_any_sync(FULL_MASK, e);
-        if (e >= 0) {
-            const int local = warp_off[e][warp] + __popc(peers & lt);
-            const int row = cu_s[e] + local;
-            row_src[row] = i;
-            token_rows[i] = row;
+    for (int b0 = span_start; b0 < span_end; b0 += 32 * IDS_BATCH) {
+        int ev[IDS_BATCH];
+#pragma unroll
+        for (int u = 0; u < IDS_BATCH; ++u) ev[u] = load_expert(ids, b0 + 32 * u + lane, span_end);
+#pragma unroll
+        for (int u = 0; u < IDS_BATCH; ++u) {
+            if (b0 + 32 * u >= span_end) break;  // warp-uniform
+            const int i = b0 + 32 * u + lane;
+            const int e = ev[u];
+            const u32 peers = __match_any_sync(FULL_MASK, e);
+            if (e >= 0) {
+                const int local = warp_off[e][warp] + __popc(peers & lt);
+                const int row = cu_s[e] + local;
+                row_src[row] = i;
+                token_rows[i] = row;
 #if HAS_PADDED
-            const int prow = pcu_s[e] + local;
-            padded_row_src[prow] = i;
-            padded_token_rows[i] = prow;
+                const int prow = pcu_s[e] + local;
+                padded_row_src[prow] = i;
+                padded_token_rows[i] = prow;
 #endif
 #if HAS_MASKED
-            int mrow = -1;
-            if (local < max_m) {
-                mrow = e * max_m + local;
-                masked_row_src[mrow] = i;
+                int mrow = -1;
+                if (local < max_m) {
+                    mrow = e * max_m + local;
+                    masked_row_src[mrow] = i;
+                }
+                masked_token_rows[i] = mrow;
+#endif
+            } else if (i < span_end) {
+                token_rows[i] = -1;
+#if HAS_PADDED
+                padded_token_rows[i] = -1;
+#endif
+#if HAS_MASKED
+                masked_token_rows[i] = -1;
+#endif
             }
-            masked_token_rows[i] = mrow;
-#endif
-        } else if (i < span_end) {
-            token_rows[i] = -1;
-#if HAS_PADDED
-            padded_token_rows[i] = -1;
-#endif
-#if HAS_MASKED
-            masked_token_rows[i] = -1;
-#endif
+            __syncwarp();
+            if (e >= 0 && (__ffs(peers) - 1) == lane) warp_off[e][warp] += __popc(peers);
+            __syncwarp();
         }
-        __syncwarp();
-        if (e >= 0 && (__ffs(peers) - 1) == lane) warp_off[e][warp] += __popc(peers);
-        __syncwarp();
     }
 }

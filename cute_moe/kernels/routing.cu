@@ -7,7 +7,12 @@
 //
 // Defines: NUM_E (<= 1024), TOP_K (<= 32), LOGIT_DT, SCORING (0 softmax, 1 sigmoid), HAS_BIAS,
 // BIAS_DT, NUM_GROUPS (0 = no groups, else <= 32 and divides NUM_E), TOPK_GROUPS, RENORM, WARPS.
+//
+// DeepSeek-V3's configuration (256 experts in 8 groups of 32, sigmoid) has its own selection,
+// select_grouped256, with the same results bit for bit; everything else takes select_generic.
 #include "common.cuh"
+
+#define GROUPED256 (NUM_E == 256 && NUM_GROUPS == 8 && SCORING == 1)
 
 #define VPT ((NUM_E + 31) / 32)  // experts per lane: expert v*32 + lane lives in slot v of that lane
 #define NP2 (VPT <= 1 ? 1 : VPT <= 2 ? 2 : VPT <= 4 ? 4 : VPT <= 8 ? 8 : VPT <= 16 ? 16 : 32)
@@ -20,10 +25,8 @@
 // Order-preserving float -> u32 map (larger float, larger key). -0 == +0, NaN (any sign) maps to
 // the maximum like torch's sort; 0 never comes from a float and marks "not selectable".
 __device__ __forceinline__ u32 float_key(float f) {
-    if (f != f) return 0xffffffffu;
-    u32 b = __float_as_uint(f);
-    if (b == 0x80000000u) b = 0u;
-    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    const u32 b = __float_as_uint(f + 0.0f);  // -0 + 0 = +0; every other value unchanged
+    return f != f ? 0xffffffffu : b ^ ((u32)((int)b >> 31) | 0x80000000u);  // negative: ~b, else b | sign
 }
 
 __device__ __forceinline__ float key_float(u32 k) {
@@ -51,20 +54,14 @@ __device__ __forceinline__ void cas(u32& ka, int& sa, u32& kb, int& sb) {
     sa = s;
 }
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
-route_topk(const void* __restrict__ logits_, i64 row_stride, const void* __restrict__ bias_, float scaling,
-           float* __restrict__ out_w, int* __restrict__ out_ids, int num_tokens) {
-    PDL_ENTER();
-    typedef Elem<LOGIT_DT> LE;
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
+// Generic selection, one warp per token: expert v * 32 + lane lives in slot v of each lane.
+// Returns the id of selection slot `lane` (lanes < TOP_K); sets the softmax max and denominator.
+template <typename LE>
+__device__ __forceinline__ int select_generic(const typename LE::T* __restrict__ row, const void* __restrict__ bias_,
+                                             int lane, int warp, float& m_out, float& sum_out) {
 #if NUM_GROUPS > 0 && GROUP_SIZE % 32 != 0
     __shared__ u32 sel_s[WARPS][VPT * 32];
 #endif
-    const int t = blockIdx.x * WARPS + warp;
-    if (t >= num_tokens) return;  // warp-uniform; the kernel has no block-level barrier
-
-    const typename LE::T* row = (const typename LE::T*)logits_ + (i64)t * row_stride;
     float score[VPT];
 #pragma unroll
     for (int v = 0; v < VPT; ++v) {
@@ -209,6 +206,176 @@ route_topk(const void* __restrict__ logits_, i64 row_stride, const void* __restr
         }
         if (lane == j) my_id = (int)win;
     }
+
+    m_out = m;
+    sum_out = sum;
+    return my_id;
+}
+
+#if GROUPED256
+// s[i] = score_of(x[i]) = 1 / (1 + expf(-x[i])) for 8 logits. The division's IEEE result comes from
+// its own fast path (reciprocal estimate and one Newton step, exact for 1 + expf(-x) < 2^126) where
+// all 8 allow it: that saves its per-element range check and branch; else from the division.
+__device__ __forceinline__ void sigmoid8(const float* x, float* s) {
+    float y[8];
+    u32 ymax = 0u;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        y[i] = 1.0f + expf(-x[i]);  // >= 1 or NaN; the same expression (and contraction) as score_of
+        ymax = max(ymax, __float_as_uint(y[i]));
+    }
+    if (ymax < 0x7e800000u) {  // all exponents <= 252 (NaN and inf excluded)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            float r;
+            asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y[i]));
+            s[i] = __fmaf_rn(r, -__fmaf_rn(y[i], r, -1.0f), r);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) s[i] = 1.0f / y[i];
+    }
+}
+
+// Larger first: (key << 32 | 7 - slot) orders by selection key, then lower slot first. PTX keeps
+// one comparison for both selects (as max and min the compiler compares twice).
+__device__ __forceinline__ void cx(u64& a, u64& b) {
+    asm("{\n\t"
+        ".reg .pred p;\n\t"
+        ".reg .b64 t;\n\t"
+        "setp.gt.u64 p, %1, %0;\n\t"
+        "selp.b64 t, %1, %0, p;\n\t"
+        "selp.b64 %1, %0, %1, p;\n\t"
+        "mov.b64 %0, t;\n\t"
+        "}"
+        : "+l"(a), "+l"(b));
+}
+
+// Selection for 256 experts in 8 groups of 32 with sigmoid scores; returns the id of selection slot
+// `lane` (lanes < TOP_K). Lane l holds the 8 contiguous experts 8l..8l+7 (16-byte loads: row and
+// bias must be 16-byte aligned), so group g is the 4 lanes 4g..4g+3 and lane order is expert
+// order: 2 shuffle steps give all 8 group scores at once, and among equal keys the lowest lane
+// holds the lowest expert.
+template <typename LE>
+__device__ __forceinline__ int select_grouped256(const typename LE::T* __restrict__ row,
+                                                 const void* __restrict__ bias_, int lane) {
+    constexpr int LPG = 4;  // lanes per group
+    const int e0 = lane * 8;
+    float x[8];
+    typedef VecIO<LOGIT_DT, 16> LV;
+#pragma unroll
+    for (int i = 0; i < 8 / LV::N; ++i) LV::unpack(__ldg((const uint4*)(row + e0) + i), x + i * LV::N);
+#if HAS_BIAS
+    float b[8];
+    typedef VecIO<BIAS_DT, 16> BV;
+    const typename Elem<BIAS_DT>::T* bias = (const typename Elem<BIAS_DT>::T*)bias_;
+#pragma unroll
+    for (int i = 0; i < 8 / BV::N; ++i) BV::unpack(__ldg((const uint4*)(bias + e0) + i), b + i * BV::N);
+#endif
+
+    // Selection keys, then this lane's (key, slot) pairs sorted: larger key first, lower slot first
+    // among equal keys (Batcher's odd-even merge sort, 19 compare-exchanges). Then keep the keys, and
+    // the slots in that order as 3-bit fields of `order` (first in the low bits), stored as 7 - slot.
+    float s[8];
+    sigmoid8(x, s);
+    u64 c[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+#if HAS_BIAS
+        s[i] += b[i];
+#endif
+        c[i] = ((u64)float_key(s[i]) << 32) | (u32)(7 - i);
+    }
+    constexpr int NET[19][2] = {{0, 1}, {2, 3}, {4, 5}, {6, 7}, {0, 2}, {1, 3}, {4, 6}, {5, 7}, {1, 2}, {5, 6},
+                                {0, 4}, {1, 5}, {2, 6}, {3, 7}, {2, 4}, {3, 5}, {1, 2}, {3, 4}, {5, 6}};
+#pragma unroll
+    for (int i = 0; i < 19; ++i) cx(c[NET[i][0]], c[NET[i][1]]);
+    u32 key[8];
+    u32 order = 0u;
+#pragma unroll
+    for (int i = 7; i >= 0; --i) {
+        key[i] = (u32)(c[i] >> 32);
+        order = order * 8u + (u32)c[i];
+    }
+
+    // Group score in all 4 lanes of the group: its best two keys (a multiset, as in select_generic),
+    // merged over the lanes by xor shuffles; their sum with a bias, else the best key.
+    u32 k1 = key[0];
+#if HAS_BIAS
+    u32 k2 = key[1];
+#endif
+#pragma unroll
+    for (int o = 1; o < LPG; o <<= 1) {
+        const u32 o1 = __shfl_xor_sync(FULL_MASK, k1, o);
+#if HAS_BIAS
+        const u32 o2 = __shfl_xor_sync(FULL_MASK, k2, o);
+        const u32 lo1 = k1 < o1 ? k1 : o1;
+        const u32 hi2 = k2 > o2 ? k2 : o2;
+        k2 = lo1 > hi2 ? lo1 : hi2;
+#endif
+        k1 = k1 > o1 ? k1 : o1;
+    }
+#if HAS_BIAS
+    const u32 gk = float_key(key_float(k1) + key_float(k2));
+#else
+    const u32 gk = k1;
+#endif
+
+    // Keep the group if fewer than TOPK_GROUPS groups beat it (larger score, or equal score and lower
+    // index). Lane 4g + s compares groups 2s and 2s + 1 with its group g; two ballots count them.
+    const int g = lane / LPG, sub = lane % LPG;
+    int beaten = 0;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int og = sub * 2 + h;
+        const u32 ok = __shfl_sync(FULL_MASK, gk, og * LPG);
+        const u32 beats = __ballot_sync(FULL_MASK, ok > gk || (ok == gk && og < g));
+        beaten += __popc(beats & (0xfu << (g * LPG)));
+    }
+    // A dropped lane gets head 0, which never wins: the kept groups hold >= TOP_K keys, all > 0.
+    if (beaten >= TOPK_GROUPS) key[0] = 0u;
+
+    // TOP_K rounds: the best head wins, the lowest expert among equal heads (= the lowest expert among
+    // equal remaining keys: lanes and each lane's ties are in expert order); its lane pops it.
+    const u32 last = (u32)e0 | 7u;  // expert id = last - (7 - slot) = last ^ (7 - slot)
+    int my_id = 0;
+#pragma unroll
+    for (int j = 0; j < TOP_K; ++j) {
+        const u32 head_id = last ^ (order & 7u);
+        const u32 best = __reduce_max_sync(FULL_MASK, key[0]);
+        const u32 win = __reduce_min_sync(FULL_MASK, key[0] == best ? head_id : 0xffffffffu);
+        if (head_id == win) {
+#pragma unroll
+            for (int i = 0; i < 7; ++i) key[i] = key[i + 1];
+            key[7] = 0u;
+            order >>= 3;
+        }
+        if (lane == j) my_id = (int)win;
+    }
+    return my_id;
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+route_topk(const void* __restrict__ logits_, i64 row_stride, const void* __restrict__ bias_, float scaling,
+           float* __restrict__ out_w, int* __restrict__ out_ids, int num_tokens) {
+    PDL_ENTER();
+    typedef Elem<LOGIT_DT> LE;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int t = blockIdx.x * WARPS + warp;
+    if (t >= num_tokens) return;  // warp-uniform; the kernel has no block-level barrier
+
+    const typename LE::T* row = (const typename LE::T*)logits_ + (i64)t * row_stride;
+    float m = 0.f, sum = 1.f;  // softmax max and denominator (set by select_generic for softmax)
+    int my_id;
+#if GROUPED256
+    // 16-byte loads; rows (e.g. of a strided view) need only be element-aligned: generic path
+    if ((((u64)row | (u64)bias_) & 15u) == 0)  // warp-uniform
+        my_id = select_grouped256<LE>(row, bias_, lane);
+    else
+#endif
+        my_id = select_generic<LE>(row, bias_, lane, warp, m, sum);
 
     // Weight = unbiased score of the selected expert, recomputed bit-exactly from its logit.
     float my_w = lane < TOP_K ? score_of(LE::to_f32(row[min(my_id, NUM_E - 1)]), m, sum) : 0.f;
