@@ -8,6 +8,8 @@
 // itself; with several, plan_count first writes each chunk's histogram to block_hist [chunks, E].
 // Ids outside [0, E) are dropped (their token rows are -1), e.g. experts of another rank.
 // Latency, not bandwidth, bounds these kernels: ids are loaded IDS_BATCH steps ahead of their use,
+// counting uses shared-memory atomics (order-free; __match_any_sync, which costs more with more
+// distinct ids in a warp, is kept for the stable ranks of the scatter),
 // per-expert sums run one thread per expert with independent loads, and shared memory is set up
 // before the PDL wait (so it overlaps the routing kernel's tail).
 //
@@ -43,11 +45,8 @@ plan_count(const expert_id_t* __restrict__ ids, int n, int chunk, int* __restric
 #pragma unroll
         for (int u = 0; u < IDS_BATCH; ++u) ev[u] = load_expert(ids, b0 + u * NW * 32 + lane, end);
 #pragma unroll
-        for (int u = 0; u < IDS_BATCH; ++u) {
-            if (b0 + u * NW * 32 >= end) break;  // warp-uniform
-            const u32 peers = __match_any_sync(FULL_MASK, ev[u]);
-            if (ev[u] >= 0 && (__ffs(peers) - 1) == lane) atomicAdd(&hist[ev[u]], __popc(peers));
-        }
+        for (int u = 0; u < IDS_BATCH; ++u)
+            if (ev[u] >= 0) atomicAdd(&hist[ev[u]], 1);
     }
     __syncthreads();
     for (int e = threadIdx.x; e < NUM_E; e += NW * 32) block_hist[(i64)blockIdx.x * NUM_E + e] = hist[e];
@@ -131,12 +130,8 @@ plan_scatter(const expert_id_t* __restrict__ ids, int n, int chunk, int num_chun
 #pragma unroll
         for (int u = 0; u < IDS_BATCH; ++u) ev[u] = load_expert(ids, b0 + 32 * u + lane, span_end);
 #pragma unroll
-        for (int u = 0; u < IDS_BATCH; ++u) {
-            if (b0 + 32 * u >= span_end) break;  // warp-uniform
-            const u32 peers = __match_any_sync(FULL_MASK, ev[u]);
-            if (ev[u] >= 0 && (__ffs(peers) - 1) == lane) warp_off[ev[u]][warp] += __popc(peers);
-            __syncwarp();
-        }
+        for (int u = 0; u < IDS_BATCH; ++u)
+            if (ev[u] >= 0) atomicAdd(&warp_off[ev[u]][warp], 1);
     }
     // every chunk's histogram: expert totals and the rows of earlier chunks
     if (num_chunks > 1) {
