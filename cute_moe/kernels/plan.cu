@@ -8,8 +8,8 @@
 // itself; with several, plan_count first writes each chunk's histogram to block_hist [chunks, E].
 // Ids outside [0, E) are dropped (their token rows are -1), e.g. experts of another rank.
 // Latency, not bandwidth, bounds these kernels: ids are loaded IDS_BATCH steps ahead of their use,
-// counting uses shared-memory atomics (order-free), the scatter's stable ranks come from one ballot per
-// id bit (measured on H200: __match_any_sync in the counting loops made E=128 plans 1.2-1.3x slower),
+// counting uses shared-memory atomics (order-free; __match_any_sync, which costs more with more
+// distinct ids in a warp, is kept for the stable ranks of the scatter),
 // per-expert sums run one thread per expert with independent loads, and shared memory is set up
 // before the PDL wait (so it overlaps the routing kernel's tail).
 //
@@ -24,23 +24,6 @@ typedef long long expert_id_t;
 #else
 typedef int expert_id_t;
 #endif
-
-// Bits of an expert id or of NUM_E (which stands for a dropped id below).
-#define EBITS (NUM_E < 2 ? 1 : NUM_E < 4 ? 2 : NUM_E < 8 ? 3 : NUM_E < 16 ? 4 : NUM_E < 32 ? 5 : NUM_E < 64 ? 6 \
-               : NUM_E < 128 ? 7 : NUM_E < 256 ? 8 : NUM_E < 512 ? 9 : NUM_E < 1024 ? 10 : 11)
-
-// Lanes whose e equals this lane's (e in [-1, NUM_E)): one ballot per bit, the result of
-// __match_any_sync at a fixed cost of EBITS ballots.
-__device__ __forceinline__ u32 match_expert(int e) {
-    const u32 v = e < 0 ? (u32)NUM_E : (u32)e;
-    u32 peers = FULL_MASK;
-#pragma unroll
-    for (int b = 0; b < EBITS; ++b) {
-        const u32 ones = __ballot_sync(FULL_MASK, (v >> b) & 1u);
-        peers &= ((v >> b) & 1u) ? ones : ~ones;
-    }
-    return peers;
-}
 
 __device__ __forceinline__ int load_expert(const expert_id_t* __restrict__ ids, int i, int end) {
     if (i >= end) return -1;
@@ -278,7 +261,7 @@ plan_scatter(const expert_id_t* __restrict__ ids, int n, int chunk, int num_chun
             if (b0 + 32 * u >= span_end) break;  // warp-uniform
             const int i = b0 + 32 * u + lane;
             const int e = ev[u];
-            const u32 peers = match_expert(e);
+            const u32 peers = __match_any_sync(FULL_MASK, e);
             if (e >= 0) {
                 const int local = warp_off[e][warp] + __popc(peers & lt);
                 const int row = cu_s[e] + local;
