@@ -86,6 +86,20 @@ def test_route_strided_rows_and_out_poisoned():
     torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_route_deepseek_views(dtype, offset):
+    """DeepSeek-V3 routing reads 8 experts per lane with 16-byte loads when rows and bias are 16-byte
+    aligned, else takes the generic path: both match the reference, with ties, on strided views."""
+    _, _, top_k, opts = CONFIGS[4]
+    for ties in (False, True):
+        base, kw = _inputs(777, 264, dtype, opts, ties=ties)
+        logits = base[:, offset:offset + 256]  # row stride 264; offset 1 leaves 16-byte alignment
+        bias = torch.randn(264, device=DEV) * 0.1
+        kw["correction_bias"] = bias[offset:offset + 256]
+        _check(logits, top_k, kw)
+
+
 def test_route_deterministic():
     logits = torch.randn(4096, 256, device=DEV).bfloat16()
     bias = torch.randn(256, device=DEV) * 0.1
