@@ -44,7 +44,7 @@ def check_rows(x, name: str, layout: str) -> int:
         raise ValueError(f"{name}: expected a contiguous last dimension, got strides {x.stride()}")
     return code
 
-KERNEL_SOURCES = ("routing.cu", "plan.cu", "permute.cu", "combine.cu", "quantize.cu")
+KERNEL_SOURCES = ("routing.cu", "router.cu", "plan.cu", "permute.cu", "combine.cu", "quantize.cu")
 HEADERS = ("common.cuh",)
 
 _lock = threading.Lock()

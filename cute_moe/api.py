@@ -271,7 +271,10 @@ def _check_moe_args(x, router_weight, w1, w2, top_k, *, scoring, renormalize, nu
 
 def _moe(kwargs: dict, num_experts: int, router_weight: torch.Tensor, routing: dict, backend: str) -> torch.Tensor:
     """The checked moe call: route, then the experts (sets this thread's last backend)."""
-    route_kwargs = dict(router_logits=router_logits_reference(kwargs["x"], router_weight), **routing)
+    layer = None if backend == "reference" else _load_layer()[0]
+    x = kwargs["x"]
+    logits = router_logits_reference(x, router_weight) if layer is None else layer.logits(x, router_weight)
+    route_kwargs = dict(router_logits=logits, **routing)
     kwargs["topk_weights"], kwargs["topk_ids"], route_backend = _route(route_kwargs, backend)
     result, experts_backend = _fused_moe(kwargs, num_experts, backend)
     _state.backend = "cute" if route_backend == experts_backend == "cute" else "reference"

@@ -22,7 +22,7 @@ from .gemm import grouped_gemm
 from .permute import combine, permute, permute_fp8, permute_fp8_per_tensor, quantize_fp8
 from .plan import make_plan, plan_buffer_ints
 from .quant import FP8_DTYPE, QuantizedWeights, TensorMemo
-from .routing import route_gpu
+from .routing import route_gpu, router_logits
 
 _GEMM_ARCHES = {(9, 0)}
 _DTYPES = (torch.bfloat16, torch.float16)
@@ -80,6 +80,11 @@ def _fp8_unsupported_reason(x: torch.Tensor, quant: QuantizedWeights) -> str | N
 def route(**kw):
     """GPU routing: (topk_weights float32 [T, k], topk_ids int32 [T, k])."""
     return route_gpu(**kw)
+
+
+def logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
+    """Router logits in float32 (our kernel for decode sizes, else torch.mm; see routing.router_logits)."""
+    return router_logits(x, router_weight)
 
 
 def fused_moe(*, x, w1, w2, topk_weights, topk_ids, activation, w1_bias, w2_bias, quant,

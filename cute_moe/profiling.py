@@ -102,8 +102,6 @@ _ROUTING_DEFAULTS = dict(scoring="softmax", renormalize=False, num_groups=None, 
 
 
 def _measure(layer, kw: dict, router_weight, routing, topk, reps: int, warmup: int) -> dict:
-    from .reference import router_logits_reference
-
     names = ("start",) + (STAGES if topk is None else STAGES[1:])
     events = [{n: torch.cuda.Event(enable_timing=True) for n in names} for _ in range(reps)]
     calls = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
@@ -113,7 +111,7 @@ def _measure(layer, kw: dict, router_weight, routing, topk, reps: int, warmup: i
         if hook is not None:
             hook("start")
         if topk is None:
-            logits = router_logits_reference(kw["x"], router_weight)
+            logits = layer.logits(kw["x"], router_weight)
             kw["topk_weights"], kw["topk_ids"] = layer.route(router_logits=logits, **routing)
             if hook is not None:
                 hook("route")

@@ -128,6 +128,10 @@ class FakeLayer(types.ModuleType):
         self.calls.append(("unsupported_reason", op, sorted(kwargs)))
         return self.reason
 
+    def logits(self, x, router_weight):
+        self.calls.append(("logits",))
+        return x.float() @ router_weight.float().T
+
     def route(self, **kwargs):
         self.calls.append(("route", sorted(kwargs)))
         logits = kwargs["router_logits"]
@@ -154,7 +158,7 @@ def test_auto_picks_cute_when_the_layer_takes_the_call(monkeypatch):
     out = cute_moe.moe(x, router, w1, w2, K)
     assert out.device.type == "meta" and out.shape == (10, H)
     assert cute_moe.last_backend() == "cute"
-    assert fake.calls == [("unsupported_reason", "route", ROUTE_KWARGS), ("route", ROUTE_KWARGS),
+    assert fake.calls == [("logits",), ("unsupported_reason", "route", ROUTE_KWARGS), ("route", ROUTE_KWARGS),
                           ("unsupported_reason", "fused_moe", FUSED_KWARGS), ("fused_moe", FUSED_KWARGS)]
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cute_moe.reference import route_reference
-from cute_moe.routing import route_gpu
+from cute_moe.routing import route_gpu, router_logits
 from routing_data import poison_like
 
 pytestmark = pytest.mark.gpu
@@ -179,3 +179,26 @@ def test_route_validation(kwargs, err, match):
         route_gpu(logits.cpu(), 2)
     with pytest.raises(TypeError, match="router_logits"):
         route_gpu(logits.half().to(torch.float64), 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_tokens", [1, 3, 16, 17])
+@pytest.mark.parametrize("num_experts, hidden", [(8, 4096), (256, 7168), (128, 2880), (60, 72)])
+def test_router_logits_match_float64(dtype, num_tokens, num_experts, hidden):
+    """Our decode router kernel (T <= 16) and the torch.mm path above it: every float32 logit within
+    float32 summation error of a float64 reference; two calls bitwise equal."""
+    x = torch.randn(num_tokens, hidden, device=DEV).to(dtype)
+    w = (torch.randn(num_experts, hidden, device=DEV) * hidden**-0.5).to(dtype)
+    got = router_logits(x, w)
+    assert got.dtype == torch.float32 and got.shape == (num_tokens, num_experts)
+    want = x.double() @ w.double().T
+    scale = (x.double().abs() @ w.double().abs().T)
+    assert ((got.double() - want).abs() <= 1e-5 * scale).all()
+    assert torch.equal(got, router_logits(x, w))
+
+
+def test_router_logits_strided_and_unaligned_views():
+    base = torch.randn(4, 2064, device=DEV).bfloat16()
+    w = torch.randn(128, 2048, device=DEV).bfloat16()
+    for x in (base[:, :2048], base[:, 8:2056], base[:, 1:2049]):  # aligned, aligned offset, unaligned
+        torch.testing.assert_close(router_logits(x, w), x.float() @ w.float().T, rtol=1e-5, atol=1e-4)

@@ -3,7 +3,9 @@
     python -m perf.sm90.bench_moe [--tokens 1,8,64,256,1024,8192,32768] [--shapes ...] [--no-fp8]
 
 For each reference shape and token count, with random softmax top-k routing: our experts pipeline
-(plan, permute, GEMM1+SwiGLU, GEMM2, combine) eager and replayed from a CUDA graph; in the same run
+(plan, permute, GEMM1+SwiGLU, GEMM2, combine: ``fused_moe``) eager and replayed from a CUDA graph;
+the whole layer with its router too (``moe``: router logits, top-k, then the experts) in a CUDA graph,
+cycling through 8 inputs at T <= 256 (``moe_graph_ms``, ``moe_over_floor``); in the same run
 a torch pipeline doing the same work with torch ops (argsort permute, torch._grouped_mm, silu*up,
 torch._grouped_mm, index_add combine) and a per-expert torch loop (one mm pair per active expert,
 the routing fixed on the host before timing), both in CUDA graphs; and our fp8 layer (blockwise
@@ -121,6 +123,10 @@ def bench_shape(shape, tokens_list, dense_tflops, read_gbs, fp8_tflops) -> list[
         ms_eager = bench_ms(ours, warmup=reps["warmup"], rep=reps["rep"])
         ms_graph = bench_ms(ours, graph=True, **reps)
         ms_torch = bench_ms(theirs, graph=True, **reps)
+        rw = torch.randn(e, h, device="cuda", dtype=torch.bfloat16) * h**-0.5
+        xs = [torch.randn(t, h, device="cuda", dtype=torch.bfloat16) for _ in range(len(routings))]
+        ms_moe = bench_ms(lambda: cute_moe.moe(xs[next(turn) % len(xs)], rw, w1, w2, k, renormalize=True, out=out,
+                                               backend="cute"), graph=True, **reps)
         loop = torch_expert_loop(topk_ids, e)
         ms_loop = bench_ms(lambda: loop(x, w1, w2, topk_w, i), warmup=2, rep=10, graph=True, calls_per_graph=2)
         active = sum(int(torch.unique(ti).numel()) for _, ti in routings) / len(routings)
@@ -131,6 +137,7 @@ def bench_shape(shape, tokens_list, dense_tflops, read_gbs, fp8_tflops) -> list[
                "torch_graph_ms": ms_torch, "torch_loop_graph_ms": ms_loop, "speedup_vs_torch": ms_torch / ms_graph,
                "speedup_vs_loop": ms_loop / ms_graph, "floor_ms": floor_ms,
                "ours_over_floor": ms_graph / floor_ms, "torch_over_floor": ms_torch / floor_ms,
+               "moe_graph_ms": ms_moe, "moe_over_floor": ms_moe / floor_ms,
                "active_experts": active, "err_vs_torch": err}
         if qw is not None:
             def ours_fp8():
@@ -146,7 +153,7 @@ def bench_shape(shape, tokens_list, dense_tflops, read_gbs, fp8_tflops) -> list[
         rows.append(row)
         print(f"{shape.name:14s} T={t:5d} ours {ms_eager:8.3f} eager {ms_graph:8.3f} graph | torch {ms_torch:8.3f} "
               f"| x{row['speedup_vs_torch']:.2f} | loop {ms_loop:8.3f} | floor {floor_ms:.3f} "
-              f"({row['ours_over_floor']:.2f}x) err {err:.1e}"
+              f"({row['ours_over_floor']:.2f}x) err {err:.1e} | moe {ms_moe:8.3f} ({row['moe_over_floor']:.2f}x)"
               + (f" | fp8 {fp8_mode} {row['fp8_graph_ms']:8.3f} (x{row['fp8_speedup_vs_bf16']:.2f} vs bf16, "
                  f"{row['fp8_over_floor']:.2f}x floor)" if qw is not None else ""), flush=True)
     del w1, w2, w1t, w2t, qw
@@ -177,7 +184,7 @@ def main(argv=None) -> int:
          "dense_mm_tflops": dense, "dense_fp8_tflops": fp8, "read_gbs": read},
         md_columns=["shape", "T", "ours_eager_ms", "ours_graph_ms", "torch_graph_ms", "torch_loop_graph_ms",
                     "speedup_vs_torch", "speedup_vs_loop", "floor_ms", "ours_over_floor", "err_vs_torch",
-                    "fp8_mode", "fp8_graph_ms", "fp8_speedup_vs_bf16", "fp8_over_floor", "fp8_err_vs_torch_bf16"],
+                    "moe_graph_ms", "moe_over_floor", "fp8_mode", "fp8_graph_ms", "fp8_speedup_vs_bf16", "fp8_over_floor", "fp8_err_vs_torch_bf16"],
         plot=speedup_plot("torch pipeline time / cute-moe (CUDA graphs)",
                           "Whole MoE layer (bf16): cute-moe vs torch._grouped_mm pipeline", "tab:blue"),
     )
