@@ -83,7 +83,7 @@ def route(**kw):
 
 
 def logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
-    """Router logits in float32 (our kernel for decode sizes, else torch.mm; see routing.router_logits)."""
+    """Router logits in float32 (our kernel for one token, else torch.mm; see routing.router_logits)."""
     return router_logits(x, router_weight)
 
 

@@ -182,10 +182,10 @@ def test_route_validation(kwargs, err, match):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("num_tokens", [1, 3, 16, 17])
+@pytest.mark.parametrize("num_tokens", [1, 3])
 @pytest.mark.parametrize("num_experts, hidden", [(8, 4096), (256, 7168), (128, 2880), (60, 72)])
 def test_router_logits_match_float64(dtype, num_tokens, num_experts, hidden):
-    """Our decode router kernel (T <= 16) and the torch.mm path above it: every float32 logit within
+    """Our one-token router kernel (H <= 4096) and the torch.mm path: every float32 logit within
     float32 summation error of a float64 reference; two calls bitwise equal."""
     x = torch.randn(num_tokens, hidden, device=DEV).to(dtype)
     w = (torch.randn(num_experts, hidden, device=DEV) * hidden**-0.5).to(dtype)
@@ -198,7 +198,8 @@ def test_router_logits_match_float64(dtype, num_tokens, num_experts, hidden):
 
 
 def test_router_logits_strided_and_unaligned_views():
-    base = torch.randn(4, 2064, device=DEV).bfloat16()
-    w = torch.randn(128, 2048, device=DEV).bfloat16()
-    for x in (base[:, :2048], base[:, 8:2056], base[:, 1:2049]):  # aligned, aligned offset, unaligned
+    base = torch.randn(1, 2064, device=DEV).bfloat16()
+    wbase = torch.randn(128, 2064, device=DEV).bfloat16()
+    for x, w in ((base[:, :2048], wbase[:, :2048]), (base[:, 8:2056], wbase[:, 8:2056]),  # strided, aligned
+                 (base[:, 1:2049], wbase[:, :2048]), (base[:, :2048], wbase[:, 1:2049])):  # unaligned
         torch.testing.assert_close(router_logits(x, w), x.float() @ w.float().T, rtol=1e-5, atol=1e-4)
