@@ -35,7 +35,7 @@ def _defines(num_experts, top_k, logit_dt, scoring, bias_dt, num_groups, topk_gr
         TOPK_GROUPS=topk_groups, RENORM=int(bool(renormalize)), WARPS=_WARPS).items()))
 
 
-ROUTER_MAX_HIDDEN = 4096  # router_logits' own kernel (one token) up to this H, torch.mm above
+ROUTER_MAX_HIDDEN = 4096  # router_logits' own kernel (one token) up to this H, torch.mm above (as tested)
 _ROUTER_SOURCE = "router.cu"
 _ROUTER_WARPS = 4
 
