@@ -7,8 +7,9 @@ burst timed from an empty launch queue; see :func:`host_us`), for ``cute_moe.moe
 permute, GEMM1, GEMM2, combine), ``fused_moe`` on given routing, ``route``, ``make_plan``, ``permute``,
 ``grouped_gemm`` and ``combine``, and ``nn.MoE`` with :meth:`cute_moe.nn.MoE.cuda_graphs` (input copy,
 graph replay, output copy; ``nocopy``: ``copy_output=False``, no output copy; ``graph_replay`` in the JSON
-rows says whether replays went through the driver or ``graph.replay()``). A torch reference point in the
-same run: the CPU time of one ``torch._grouped_mm`` call. ``--profile`` writes a cProfile breakdown (by
+rows says whether replays went through the driver or ``graph.replay()``; ``graph_launch_us`` and
+``memcpy_us``: the driver calls a graphed call makes, alone). A torch reference point in the same run:
+the CPU time of one ``torch._grouped_mm`` call. ``--profile`` writes a cProfile breakdown (by
 own time) of the moe calls.
 """
 
@@ -24,6 +25,7 @@ import time
 import torch
 
 import cute_moe
+from cute_moe import _nvrtc
 from cute_moe.gemm import grouped_gemm
 from cute_moe.permute import combine, permute
 from cute_moe.plan import make_plan
@@ -85,6 +87,11 @@ def bench_shape(shape, tokens: int, calls: int, profile: list) -> dict:
         "torch_grouped_mm_us": host_us(lambda: torch._grouped_mm(xp, w1t, offs=offs), calls),
         "torch_empty_us": host_us(lambda: torch.empty(tokens, h, device="cuda", dtype=torch.bfloat16), calls),
     }
+    g = next(iter(nocopy._graphs.values()))
+    if g.exec_handle:
+        stream = torch.cuda.current_stream().cuda_stream
+        row["graph_launch_us"] = host_us(lambda: _nvrtc.graph_launch(g.exec_handle, stream), calls)
+        row["memcpy_us"] = host_us(lambda: _nvrtc.memcpy_dtod(g.x_ptr, x.data_ptr(), g.x_bytes, stream), calls)
     assert cute_moe.last_backend() == "cute"
     if profile is not None:
         pr = cProfile.Profile()
@@ -121,7 +128,7 @@ def main(argv=None) -> int:
          "target": "moe host overhead <= 20 us per call"},
         md_columns=["shape", "T", "moe_us", "nn_moe_cuda_graphs_us", "nn_moe_cuda_graphs_nocopy_us", "fused_moe_us",
                     "route_us", "plan_us", "permute_us", "gemm1_us", "gemm2_us", "combine_us", "torch_grouped_mm_us",
-                    "torch_empty_us"],
+                    "torch_empty_us", "graph_launch_us", "memcpy_us"],
     )
     return 0
 
