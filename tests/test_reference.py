@@ -246,3 +246,14 @@ def test_moe_reference_composes_router_route_and_experts():
     weights, ids = route_reference(logits, 2, renormalize=True)
     torch.testing.assert_close(moe_reference(x, router, w1, w2, 2, renormalize=True, activation="gelu"),
                                experts_reference(x, w1, w2, weights, ids, activation="gelu"))
+
+
+def test_router_logits_off_the_gpu_is_the_reference():
+    """cute_moe.routing.router_logits runs its kernel only for one 16-bit CUDA token; anything else
+    (here: CPU, several tokens) is router_logits_reference."""
+    from cute_moe.routing import router_logits
+
+    x = torch.randn(3, 64).bfloat16()
+    w = torch.randn(8, 64).bfloat16()
+    assert torch.equal(router_logits(x, w), router_logits_reference(x, w))
+    assert torch.equal(router_logits(x[:1], w), router_logits_reference(x[:1], w))
