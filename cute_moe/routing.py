@@ -13,11 +13,13 @@ once eagerly before capture so the kernel is compiled and loaded).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import _nvrtc
 from ._nvrtc import DTYPE_CODES, check_rows
 from .interop import array_kind, as_torch, to_kind
+from .reference import router_logits_reference
 
 SCORINGS = ("softmax", "sigmoid")
 MAX_EXPERTS = 1024
@@ -75,8 +77,6 @@ def router_logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
     :func:`cute_moe.reference.router_logits_reference` (torch.mm with float32 output). Both accumulate
     exact 16-bit products in float32, in different orders: logits agree to float32 rounding, not
     bitwise."""
-    from .reference import router_logits_reference
-
     num_tokens, hidden = x.shape
     dt = DTYPE_CODES.get(x.dtype)
     if (not x.is_cuda or num_tokens != 1 or hidden > ROUTER_MAX_HIDDEN or dt not in (1, 2)
@@ -84,19 +84,22 @@ def router_logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
             or x.stride(1) != 1 or router_weight.stride(1) != 1 or router_weight.stride(0) % 8
             or x.data_ptr() % 16 or router_weight.data_ptr() % 16):
         return router_logits_reference(x, router_weight)
-    num_experts = router_weight.shape[0]
+    out = torch.empty((1, router_weight.shape[0]), dtype=torch.float32, device=x.device)
+    launch_router_kernel(x, router_weight, out, dt)
+    return out
+
+
+def launch_router_kernel(x: torch.Tensor, router_weight: torch.Tensor, out: torch.Tensor, dt: int) -> None:
+    """Enqueue kernels/router.cu for the one token x [1, H] into out [1, E] (inputs already checked)."""
+    num_experts, hidden = router_weight.shape
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
     key = ("router", dev, dt)
     fn = _fn_cache.get(key)
     if fn is None:
         fn = _fn_cache[key] = _nvrtc.get_function(dev, _ROUTER_SOURCE, "router_logits", _router_defines(dt))
-    out = torch.empty((1, num_experts), dtype=torch.float32, device=x.device)
-    import numpy as np
-
     _nvrtc.launch(fn, dev, -(-num_experts // _ROUTER_WARPS), _ROUTER_WARPS * 32,
                   (x.data_ptr(), router_weight.data_ptr(), router_weight.stride(0), out.data_ptr(),
                    np.int32(num_experts), np.int32(hidden)))
-    return out
 
 
 def _check_int(name: str, value, lo: int, hi: int, hi_note: str) -> int:
@@ -166,8 +169,6 @@ def route_gpu(router_logits, top_k: int, *, scoring: str = "softmax", renormaliz
         if fn is None:
             fn = _nvrtc.get_function(dev, _SOURCE, "route_topk", _defines(*key[1:]))
             _fn_cache[key] = fn
-        import numpy as np
-
         args = (logits.data_ptr(), logits.stride(0), bias.data_ptr() if bias is not None else 0,
                 np.float32(routed_scaling_factor), weights.data_ptr(), ids.data_ptr(), np.int32(num_tokens))
         _nvrtc.launch(fn, dev, (num_tokens + _WARPS - 1) // _WARPS, _WARPS * 32, args)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 import torch
 
 from cute_moe import _nvrtc, routing
@@ -22,12 +21,8 @@ from perf.common import bench_ms, select_shapes, write_results
 
 def kernel_us(x: torch.Tensor, w: torch.Tensor) -> float:
     """The router kernel itself on any H (router_logits may pick torch.mm)."""
-    dev = x.device.index
-    fn = _nvrtc.get_function(dev, "router.cu", "router_logits", routing._router_defines(2))
     out = torch.empty(1, w.shape[0], dtype=torch.float32, device=x.device)
-    args = (x.data_ptr(), w.data_ptr(), w.stride(0), out.data_ptr(), np.int32(w.shape[0]), np.int32(w.shape[1]))
-    grid = -(-w.shape[0] // routing._ROUTER_WARPS)
-    launch = lambda: _nvrtc.launch(fn, dev, grid, routing._ROUTER_WARPS * 32, args)  # noqa: E731
+    launch = lambda: routing.launch_router_kernel(x, w, out, _nvrtc.DTYPE_CODES[x.dtype])  # noqa: E731
     launch()
     torch.testing.assert_close(out, router_logits_reference(x, w), rtol=1e-5, atol=1e-4)
     return bench_ms(launch, graph=True, rep=30) * 1e3
