@@ -44,8 +44,8 @@ def check_rows(x, name: str, layout: str) -> int:
         raise ValueError(f"{name}: expected a contiguous last dimension, got strides {x.stride()}")
     return code
 
-KERNEL_SOURCES = ("routing.cu", "router.cu", "plan.cu", "permute.cu", "combine.cu", "quantize.cu")
-HEADERS = ("common.cuh",)
+KERNEL_SOURCES = ("routing.cu", "router.cu", "plan.cu", "route_plan.cu", "permute.cu", "combine.cu", "quantize.cu")
+HEADERS = ("common.cuh", "route_select.cuh", "plan_common.cuh")
 
 _lock = threading.Lock()
 _text_cache: dict[str, str] = {}
@@ -234,6 +234,69 @@ def launch(fn, device_index: int, grid: int, block: int, args: tuple, shared_mem
 
     with cupy.cuda.Device(device_index):
         fn((grid, 1, 1), (block, 1, 1), args, shared_mem=shared_mem, stream=current_stream(device_index))
+
+
+_COOPERATIVE = 2  # CUlaunchAttributeID
+_coop_pdl: dict[int, bool] = {}  # device -> whether cooperative launches also take the PDL attribute
+
+
+def launch_cooperative(fn, device_index: int, grid: int, block: int, args: tuple) -> bool:
+    """Launch ``fn`` cooperatively (all CTAs resident, for kernels with a grid barrier) on torch's
+    current stream, with PDL where the driver accepts both. False if it could not be launched
+    (no driver entry point, or the driver refused, e.g. a grid larger than fits at once): the
+    caller then takes another path. Grids of one CTA need no cooperative launch."""
+    if _driver_launch_ex is None or torch.cuda.current_device() != device_index:
+        return False
+    packed = _pack(args)
+    if packed is None:
+        return False
+    _, params = packed
+    stream = torch._C._cuda_getCurrentRawStream(device_index)
+    pdl = _coop_pdl.get(device_index, _pdl_on(device_index))
+    for with_pdl in ((True, False) if pdl else (False,)):
+        cfg = _coop_config(with_pdl)
+        cfg.gridDimX, cfg.blockDimX, cfg.hStream = grid, block, stream
+        if _driver_launch_ex(ctypes.byref(cfg), fn.ptr, params, None) == 0:
+            _coop_pdl[device_index] = with_pdl
+            return True
+    return False
+
+
+def _coop_config(with_pdl: bool) -> _LaunchConfig:
+    """This thread's reusable cooperative launch config (with or without the PDL attribute)."""
+    configs = getattr(_tls, "coop_configs", None)
+    if configs is None:
+        configs = _tls.coop_configs = {}
+    cfg = configs.get(with_pdl)
+    if cfg is None:
+        attrs = (_LaunchAttribute * 2)(_LaunchAttribute(id=_COOPERATIVE, value=1),
+                                       _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1))
+        cfg = _LaunchConfig(gridDimY=1, gridDimZ=1, blockDimY=1, blockDimZ=1, attrs=attrs,
+                            numAttrs=2 if with_pdl else 1)
+        cfg._attrs = attrs  # keep the attributes alive with the config
+        configs[with_pdl] = cfg
+    return cfg
+
+
+_occupancy_fn = None
+_max_blocks: dict[tuple, int] = {}
+
+
+def max_resident_blocks(fn, device_index: int, block: int) -> int:
+    """CTAs of ``fn`` (``block`` threads, static shared memory only) that fit on the device at once
+    (0 if unknown)."""
+    global _occupancy_fn
+    key = (device_index, fn.ptr, block)
+    n = _max_blocks.get(key)
+    if n is None:
+        if _occupancy_fn is None:
+            _occupancy_fn = driver_function("cuOccupancyMaxActiveBlocksPerMultiprocessor",
+                                            [ctypes.POINTER(ctypes.c_int), ctypes.c_void_p, ctypes.c_int,
+                                             ctypes.c_size_t])
+        per_sm = ctypes.c_int(0)
+        ok = _occupancy_fn is not None and _occupancy_fn(ctypes.byref(per_sm), fn.ptr, block, 0) == 0
+        n = _max_blocks[key] = per_sm.value * device_info(device_index)[1] if ok else 0
+    return n
 
 
 def driver_function(name: str, argtypes: list):

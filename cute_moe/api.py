@@ -275,6 +275,14 @@ def _moe(kwargs: dict, num_experts: int, router_weight: torch.Tensor, routing: d
     x = kwargs["x"]
     logits = router_logits_reference(x, router_weight) if layer is None else layer.logits(x, router_weight)
     route_kwargs = dict(router_logits=logits, **routing)
+    if (layer is not None and x.shape[0] and _select("route", backend, route_kwargs) == "cute"
+            and _select("fused_moe", backend, kwargs) == "cute"):
+        result = layer.moe(router_logits=logits, routing=routing, **kwargs)  # route + plan in one kernel
+        _state.backend = "cute"
+        out = kwargs["out"]
+        if out is not None and result is not out:
+            out.copy_(result)
+        return result if out is None else out
     kwargs["topk_weights"], kwargs["topk_ids"], route_backend = _route(route_kwargs, backend)
     result, experts_backend = _fused_moe(kwargs, num_experts, backend)
     _state.backend = "cute" if route_backend == experts_backend == "cute" else "reference"

@@ -20,7 +20,7 @@ import torch
 
 from .gemm import grouped_gemm
 from .permute import combine, permute, permute_fp8, permute_fp8_per_tensor, quantize_fp8
-from .plan import make_plan, plan_buffer_ints
+from .plan import make_plan, plan_buffer_ints, route_and_plan
 from .quant import FP8_DTYPE, QuantizedWeights, TensorMemo
 from .routing import route_gpu, router_logits
 
@@ -87,10 +87,25 @@ def logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
     return router_logits(x, router_weight)
 
 
+def moe(*, router_logits, routing: dict, **experts):
+    """Routing and experts: :func:`cute_moe.plan.route_and_plan` (route + plan in one kernel where
+    the tokens fit on the GPU at once), then :func:`fused_moe` on that plan. ``routing``: route_gpu's
+    keyword arguments (top_k, scoring, ...); ``experts``: fused_moe's, without the top-k tensors."""
+    x, quant, workspace = experts["x"], experts["quant"], experts.get("workspace")
+    weights = experts["w1"] if quant is None else quant.w1_q
+    num_experts, inter = weights.shape[0], weights.shape[1] // 2
+    buffer = None
+    if workspace is not None:
+        buffer = _workspace_views(workspace, x, quant, num_experts, inter, x.shape[0] * routing["top_k"])["plan"]
+    topk_weights, topk_ids, plan = route_and_plan(router_logits, **routing, buffer=buffer)
+    return fused_moe(topk_weights=topk_weights, topk_ids=topk_ids, plan=plan, **experts)
+
+
 def fused_moe(*, x, w1, w2, topk_weights, topk_ids, activation, w1_bias, w2_bias, quant,
-              apply_router_weight_on_input, shared_output, out, workspace=None, stage_hook=None):
+              apply_router_weight_on_input, shared_output, out, workspace=None, stage_hook=None, plan=None):
     """Experts of the MoE layer for already-routed tokens; writes ``out`` when given. With a
-    :class:`cute_moe.workspace.Workspace` the intermediate tensors are views of its buffer.
+    :class:`cute_moe.workspace.Workspace` the intermediate tensors are views of its buffer. ``plan``:
+    the routing plan of topk_ids when the caller made it (in the workspace's plan buffer, if any).
 
     ``stage_hook(name)`` (cute_moe.profile) is called after each stage is enqueued: "plan",
     "permute" (with quant: permute + quantize x), "gemm1" (with quant: GEMM1 + quantizing its
@@ -101,9 +116,10 @@ def fused_moe(*, x, w1, w2, topk_weights, topk_ids, activation, w1_bias, w2_bias
 
     weights = w1 if quant is None else quant.w1_q
     num_experts, inter = weights.shape[0], weights.shape[1] // 2
-    ids = topk_ids.to(torch.int32)
-    ws = None if workspace is None else _workspace_views(workspace, x, quant, num_experts, inter, ids.numel())
-    plan = make_plan(ids, num_experts) if ws is None else make_plan(ids, num_experts, buffer=ws["plan"])
+    ws = None if workspace is None else _workspace_views(workspace, x, quant, num_experts, inter, topk_ids.numel())
+    if plan is None:
+        ids = topk_ids.to(torch.int32)
+        plan = make_plan(ids, num_experts) if ws is None else make_plan(ids, num_experts, buffer=ws["plan"])
     hook("plan")
     if ws is None:
         ws = dict.fromkeys(("xp", "h", "y", "xq", "xs", "hq", "hs"))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import _nvrtc
@@ -38,6 +39,10 @@ _SMEM_BYTES = 48 * 1024
 _SINGLE_CTA_MAX_ROWS = 2048  # up to this many (token, slot) pairs one CTA does the whole plan
 _MAX_CHUNKS = 128            # above it, at most this many CTAs (each reads all chunk histograms)
 _MIN_CHUNK = 1024
+_FUSED_SOURCE = "route_plan.cu"
+_FUSED_MAX_CTAS = 512        # route_and_plan's grid bound (sizes its histograms in the buffer)
+FUSED_TOKENS_PER_WARP = 1    # route_and_plan: tokens each warp routes (more: fewer CTAs to sync)
+FUSED_MAX_TOKENS_PER_WARP = 4  # above this many tokens per warp (grid capped at what fits), unfused
 _fn_cache: dict[tuple, object] = {}
 
 
@@ -122,10 +127,16 @@ def _defines(num_experts: int, ids_i64: bool, padded: bool, masked: bool) -> tup
 
 
 def compile_specializations() -> list[tuple[str, dict]]:
-    """Representative define sets covering every branch of plan.cu (for the CPU compile check)."""
+    """Representative define sets covering every branch of plan.cu and route_plan.cu (for the CPU
+    compile check)."""
+    from .routing import SPECIALIZATION_CASES, defines
+
     cases = [(8, False, False, False), (256, False, True, True), (128, True, True, False),
              (60, False, False, True), (1024, True, True, True)]
-    return [(_SOURCE, dict(_defines(*c))) for c in cases]
+    layouts = [(False, False), (True, True), (True, False), (False, True)]
+    fused = [defines(*c, warps=_warps(c[0]), NW=_warps(c[0]), IDS_I64=0, HAS_PADDED=int(p), HAS_MASKED=int(m))
+             for c, (p, m) in zip(SPECIALIZATION_CASES, layouts * 4)]
+    return [(_SOURCE, dict(_defines(*c))) for c in cases] + [(_FUSED_SOURCE, dict(d)) for d in fused]
 
 
 def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
@@ -176,10 +187,16 @@ def _plan_sizes(n: int, E: int, block_m: int | None, max_m: int | None) -> tuple
 
 def plan_buffer_ints(num_rows: int, num_experts: int, *, block_m: int | None = None,
                      max_m: int | None = None) -> int:
-    """int32 elements :func:`make_plan` needs in ``buffer`` for ``num_rows`` = T*k (plan tensors and
-    the per-chunk histograms)."""
+    """int32 elements :func:`make_plan` and :func:`route_and_plan` need in ``buffer`` for
+    ``num_rows`` = T*k (plan tensors and the per-chunk histograms)."""
     sizes, _, num_chunks = _plan_sizes(num_rows, num_experts, block_m, max_m)
-    return sum(sizes) + (num_chunks * num_experts if num_chunks > 1 else 0)
+    return sum(sizes) + max(num_chunks if num_chunks > 1 else 0, _fused_max_chunks(num_rows, num_experts)) * num_experts
+
+
+def _fused_max_chunks(num_rows: int, num_experts: int) -> int:
+    """An upper bound on route_and_plan's CTAs (>= 1 token per warp, T <= num_rows); 0 when one CTA."""
+    nw = _warps(num_experts)
+    return 0 if num_rows <= nw else min(_FUSED_MAX_CTAS, -(-num_rows // nw))
 
 
 def make_plan(topk_ids, num_experts: int, *, block_m: int | None = None, max_m: int | None = None,
@@ -195,30 +212,11 @@ def make_plan(topk_ids, num_experts: int, *, block_m: int | None = None, max_m: 
     num_tokens, top_k = ids.shape
     n = num_tokens * top_k
     E = num_experts
-    padded, masked = block_m is not None, max_m is not None
-    prows = padded_capacity(n, E, block_m)
-    nblocks = prows // block_m if padded else 0
     sizes, chunk, num_chunks = _plan_sizes(n, E, block_m, max_m)
-    hist_ints = num_chunks * E if num_chunks > 1 else 0
-    need = sum(sizes) + hist_ints
-    if buffer is None:
-        buf = torch.empty(need, dtype=torch.int32, device=ids.device)
-    else:
-        if (buffer.dtype != torch.int32 or buffer.dim() != 1 or not buffer.is_contiguous()
-                or buffer.device != ids.device or buffer.numel() < need):
-            raise ValueError(f"buffer: expected a contiguous 1-D int32 tensor of >= {need} elements on "
-                             f"{ids.device}, got {buffer.dtype} {tuple(buffer.shape)} on {buffer.device}")
-        buf = buffer
-    parts = list(buf.split(sizes + [buf.numel() - sum(sizes)]))[:len(sizes)]  # the rest: histograms
-    counts, cu, row_src, token_rows = parts[:4]
-    pcu = prow_src = ptoken_rows = eob = mm = mrow_src = mtoken_rows = overflow = None
-    if padded:
-        pcu, prow_src, ptoken_rows, eob = parts[4:8]
-    if masked:
-        mm, mrow_src, mtoken_rows, overflow = parts[-4:]
-
+    tensors, out_args, hist_ptr = _outputs(ids.device, num_tokens, top_k, E, block_m, max_m, buffer,
+                                           num_chunks if num_chunks > 1 else 0)
     dev = ids.device.index if ids.device.index is not None else torch.cuda.current_device()
-    key = (dev, E, ids.dtype == torch.int64, padded, masked)
+    key = (dev, E, ids.dtype == torch.int64, block_m is not None, max_m is not None)
     fns = _fn_cache.get(key)
     if fns is None:
         d = _defines(*key[1:])
@@ -226,24 +224,106 @@ def make_plan(topk_ids, num_experts: int, *, block_m: int | None = None, max_m: 
                _nvrtc.get_function(dev, _SOURCE, "plan_scatter", d), 32 * _warps(E))
         _fn_cache[key] = fns
     count_fn, scatter_fn, threads = fns
-    import numpy as np
-
     i32 = np.int32
-    hist_ptr = 0
     if num_chunks > 1:
-        hist_ptr = buf.data_ptr() + 4 * sum(sizes)
         _nvrtc.launch(count_fn, dev, num_chunks, threads, (ids.data_ptr(), i32(n), i32(chunk), hist_ptr))
+    _nvrtc.launch(scatter_fn, dev, num_chunks, threads,
+                  (ids.data_ptr(), i32(n), i32(chunk), i32(num_chunks), hist_ptr, *out_args))
+    return _assemble(num_tokens, top_k, E, *tensors)
+
+
+def _outputs(device, T: int, k: int, E: int, block_m, max_m, buffer, hist_chunks: int):
+    """The plan's tensors (views of ``buffer`` or of a new allocation), their kernel arguments
+    (PLAN_OUT_PARAMS of plan_common.cuh) and the address of room for ``hist_chunks`` histograms."""
+    n = T * k
+    sizes = _plan_sizes(n, E, block_m, max_m)[0]
+    need = sum(sizes) + hist_chunks * E
+    if buffer is None:
+        buf = torch.empty(need, dtype=torch.int32, device=device)
+    else:
+        if (buffer.dtype != torch.int32 or buffer.dim() != 1 or not buffer.is_contiguous()
+                or buffer.device != device or buffer.numel() < need):
+            raise ValueError(f"buffer: expected a contiguous 1-D int32 tensor of >= {need} elements on "
+                             f"{device}, got {buffer.dtype} {tuple(buffer.shape)} on {buffer.device}")
+        buf = buffer
+    parts = list(buf.split(sizes + [buf.numel() - sum(sizes)]))[:len(sizes)]  # the rest: histograms
+    counts, cu, row_src, token_rows = parts[:4]
+    pcu = prow_src = ptoken_rows = eob = mm = mrow_src = mtoken_rows = overflow = None
+    if block_m is not None:
+        pcu, prow_src, ptoken_rows, eob = parts[4:8]
+    if max_m is not None:
+        mm, mrow_src, mtoken_rows, overflow = parts[-4:]
+    prows = padded_capacity(n, E, block_m)
 
     def ptr(t):
         return 0 if t is None else t.data_ptr()
 
-    args = (ids.data_ptr(), i32(n), i32(chunk), i32(num_chunks), hist_ptr,
-            ptr(counts), ptr(cu), ptr(row_src), ptr(token_rows),
-            i32(block_m or 1), i32(prows), i32(nblocks), ptr(pcu), ptr(prow_src), ptr(ptoken_rows), ptr(eob),
-            i32(max_m or 0), ptr(mm), ptr(mrow_src), ptr(mtoken_rows), ptr(overflow))
-    _nvrtc.launch(scatter_fn, dev, num_chunks, threads, args)
-    return _assemble(num_tokens, top_k, E, counts, cu, row_src, token_rows, block_m, pcu, prow_src,
-                     ptoken_rows, eob, max_m, mm, mrow_src, mtoken_rows, overflow)
+    i32 = np.int32
+    args = (ptr(counts), ptr(cu), ptr(row_src), ptr(token_rows),
+            i32(block_m or 1), i32(prows), i32(prows // block_m if block_m else 0), ptr(pcu), ptr(prow_src),
+            ptr(ptoken_rows), ptr(eob), i32(max_m or 0), ptr(mm), ptr(mrow_src), ptr(mtoken_rows), ptr(overflow))
+    tensors = (counts, cu, row_src, token_rows, block_m, pcu, prow_src, ptoken_rows, eob, max_m, mm, mrow_src,
+               mtoken_rows, overflow)
+    return tensors, args, buf.data_ptr() + 4 * sum(sizes) if hist_chunks else 0
+
+
+def route_and_plan(router_logits, top_k: int, *, scoring: str = "softmax", renormalize: bool = False,
+                   num_groups: int | None = None, topk_groups: int | None = None, correction_bias=None,
+                   routed_scaling_factor: float = 1.0, block_m: int | None = None, max_m: int | None = None,
+                   out=None, buffer: torch.Tensor | None = None, fused: bool | None = None,
+                   tokens_per_warp: int | None = None):
+    """:func:`cute_moe.routing.route_gpu` then :func:`make_plan` of its ids, in one kernel
+    (``kernels/route_plan.cu``) where the tokens fit on the GPU at once: (topk_weights, topk_ids,
+    RoutingPlan), the same values as the two calls (torch tensors; cupy in, cupy weights and ids).
+
+    Arguments are those of route_gpu and make_plan (E = router_logits.shape[1]). One launch instead
+    of three: each warp routes ``tokens_per_warp`` tokens (default FUSED_TOKENS_PER_WARP) and the
+    CTAs meet at a grid barrier (a cooperative launch) to share their expert counts. ``fused``:
+    None picks (the fused kernel when T fits at most FUSED_MAX_TOKENS_PER_WARP per warp and the
+    driver launches it), True requires it (RuntimeError if it cannot run), False takes the two calls."""
+    from .interop import array_kind, to_kind
+    from .routing import defines, prepare_route, route_gpu
+
+    kind = array_kind(router_logits)
+    r = prepare_route(router_logits, top_k, scoring=scoring, renormalize=renormalize, num_groups=num_groups,
+                      topk_groups=topk_groups, correction_bias=correction_bias,
+                      routed_scaling_factor=routed_scaling_factor, out=out)
+    T, E = r.num_tokens, r.num_experts
+    _check_ids(r.ids, E, block_m, max_m)
+    if tokens_per_warp is not None:
+        _check_int("tokens_per_warp", tokens_per_warp, 1)
+    if fused is not False and T > 0:
+        key = ("route_plan", r.device_index, *r.key, block_m is not None, max_m is not None)
+        fn = _fn_cache.get(key)
+        nw = _warps(E)
+        if fn is None:
+            d = defines(*r.key, warps=nw, NW=nw, IDS_I64=0, HAS_PADDED=int(block_m is not None),
+                        HAS_MASKED=int(max_m is not None))
+            fn = _fn_cache[key] = _nvrtc.get_function(r.device_index, _FUSED_SOURCE, "route_plan", d)
+        cap = min(_nvrtc.max_resident_blocks(fn, r.device_index, 32 * nw), _FUSED_MAX_CTAS, T)
+        per_cta = max(-(-T // cap) if cap else T, nw * (tokens_per_warp or FUSED_TOKENS_PER_WARP))
+        grid = -(-T // per_cta)
+        if fused or -(-per_cta // nw) <= FUSED_MAX_TOKENS_PER_WARP:
+            tensors, out_args, hist_ptr = _outputs(r.weights.device, T, top_k, E, block_m, max_m, buffer,
+                                                   grid if grid > 1 else 0)
+            args = (*r.args, np.int32(T), np.int32(per_cta), hist_ptr, *out_args)
+            if grid == 1:
+                _nvrtc.launch(fn, r.device_index, 1, 32 * nw, args)
+                ok = True
+            else:
+                ok = cap > 0 and _nvrtc.launch_cooperative(fn, r.device_index, grid, 32 * nw, args)
+            if ok:
+                plan = _assemble(T, top_k, E, *tensors)
+                return to_kind(r.weights, kind), to_kind(r.ids, kind), plan
+        if fused:
+            raise RuntimeError(f"route_and_plan: fused=True but the fused kernel cannot run here (T={T}, "
+                               f"{cap} CTAs of {32 * nw} threads fit at once, cooperative launch "
+                               f"{'refused' if cap else 'unavailable'})")
+    weights, ids = route_gpu(router_logits, top_k, scoring=scoring, renormalize=renormalize, num_groups=num_groups,
+                             topk_groups=topk_groups, correction_bias=correction_bias,
+                             routed_scaling_factor=routed_scaling_factor, out=(r.weights, r.ids))
+    plan = make_plan(r.ids, E, block_m=block_m, max_m=max_m, buffer=buffer)
+    return to_kind(r.weights, kind), to_kind(r.ids, kind), plan
 
 
 def _assemble(T, k, E, counts, cu, row_src, token_rows, block_m, pcu, prow_src, ptoken_rows, eob,

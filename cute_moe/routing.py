@@ -13,6 +13,8 @@ once eagerly before capture so the kernel is compiled and loaded).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -30,11 +32,13 @@ _SOURCE = "routing.cu"
 _fn_cache: dict[tuple, object] = {}
 
 
-def _defines(num_experts, top_k, logit_dt, scoring, bias_dt, num_groups, topk_groups, renormalize):
+def defines(num_experts, top_k, logit_dt, scoring, bias_dt, num_groups, topk_groups, renormalize, *,
+            warps: int = _WARPS, **extra) -> tuple:
+    """The -D defines of route_select.cuh (plus ``extra``) as a sorted tuple."""
     return tuple(sorted(dict(
         NUM_E=num_experts, TOP_K=top_k, LOGIT_DT=logit_dt, SCORING=SCORINGS.index(scoring),
         HAS_BIAS=int(bias_dt is not None), BIAS_DT=bias_dt or 0, NUM_GROUPS=num_groups,
-        TOPK_GROUPS=topk_groups, RENORM=int(bool(renormalize)), WARPS=_WARPS).items()))
+        TOPK_GROUPS=topk_groups, RENORM=int(bool(renormalize)), WARPS=warps, **extra).items()))
 
 
 ROUTER_MAX_HIDDEN = 4096  # router_logits' own kernel (one token) up to this H, torch.mm above (as tested)
@@ -46,25 +50,29 @@ def _router_defines(x_dt: int) -> tuple:
     return tuple(sorted(dict(X_DT=x_dt, WARPS=_ROUTER_WARPS).items()))
 
 
+# (E, k, logit dtype, scoring, bias dtype, groups, topk groups, renormalize) covering every branch of
+# route_select.cuh
+SPECIALIZATION_CASES = [
+    (8, 2, 2, "softmax", None, 0, 0, True),       # Mixtral
+    (128, 4, 0, "softmax", None, 0, 0, True),     # GPT-OSS, fp32 logits
+    (60, 4, 1, "softmax", None, 0, 0, False),     # Qwen2-MoE-like, E not a multiple of 32
+    (256, 8, 2, "sigmoid", 0, 8, 4, True),        # DeepSeek-V3, fp32 bias (select_grouped256)
+    (256, 8, 0, "sigmoid", 0, 8, 4, True),        # fp32 logits
+    (256, 8, 2, "sigmoid", 2, 8, 4, True),        # bf16 bias
+    (256, 8, 1, "sigmoid", None, 8, 4, True),     # fp16 logits, no bias (group max)
+    (64, 4, 1, "sigmoid", 0, 8, 3, True),         # groups of 8 (shared-memory group scan)
+    (16, 3, 0, "sigmoid", 0, 16, 5, True),        # groups of 1
+    (128, 6, 2, "sigmoid", 0, 2, 1, False),       # groups of 64 (two slots per lane), no renorm
+    (128, 1, 2, "sigmoid", None, 0, 0, False),    # Llama-4
+    (512, 16, 2, "softmax", None, 16, 8, True),   # groups without bias (group max)
+    (1024, 32, 0, "sigmoid", None, 0, 0, True),   # limits
+]
+
+
 def compile_specializations() -> list[tuple[str, dict]]:
     """Representative define sets covering every branch of routing.cu and router.cu (for the CPU
     compile check)."""
-    cases = [
-        (8, 2, 2, "softmax", None, 0, 0, True),       # Mixtral
-        (128, 4, 0, "softmax", None, 0, 0, True),     # GPT-OSS, fp32 logits
-        (60, 4, 1, "softmax", None, 0, 0, False),     # Qwen2-MoE-like, E not a multiple of 32
-        (256, 8, 2, "sigmoid", 0, 8, 4, True),        # DeepSeek-V3, fp32 bias (select_grouped256)
-        (256, 8, 0, "sigmoid", 0, 8, 4, True),        # fp32 logits
-        (256, 8, 2, "sigmoid", 2, 8, 4, True),        # bf16 bias
-        (256, 8, 1, "sigmoid", None, 8, 4, True),     # fp16 logits, no bias (group max)
-        (64, 4, 1, "sigmoid", 0, 8, 3, True),         # groups of 8 (shared-memory group scan)
-        (16, 3, 0, "sigmoid", 0, 16, 5, True),        # groups of 1
-        (128, 6, 2, "sigmoid", 0, 2, 1, False),       # groups of 64 (two slots per lane), no renorm
-        (128, 1, 2, "sigmoid", None, 0, 0, False),    # Llama-4
-        (512, 16, 2, "softmax", None, 16, 8, True),   # groups without bias (group max)
-        (1024, 32, 0, "sigmoid", None, 0, 0, True),   # limits
-    ]
-    return [(_SOURCE, dict(_defines(*c))) for c in cases] + [
+    return [(_SOURCE, dict(defines(*c))) for c in SPECIALIZATION_CASES] + [
         (_ROUTER_SOURCE, dict(_router_defines(dt))) for dt in (1, 2)]
 
 
@@ -119,6 +127,36 @@ def route_gpu(router_logits, top_k: int, *, scoring: str = "softmax", renormaliz
     ``out=(weights, ids)`` writes into given buffers. E <= 1024, k <= 32, num_groups <= 32.
     """
     kind = array_kind(router_logits)
+    r = prepare_route(router_logits, top_k, scoring=scoring, renormalize=renormalize, num_groups=num_groups,
+                      topk_groups=topk_groups, correction_bias=correction_bias,
+                      routed_scaling_factor=routed_scaling_factor, out=out)
+    if r.num_tokens:
+        key = (r.device_index, *r.key)
+        fn = _fn_cache.get(key)
+        if fn is None:
+            fn = _fn_cache[key] = _nvrtc.get_function(r.device_index, _SOURCE, "route_topk",
+                                                      defines(*r.key, warps=_WARPS))
+        _nvrtc.launch(fn, r.device_index, (r.num_tokens + _WARPS - 1) // _WARPS, _WARPS * 32,
+                      (*r.args, np.int32(r.num_tokens)))
+    return to_kind(r.weights, kind), to_kind(r.ids, kind)
+
+
+class RouteCall(NamedTuple):
+    """A checked routing call: its outputs, the kernel's specialization and leading arguments."""
+
+    num_tokens: int
+    num_experts: int
+    device_index: int
+    key: tuple           # (E, k, logit dtype, scoring, bias dtype, groups, topk groups, renormalize)
+    args: tuple          # logits, row stride, bias, scaling, weights, ids
+    weights: torch.Tensor
+    ids: torch.Tensor
+
+
+def prepare_route(router_logits, top_k: int, *, scoring: str = "softmax", renormalize: bool = False,
+                  num_groups: int | None = None, topk_groups: int | None = None, correction_bias=None,
+                  routed_scaling_factor: float = 1.0, out=None) -> RouteCall:
+    """route_gpu's checks and outputs (allocated, or ``out``'s), for the routing kernels."""
     logits = as_torch(router_logits, "router_logits")
     bias = as_torch(correction_bias, "correction_bias")
     logit_dt = check_rows(logits, "router_logits", "[T, E]")
@@ -162,14 +200,8 @@ def route_gpu(router_logits, top_k: int, *, scoring: str = "softmax", renormaliz
                     or t.device != logits.device:
                 raise ValueError(f"{name}: expected a contiguous {dt} [{num_tokens}, {top_k}] tensor on "
                                  f"{logits.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
-    if num_tokens:
-        dev = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
-        key = (dev, num_experts, top_k, logit_dt, scoring, bias_dt, num_groups, topk_groups, bool(renormalize))
-        fn = _fn_cache.get(key)
-        if fn is None:
-            fn = _nvrtc.get_function(dev, _SOURCE, "route_topk", _defines(*key[1:]))
-            _fn_cache[key] = fn
-        args = (logits.data_ptr(), logits.stride(0), bias.data_ptr() if bias is not None else 0,
-                np.float32(routed_scaling_factor), weights.data_ptr(), ids.data_ptr(), np.int32(num_tokens))
-        _nvrtc.launch(fn, dev, (num_tokens + _WARPS - 1) // _WARPS, _WARPS * 32, args)
-    return to_kind(weights, kind), to_kind(ids, kind)
+    dev = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
+    key = (num_experts, top_k, logit_dt, scoring, bias_dt, num_groups, topk_groups, bool(renormalize))
+    args = (logits.data_ptr(), logits.stride(0), bias.data_ptr() if bias is not None else 0,
+            np.float32(routed_scaling_factor), weights.data_ptr(), ids.data_ptr())
+    return RouteCall(num_tokens, num_experts, dev, key, args, weights, ids)

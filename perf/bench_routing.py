@@ -3,7 +3,8 @@
 ``python perf/bench_routing.py`` (or ``python -m perf.bench_routing``; needs a CUDA GPU) times every
 stage for T in TOKENS on the four reference shapes (cute_moe.shapes.REFERENCE_SHAPES), eagerly and
 replayed from a CUDA graph, plus route+plan together in one graph (the <= 10 us target for
-T <= 4096). Router logits are random normal with a per-expert offset (a realistic, skewed load);
+T <= 4096): as two calls (route_gpu, make_plan: three kernels) and as route_and_plan (one kernel
+where the tokens fit on the GPU at once; what the layer runs). Router logits are random normal with a per-expert offset (a realistic, skewed load);
 x and y are random normal. GB/s counts the bytes each stage must move (read + written, each token
 row of x read once) and is compared with the device-to-device copy bandwidth measured in the same
 run. Writes perf/results/routing_stages.{json,md,png} and prints a summary table last.
@@ -21,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cute_moe.permute import FP8_GROUP, combine, permute, permute_fp8
-from cute_moe.plan import make_plan
+from cute_moe.plan import make_plan, route_and_plan
 from cute_moe.reference import ROUTING_PRESETS
 from cute_moe.routing import route_gpu
 from cute_moe.shapes import REFERENCE_SHAPES
@@ -42,6 +43,7 @@ def _stage_bytes(stage: str, T: int, E: int, k: int, H: int, logit_bytes: int = 
         "plan": rows * 4 + rows * 8 + (2 * E + 1) * 4,
         "plan_padded": rows * 4 + rows * 16 + (3 * E + 2) * 4,
         "route+plan": T * E * logit_bytes + rows * 8 + rows * 8 + (2 * E + 1) * 4,
+        "route_and_plan": T * E * logit_bytes + rows * 8 + rows * 8 + (2 * E + 1) * 4,
         "permute_bf16": T * H * 2 + rows * H * 2 + rows * 4,
         "permute_fp8_block": T * H * 2 + rows * H + rows * -(-H // FP8_GROUP) * 4 + rows * 4,
         "combine": rows * H * 2 + rows * 8 + T * H * 2,
@@ -77,6 +79,7 @@ def bench_shape(shape, T: int, device, copy_gbs: float) -> list[dict]:
         "plan": lambda: make_plan(ids, E),
         "plan_padded": lambda: make_plan(ids, E, block_m=BLOCK_M),
         "route+plan": lambda: make_plan(route_gpu(logits, k, **routing)[1], E),
+        "route_and_plan": lambda: route_and_plan(logits, k, **routing),
         "permute_bf16": lambda: permute(x, plan, out=xp),
         "permute_fp8_block": lambda: permute_fp8(x, plan, scaling="block", out=q, out_scale=qs),
         "combine": lambda: combine(y, plan, weights, out=out),
@@ -130,7 +133,7 @@ def _summary(rows: list[dict], copy_gbs: float) -> None:
     stamp = device_stamp()
     print(f"\n{stamp['card']}  copy bandwidth {copy_gbs:.0f} GB/s  commit {stamp['commit']}")
     print("graph-replay us per call (permute/combine: % of copy bandwidth)")
-    cols = ("route", "plan", "route+plan", "permute_bf16", "permute_fp8_block", "combine")
+    cols = ("route", "plan", "route+plan", "route_and_plan", "permute_bf16", "permute_fp8_block", "combine")
     print(f"{'shape':<15}{'T':>7}" + "".join(f"{c:>19}" for c in cols))
     by_key: dict[tuple, dict] = {}
     for r in rows:

@@ -142,6 +142,10 @@ class FakeLayer(types.ModuleType):
         self.calls.append(("fused_moe", sorted(kwargs)))
         return kwargs["out"] if kwargs["out"] is not None else torch.empty_like(kwargs["x"])
 
+    def moe(self, **kwargs):
+        self.calls.append(("moe", sorted(kwargs), sorted(kwargs["routing"])))
+        return kwargs["out"] if kwargs["out"] is not None else torch.empty_like(kwargs["x"])
+
 
 ROUTE_KWARGS = sorted(["router_logits", "top_k", "scoring", "renormalize", "num_groups", "topk_groups",
                        "correction_bias", "routed_scaling_factor"])
@@ -158,8 +162,11 @@ def test_auto_picks_cute_when_the_layer_takes_the_call(monkeypatch):
     out = cute_moe.moe(x, router, w1, w2, K)
     assert out.device.type == "meta" and out.shape == (10, H)
     assert cute_moe.last_backend() == "cute"
-    assert fake.calls == [("logits",), ("unsupported_reason", "route", ROUTE_KWARGS), ("route", ROUTE_KWARGS),
-                          ("unsupported_reason", "fused_moe", FUSED_KWARGS), ("fused_moe", FUSED_KWARGS)]
+    experts = sorted(set(FUSED_KWARGS) - {"topk_weights", "topk_ids"})
+    routing = sorted(set(ROUTE_KWARGS) - {"router_logits"})
+    assert fake.calls == [("logits",), ("unsupported_reason", "route", ROUTE_KWARGS),
+                          ("unsupported_reason", "fused_moe", experts),
+                          ("moe", sorted(["router_logits", "routing", *experts]), routing)]
 
 
 def test_cute_reason_is_reported(monkeypatch):

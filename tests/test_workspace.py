@@ -12,7 +12,7 @@ import torch
 
 import cute_moe
 from cute_moe import layer, quant
-from cute_moe.plan import _MIN_CHUNK, _SINGLE_CTA_MAX_ROWS, _warps, plan_buffer_ints
+from cute_moe.plan import _FUSED_MAX_CTAS, _MIN_CHUNK, _SINGLE_CTA_MAX_ROWS, _warps, plan_buffer_ints
 from cute_moe.workspace import Workspace
 
 CPU = torch.device("cpu")
@@ -37,12 +37,14 @@ def test_views_are_aligned_typed_and_reuse_the_buffer():
 @pytest.mark.parametrize("rows, experts", [(1, 8), (2048, 256), (2049, 256), (32768, 256), (65536, 8)])
 def test_plan_buffer_holds_the_plan_and_its_chunk_histograms(rows, experts):
     plan_ints = experts + (experts + 1) + 2 * rows
+    nw = _warps(experts)
+    fused_chunks = 0 if rows <= nw else min(_FUSED_MAX_CTAS, -(-rows // nw))  # route_and_plan's CTAs
     if rows <= _SINGLE_CTA_MAX_ROWS:
-        assert plan_buffer_ints(rows, experts) == plan_ints
+        assert plan_buffer_ints(rows, experts) == plan_ints + fused_chunks * experts
     else:
-        threads = 32 * _warps(experts)
+        threads = 32 * nw
         chunk = -(-max(-(-rows // 128), _MIN_CHUNK) // threads) * threads
-        assert plan_buffer_ints(rows, experts) == plan_ints + -(-rows // chunk) * experts
+        assert plan_buffer_ints(rows, experts) == plan_ints + max(-(-rows // chunk), fused_chunks) * experts
     assert plan_buffer_ints(rows, experts, block_m=64) > plan_buffer_ints(rows, experts)
     assert plan_buffer_ints(rows, experts, max_m=4) == plan_buffer_ints(rows, experts) + experts * 5 + rows + 1
 
