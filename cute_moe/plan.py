@@ -232,6 +232,19 @@ def make_plan(topk_ids, num_experts: int, *, block_m: int | None = None, max_m: 
     return _assemble(num_tokens, top_k, E, *tensors)
 
 
+import os as _os
+
+_BARRIER_MODE = _os.environ.get("CUTE_MOE_BARRIER", "coop")  # experiment: "coop" or "word"
+_barrier_words: dict = {}
+
+
+def _barrier_word(device) -> torch.Tensor:
+    w = _barrier_words.get(device)
+    if w is None:
+        w = _barrier_words[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return w
+
+
 def _outputs(device, T: int, k: int, E: int, block_m, max_m, buffer, hist_chunks: int):
     """The plan's tensors (views of ``buffer`` or of a new allocation), their kernel arguments
     (PLAN_OUT_PARAMS of plan_common.cuh) and the address of room for ``hist_chunks`` histograms."""
@@ -306,9 +319,13 @@ def route_and_plan(router_logits, top_k: int, *, scoring: str = "softmax", renor
         if fused or -(-per_cta // nw) <= FUSED_MAX_TOKENS_PER_WARP:
             tensors, out_args, hist_ptr = _outputs(r.weights.device, T, top_k, E, block_m, max_m, buffer,
                                                    grid if grid > 1 else 0)
-            args = (*r.args, np.int32(T), np.int32(per_cta), hist_ptr, *out_args)
-            if grid == 1:
-                _nvrtc.launch(fn, r.device_index, 1, 32 * nw, args)
+            if grid == 1 or _BARRIER_MODE == "coop":
+                args = (*r.args, np.int32(T), np.int32(per_cta), hist_ptr, 0, *out_args)
+            else:
+                args = (*r.args, np.int32(T), np.int32(per_cta), hist_ptr, _barrier_word(r.weights.device).data_ptr(),
+                        *out_args)
+            if grid == 1 or _BARRIER_MODE != "coop":
+                _nvrtc.launch(fn, r.device_index, grid, 32 * nw, args)
                 ok = True
             else:
                 ok = cap > 0 and _nvrtc.launch_cooperative(fn, r.device_index, grid, 32 * nw, args)

@@ -103,16 +103,19 @@ def gemm_keys(spec: _Layer, num_tokens: int, arch: str, num_sms: int) -> list:
 
 
 def _warm_nvrtc(spec: _Layer, device: torch.device, gemms: bool, shared_output: bool) -> None:
-    """Run routing (and plan, permute, combine when the GEMMs run on cute) once on one dummy token, as
-    ``cute_moe.moe`` / ``layer.fused_moe`` would: compiles and loads their NVRTC specializations."""
+    """Run routing (and route_and_plan, plan, permute, combine when the GEMMs run on cute) once on one
+    dummy token, as ``cute_moe.moe`` / ``layer.fused_moe`` would: compiles and loads their NVRTC
+    specializations."""
     from .permute import combine, permute, permute_fp8, permute_fp8_per_tensor, quantize_fp8
-    from .plan import make_plan
+    from .plan import make_plan, route_and_plan
     from .routing import route_gpu
 
     e, h = spec.num_experts, spec.hidden
     cb = None if spec.correction_bias is None else torch.zeros(e, dtype=spec.correction_bias, device=device)
     weights, ids = route_gpu(torch.randn(1, e, device=device), spec.top_k, correction_bias=cb, **dict(spec.routing))
     if gemms:
+        route_and_plan(torch.randn(1, e, device=device), spec.top_k, correction_bias=cb, **dict(spec.routing),
+                       fused=True)
         plan = make_plan(ids, e)
         x = torch.zeros(1, h, dtype=spec.dtype, device=device)
         if spec.quant is None:

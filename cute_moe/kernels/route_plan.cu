@@ -14,7 +14,7 @@
 extern "C" __global__ void __launch_bounds__(NW * 32, 1)
 route_plan(const void* __restrict__ logits, i64 row_stride, const void* __restrict__ bias, float scaling,
            float* __restrict__ out_w, int* __restrict__ out_ids, int num_tokens, int tokens_per_cta,
-           int* __restrict__ block_hist, PLAN_OUT_PARAMS) {
+           int* __restrict__ block_hist, u32* barrier, PLAN_OUT_PARAMS) {
     __shared__ PlanShared S;
     plan_init(S);
     PDL_ENTER();
@@ -38,7 +38,7 @@ route_plan(const void* __restrict__ logits, i64 row_stride, const void* __restri
             for (int w = 0; w < NW; ++w) c += S.warp_off[e][w];
             block_hist[(i64)blockIdx.x * NUM_E + e] = c;
         }
-        grid_barrier();
+        grid_barrier(barrier);
         plan_chunks_sum<true>(block_hist, num_chunks, plan_chunks_load<true>(block_hist, num_chunks), S);
     }
     plan_finish<true>(out_ids, num_chunks, w0 * TOP_K, w1 * TOP_K, S, PLAN_OUT(num_tokens * TOP_K));
