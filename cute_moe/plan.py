@@ -41,8 +41,9 @@ _MAX_CHUNKS = 128            # above it, at most this many CTAs (each reads all 
 _MIN_CHUNK = 1024
 _FUSED_SOURCE = "route_plan.cu"
 _FUSED_MAX_CTAS = 512        # route_and_plan's grid bound (sizes its histograms in the buffer)
-FUSED_TOKENS_PER_WARP = 1    # route_and_plan: tokens each warp routes (more: fewer CTAs to sync)
-FUSED_MAX_TOKENS_PER_WARP = 4  # above this many tokens per warp (grid capped at what fits), unfused
+FUSED_TOKENS_PER_CTA = 1     # route_and_plan: at least this many tokens per CTA (fewer: more CTAs to sync)
+FUSED_MAX_TOKENS_PER_WARP = 4  # auto: above this many tokens per warp (grid capped at what fits), unfused
+FUSED_MIN_TOKENS = 0         # auto: from this many tokens (or when one CTA routes them all), fused
 _fn_cache: dict[tuple, object] = {}
 
 
@@ -194,9 +195,8 @@ def plan_buffer_ints(num_rows: int, num_experts: int, *, block_m: int | None = N
 
 
 def _fused_max_chunks(num_rows: int, num_experts: int) -> int:
-    """An upper bound on route_and_plan's CTAs (>= 1 token per warp, T <= num_rows); 0 when one CTA."""
-    nw = _warps(num_experts)
-    return 0 if num_rows <= nw else min(_FUSED_MAX_CTAS, -(-num_rows // nw))
+    """An upper bound on route_and_plan's CTAs (>= 1 token each, T <= num_rows); 0 when one CTA."""
+    return 0 if num_rows <= 1 else min(_FUSED_MAX_CTAS, num_rows)
 
 
 def make_plan(topk_ids, num_experts: int, *, block_m: int | None = None, max_m: int | None = None,
@@ -230,19 +230,6 @@ def make_plan(topk_ids, num_experts: int, *, block_m: int | None = None, max_m: 
     _nvrtc.launch(scatter_fn, dev, num_chunks, threads,
                   (ids.data_ptr(), i32(n), i32(chunk), i32(num_chunks), hist_ptr, *out_args))
     return _assemble(num_tokens, top_k, E, *tensors)
-
-
-import os as _os
-
-_BARRIER_MODE = _os.environ.get("CUTE_MOE_BARRIER", "coop")  # experiment: "coop" or "word"
-_barrier_words: dict = {}
-
-
-def _barrier_word(device) -> torch.Tensor:
-    w = _barrier_words.get(device)
-    if w is None:
-        w = _barrier_words[device] = torch.zeros(1, dtype=torch.int32, device=device)
-    return w
 
 
 def _outputs(device, T: int, k: int, E: int, block_m, max_m, buffer, hist_chunks: int):
@@ -284,16 +271,18 @@ def route_and_plan(router_logits, top_k: int, *, scoring: str = "softmax", renor
                    num_groups: int | None = None, topk_groups: int | None = None, correction_bias=None,
                    routed_scaling_factor: float = 1.0, block_m: int | None = None, max_m: int | None = None,
                    out=None, buffer: torch.Tensor | None = None, fused: bool | None = None,
-                   tokens_per_warp: int | None = None):
+                   tokens_per_cta: int | None = None):
     """:func:`cute_moe.routing.route_gpu` then :func:`make_plan` of its ids, in one kernel
     (``kernels/route_plan.cu``) where the tokens fit on the GPU at once: (topk_weights, topk_ids,
     RoutingPlan), the same values as the two calls (torch tensors; cupy in, cupy weights and ids).
 
     Arguments are those of route_gpu and make_plan (E = router_logits.shape[1]). One launch instead
-    of three: each warp routes ``tokens_per_warp`` tokens (default FUSED_TOKENS_PER_WARP) and the
-    CTAs meet at a grid barrier (a cooperative launch) to share their expert counts. ``fused``:
-    None picks (the fused kernel when T fits at most FUSED_MAX_TOKENS_PER_WARP per warp and the
-    driver launches it), True requires it (RuntimeError if it cannot run), False takes the two calls."""
+    of three: the tokens are spread over as many CTAs as fit at once (at least ``tokens_per_cta``
+    each, default FUSED_TOKENS_PER_CTA; a warp per token), which meet at a grid barrier (a
+    cooperative launch) to share their expert counts. ``fused``: None picks (the fused kernel when
+    the tokens fit (T < 65536, at most FUSED_MAX_TOKENS_PER_WARP per warp), T is 1 CTA's worth or at
+    least FUSED_MIN_TOKENS, and the driver launches it), True requires it (RuntimeError if it
+    cannot run), False takes the two calls."""
     from .interop import array_kind, to_kind
     from .routing import defines, prepare_route, route_gpu
 
@@ -303,9 +292,9 @@ def route_and_plan(router_logits, top_k: int, *, scoring: str = "softmax", renor
                       routed_scaling_factor=routed_scaling_factor, out=out)
     T, E = r.num_tokens, r.num_experts
     _check_ids(r.ids, E, block_m, max_m)
-    if tokens_per_warp is not None:
-        _check_int("tokens_per_warp", tokens_per_warp, 1)
-    if fused is not False and T > 0:
+    if tokens_per_cta is not None:
+        _check_int("tokens_per_cta", tokens_per_cta, 1)
+    if fused is not False and 0 < T < 65536:
         key = ("route_plan", r.device_index, *r.key, block_m is not None, max_m is not None)
         fn = _fn_cache.get(key)
         nw = _warps(E)
@@ -314,31 +303,26 @@ def route_and_plan(router_logits, top_k: int, *, scoring: str = "softmax", renor
                         HAS_MASKED=int(max_m is not None))
             fn = _fn_cache[key] = _nvrtc.get_function(r.device_index, _FUSED_SOURCE, "route_plan", d)
         cap = min(_nvrtc.max_resident_blocks(fn, r.device_index, 32 * nw), _FUSED_MAX_CTAS, T)
-        per_cta = max(-(-T // cap) if cap else T, nw * (tokens_per_warp or FUSED_TOKENS_PER_WARP))
+        per_cta = max(-(-T // cap) if cap else T, tokens_per_cta or FUSED_TOKENS_PER_CTA)
         grid = -(-T // per_cta)
-        if fused or -(-per_cta // nw) <= FUSED_MAX_TOKENS_PER_WARP:
+        if fused or (-(-per_cta // nw) <= FUSED_MAX_TOKENS_PER_WARP and (T <= nw or T >= FUSED_MIN_TOKENS)):
             tensors, out_args, hist_ptr = _outputs(r.weights.device, T, top_k, E, block_m, max_m, buffer,
                                                    grid if grid > 1 else 0)
-            if grid == 1 or _BARRIER_MODE == "coop":
-                args = (*r.args, np.int32(T), np.int32(per_cta), hist_ptr, 0, *out_args)
-            else:
-                args = (*r.args, np.int32(T), np.int32(per_cta), hist_ptr, _barrier_word(r.weights.device).data_ptr(),
-                        *out_args)
-            if grid == 1 or _BARRIER_MODE != "coop":
-                _nvrtc.launch(fn, r.device_index, grid, 32 * nw, args)
+            args = (*r.args, np.int32(T), np.int32(per_cta), hist_ptr, *out_args)
+            if grid == 1:
+                _nvrtc.launch(fn, r.device_index, 1, 32 * nw, args)
                 ok = True
             else:
                 ok = cap > 0 and _nvrtc.launch_cooperative(fn, r.device_index, grid, 32 * nw, args)
             if ok:
                 plan = _assemble(T, top_k, E, *tensors)
                 return to_kind(r.weights, kind), to_kind(r.ids, kind), plan
-        if fused:
-            raise RuntimeError(f"route_and_plan: fused=True but the fused kernel cannot run here (T={T}, "
-                               f"{cap} CTAs of {32 * nw} threads fit at once, cooperative launch "
-                               f"{'refused' if cap else 'unavailable'})")
-    weights, ids = route_gpu(router_logits, top_k, scoring=scoring, renormalize=renormalize, num_groups=num_groups,
-                             topk_groups=topk_groups, correction_bias=correction_bias,
-                             routed_scaling_factor=routed_scaling_factor, out=(r.weights, r.ids))
+    if fused and T > 0:
+        raise RuntimeError(f"route_and_plan: fused=True but the fused kernel cannot run here (T={T}: needs "
+                           f"T < 65536 and a cooperative launch through the CUDA driver)")
+    route_gpu(router_logits, top_k, scoring=scoring, renormalize=renormalize, num_groups=num_groups,
+              topk_groups=topk_groups, correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor,
+              out=(r.weights, r.ids))
     plan = make_plan(r.ids, E, block_m=block_m, max_m=max_m, buffer=buffer)
     return to_kind(r.weights, kind), to_kind(r.ids, kind), plan
 

@@ -36,14 +36,14 @@ def _logits(name, T, skew):
     return logits, k, kw
 
 
-def _check(logits, k, kw, *, block_m=None, max_m=None, tokens_per_warp=None, fused=True):
+def _check(logits, k, kw, *, block_m=None, max_m=None, tokens_per_cta=None, fused=True):
     T, E = logits.shape
     n = T * k
     buf = torch.full((plan_buffer_ints(n, E, block_m=block_m, max_m=max_m),), -123456789, dtype=torch.int32,
                      device=DEV)
     out = (poison_like(torch.empty(T, k, device=DEV)), poison_like(torch.empty(T, k, dtype=torch.int32, device=DEV)))
     w, ids, plan = route_and_plan(logits, k, **kw, block_m=block_m, max_m=max_m, out=out, buffer=buf,
-                                  fused=fused, tokens_per_warp=tokens_per_warp)
+                                  fused=fused, tokens_per_cta=tokens_per_cta)
     assert w is out[0] and ids is out[1]
     w_sep, ids_sep = route_gpu(logits, k, **kw)
     assert torch.equal(ids, ids_sep)
@@ -66,25 +66,32 @@ def test_route_and_plan_matches_separate_calls(name, T):
         _check(logits, k, kw)
 
 
-@pytest.mark.parametrize("tokens_per_warp", [1, 2, 3, 5])
+@pytest.mark.parametrize("tokens_per_cta", [1, 3, 32, 100])
 @pytest.mark.parametrize("name", ["deepseek_v3", "qwen3", "mixtral"])
-def test_route_and_plan_grid_shapes_and_layouts(name, tokens_per_warp):
+def test_route_and_plan_grid_shapes_and_layouts(name, tokens_per_cta):
     for T in (1, 64, 1000, 4099):
         logits, k, kw = _logits(name, T, "random")
         _, E, _, _ = _BY_NAME[name]
         for block_m, max_m in ((None, None), (128, None), (64, 2 * T), (1, max(1, T * k // E // 2))):
-            _check(logits, k, kw, block_m=block_m, max_m=max_m, tokens_per_warp=tokens_per_warp)
+            _check(logits, k, kw, block_m=block_m, max_m=max_m, tokens_per_cta=tokens_per_cta)
 
 
 def test_route_and_plan_auto_and_unfused_agree():
-    """fused=None (auto; unfused at 65536 tokens) and fused=False give the same plan as fused=True."""
+    """fused=None (auto; unfused at 65536 tokens) and fused=True give the same plan as fused=False;
+    fused=True refuses 65536 tokens (16-bit histograms)."""
     for T in (64, 4096, 65536):
         logits, k, kw = _logits("deepseek_v3", T, "random")
-        runs = [route_and_plan(logits, k, **kw, block_m=128, fused=f) for f in (None, False, True)]
+        runs = [route_and_plan(logits, k, **kw, block_m=128, fused=f) for f in (False, None, True)[:3 - (T == 65536)]]
         for w, ids, plan in runs[1:]:
             assert torch.equal(ids, runs[0][1]) and torch.equal(w, runs[0][0])
             for field, t in plan_fields(runs[0][2]).items():
                 assert torch.equal(getattr(plan, field), t), (T, field)
+
+
+def test_route_and_plan_fused_refuses_65536_tokens():
+    logits, k, kw = _logits("mixtral", 65536, "random")
+    with pytest.raises(RuntimeError, match="T < 65536"):
+        route_and_plan(logits, k, **kw, fused=True)
 
 
 def test_route_and_plan_deterministic():
@@ -136,8 +143,8 @@ def test_route_and_plan_cupy_in_cupy_out():
 
 def test_route_and_plan_validation():
     logits, k, kw = _logits("qwen3", 8, "random")
-    with pytest.raises(ValueError, match="tokens_per_warp"):
-        route_and_plan(logits, k, **kw, tokens_per_warp=0)
+    with pytest.raises(ValueError, match="tokens_per_cta"):
+        route_and_plan(logits, k, **kw, tokens_per_cta=0)
     with pytest.raises(ValueError, match="buffer"):
         route_and_plan(logits, k, **kw, buffer=torch.empty(3, dtype=torch.int32, device=DEV))
     with pytest.raises(ValueError, match="block_m"):

@@ -38,7 +38,7 @@ def test_views_are_aligned_typed_and_reuse_the_buffer():
 def test_plan_buffer_holds_the_plan_and_its_chunk_histograms(rows, experts):
     plan_ints = experts + (experts + 1) + 2 * rows
     nw = _warps(experts)
-    fused_chunks = 0 if rows <= nw else min(_FUSED_MAX_CTAS, -(-rows // nw))  # route_and_plan's CTAs
+    fused_chunks = 0 if rows <= 1 else min(_FUSED_MAX_CTAS, rows)  # route_and_plan's CTAs
     if rows <= _SINGLE_CTA_MAX_ROWS:
         assert plan_buffer_ints(rows, experts) == plan_ints + fused_chunks * experts
     else:

@@ -20,6 +20,10 @@
 
 #define WSTRIDE (NW + 1 + NW % 2)  // odd, > NW
 #define IDS_BATCH 8                // 32-index steps whose ids one warp loads before using them
+// threads per expert in the span-offset scan: a power of two dividing NW (and 32) with
+// NUM_E * SPAN_PARTS <= NW * 32 (all experts in one pass), else 1
+#define SPAN_PARTS_FIT(p) (NW % (p) == 0 && NUM_E * (p) <= NW * 32)
+#define SPAN_PARTS (SPAN_PARTS_FIT(8) ? 8 : SPAN_PARTS_FIT(4) ? 4 : SPAN_PARTS_FIT(2) ? 2 : 1)
 
 #if IDS_I64
 typedef long long expert_id_t;
@@ -199,17 +203,35 @@ __device__ __forceinline__ void plan_finish(const expert_id_t* ids, int num_chun
     constexpr int nthreads = NW * 32;
     __syncthreads();
 
-    // span offsets within each expert segment (and totals when this is the only chunk): one thread
-    // per expert runs over the spans (odd row stride: no bank conflicts)
-    for (int e = threadIdx.x; e < NUM_E; e += nthreads) {
-        int run = S.before[e];
+    // span offsets within each expert segment (and totals when this is the only chunk): SPAN_PARTS
+    // consecutive threads per expert each run over NW / SPAN_PARTS spans, then scan their sums by
+    // shuffles (odd row stride: no bank conflicts)
+    for (int t0 = 0; t0 < NUM_E * SPAN_PARTS; t0 += nthreads) {  // uniform trip count: full-warp shuffles
+        const int t = t0 + threadIdx.x;
+        const bool valid = t < NUM_E * SPAN_PARTS;
+        const int e = valid ? t / SPAN_PARTS : 0, part = t % SPAN_PARTS;
+        constexpr int per = NW / SPAN_PARTS;
+        int c[per], sum = 0;
 #pragma unroll
-        for (int w = 0; w < NW; ++w) {
-            const int c = S.warp_off[e][w];
-            S.warp_off[e][w] = run;
-            run += c;
+        for (int w = 0; w < per; ++w) {
+            c[w] = valid ? S.warp_off[e][part * per + w] : 0;
+            sum += c[w];
         }
-        if (num_chunks == 1) S.total[e] = run;
+        int incl = sum;
+#pragma unroll
+        for (int o = 1; o < SPAN_PARTS; o <<= 1) {
+            const int x = __shfl_up_sync(FULL_MASK, incl, o, SPAN_PARTS);
+            if (part >= o) incl += x;
+        }
+        if (valid) {
+            int run = S.before[e] + incl - sum;
+#pragma unroll
+            for (int w = 0; w < per; ++w) {
+                S.warp_off[e][part * per + w] = run;
+                run += c[w];
+            }
+            if (num_chunks == 1 && part == SPAN_PARTS - 1) S.total[e] = run;
+        }
     }
     __syncthreads();
 

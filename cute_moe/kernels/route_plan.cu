@@ -8,13 +8,43 @@
 // this CTA wrote.
 //
 // Defines: those of route_select.cuh (with WARPS == NW) and of plan_common.cuh (IDS_I64 = 0).
+// T < 65536 (the histograms hold 16-bit counts).
 #include "route_select.cuh"
 #include "plan_common.cuh"
+
+#if NUM_E % 8 == 0
+// S.total / S.before from the CTAs' 16-bit histograms hist [chunks, E]: every CTA reads them all, so
+// the reads are 16-byte vectors of 8 experts' counts (summed two per 32-bit word: per-lane sums stay
+// below 2^16 as T < 65536), a warp per 8 experts and its lanes over the chunks, then one warp
+// reduction per expert.
+__device__ __forceinline__ void chunk_sums_u16(const u16* hist, int num_chunks, PlanShared& S) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int g = warp; g < NUM_E / 8; g += NW) {
+        u32 tot[4] = {0u, 0u, 0u, 0u}, bef[4] = {0u, 0u, 0u, 0u};
+#pragma unroll 4
+        for (int c = lane; c < num_chunks; c += 32) {
+            const uint4 v = __ldcg((const uint4*)(hist + (i64)c * NUM_E + g * 8));
+            const u32 m = c < (int)blockIdx.x ? 0xffffffffu : 0u;
+            tot[0] += v.x; tot[1] += v.y; tot[2] += v.z; tot[3] += v.w;
+            bef[0] += v.x & m; bef[1] += v.y & m; bef[2] += v.z & m; bef[3] += v.w & m;
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const u32 t = __reduce_add_sync(FULL_MASK, (tot[j / 2] >> (16 * (j % 2))) & 0xffffu);
+            const u32 b = __reduce_add_sync(FULL_MASK, (bef[j / 2] >> (16 * (j % 2))) & 0xffffu);
+            if (lane == 0) {
+                S.total[g * 8 + j] = (int)t;
+                S.before[g * 8 + j] = (int)b;
+            }
+        }
+    }
+}
+#endif
 
 extern "C" __global__ void __launch_bounds__(NW * 32, 1)
 route_plan(const void* __restrict__ logits, i64 row_stride, const void* __restrict__ bias, float scaling,
            float* __restrict__ out_w, int* __restrict__ out_ids, int num_tokens, int tokens_per_cta,
-           int* __restrict__ block_hist, u32* barrier, PLAN_OUT_PARAMS) {
+           int* __restrict__ block_hist, PLAN_OUT_PARAMS) {
     __shared__ PlanShared S;
     plan_init(S);
     PDL_ENTER();
@@ -36,10 +66,18 @@ route_plan(const void* __restrict__ logits, i64 row_stride, const void* __restri
             int c = 0;
 #pragma unroll
             for (int w = 0; w < NW; ++w) c += S.warp_off[e][w];
+#if NUM_E % 8 == 0
+            ((u16*)block_hist)[(i64)blockIdx.x * NUM_E + e] = (u16)c;
+#else
             block_hist[(i64)blockIdx.x * NUM_E + e] = c;
+#endif
         }
-        grid_barrier(barrier);
+        grid_barrier();
+#if NUM_E % 8 == 0
+        chunk_sums_u16((const u16*)block_hist, num_chunks, S);
+#else
         plan_chunks_sum<true>(block_hist, num_chunks, plan_chunks_load<true>(block_hist, num_chunks), S);
+#endif
     }
     plan_finish<true>(out_ids, num_chunks, w0 * TOP_K, w1 * TOP_K, S, PLAN_OUT(num_tokens * TOP_K));
 }
