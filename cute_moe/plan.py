@@ -191,7 +191,14 @@ def plan_buffer_ints(num_rows: int, num_experts: int, *, block_m: int | None = N
     """int32 elements :func:`make_plan` and :func:`route_and_plan` need in ``buffer`` for
     ``num_rows`` = T*k (plan tensors and the per-chunk histograms)."""
     sizes, _, num_chunks = _plan_sizes(num_rows, num_experts, block_m, max_m)
-    return sum(sizes) + max(num_chunks if num_chunks > 1 else 0, _fused_max_chunks(num_rows, num_experts)) * num_experts
+    return _hist_offset(sizes) + max(num_chunks if num_chunks > 1 else 0,
+                                     _fused_max_chunks(num_rows, num_experts)) * num_experts
+
+
+def _hist_offset(sizes: list[int]) -> int:
+    """int32 offset of the chunk histograms in the plan buffer: after the plan's tensors, 16-byte
+    aligned (route_plan.cu reads them as 16-byte vectors)."""
+    return -(-sum(sizes) // 4) * 4
 
 
 def _fused_max_chunks(num_rows: int, num_experts: int) -> int:
@@ -237,7 +244,8 @@ def _outputs(device, T: int, k: int, E: int, block_m, max_m, buffer, hist_chunks
     (PLAN_OUT_PARAMS of plan_common.cuh) and the address of room for ``hist_chunks`` histograms."""
     n = T * k
     sizes = _plan_sizes(n, E, block_m, max_m)[0]
-    need = sum(sizes) + hist_chunks * E
+    hist_off = _hist_offset(sizes)
+    need = hist_off + hist_chunks * E
     if buffer is None:
         buf = torch.empty(need, dtype=torch.int32, device=device)
     else:
@@ -245,6 +253,8 @@ def _outputs(device, T: int, k: int, E: int, block_m, max_m, buffer, hist_chunks
                 or buffer.device != device or buffer.numel() < need):
             raise ValueError(f"buffer: expected a contiguous 1-D int32 tensor of >= {need} elements on "
                              f"{device}, got {buffer.dtype} {tuple(buffer.shape)} on {buffer.device}")
+        if hist_chunks and buffer.data_ptr() % 16:
+            raise ValueError(f"buffer: expected a 16-byte aligned tensor, got address {buffer.data_ptr():#x}")
         buf = buffer
     parts = list(buf.split(sizes + [buf.numel() - sum(sizes)]))[:len(sizes)]  # the rest: histograms
     counts, cu, row_src, token_rows = parts[:4]
@@ -264,7 +274,7 @@ def _outputs(device, T: int, k: int, E: int, block_m, max_m, buffer, hist_chunks
             ptr(ptoken_rows), ptr(eob), i32(max_m or 0), ptr(mm), ptr(mrow_src), ptr(mtoken_rows), ptr(overflow))
     tensors = (counts, cu, row_src, token_rows, block_m, pcu, prow_src, ptoken_rows, eob, max_m, mm, mrow_src,
                mtoken_rows, overflow)
-    return tensors, args, buf.data_ptr() + 4 * sum(sizes) if hist_chunks else 0
+    return tensors, args, buf.data_ptr() + 4 * hist_off if hist_chunks else 0
 
 
 def route_and_plan(router_logits, top_k: int, *, scoring: str = "softmax", renormalize: bool = False,
