@@ -8,35 +8,44 @@
 // this CTA wrote.
 //
 // Defines: those of route_select.cuh (with WARPS == NW) and of plan_common.cuh (IDS_I64 = 0).
-// T < 65536 (the histograms hold 16-bit counts).
+// T < 65536 (the histograms hold 16-bit counts where E allows 16-byte vectors of them).
 #include "route_select.cuh"
 #include "plan_common.cuh"
 
-#if NUM_E % 8 == 0
-// S.total / S.before from the CTAs' 16-bit histograms hist [chunks, E]: every CTA reads them all, so
-// the reads are 16-byte vectors of 8 experts' counts (summed two per 32-bit word: per-lane sums stay
-// below 2^16 as T < 65536), a warp per 8 experts and its lanes over the chunks, then one warp
-// reduction per expert.
-__device__ __forceinline__ void chunk_sums_u16(const u16* hist, int num_chunks, PlanShared& S) {
+// 16-byte vectors of 8 experts' 16-bit counts: lanes of a warp read one histogram row (or several,
+// for E < 256) at consecutive addresses; needs E / 8 to divide 32 or be a multiple of 32.
+#define VEC_HIST (NUM_E % 8 == 0 && (32 % (NUM_E / 8) == 0 || (NUM_E / 8) % 32 == 0))
+#if VEC_HIST
+#define LANES_PER_ROW ((NUM_E / 8) < 32 ? (NUM_E / 8) : 32)
+#define ROWS_PER_STEP (32 / LANES_PER_ROW)
+
+// S.total / S.before from the CTAs' 16-bit histograms hist [chunks, E] (every CTA reads them all):
+// warps stride over the rows, each lane sums its 8 experts' counts two per 32-bit word (no carry
+// between the halves: every sum is at most T < 65536), and the warps' sums meet in shared memory
+// by packed atomic adds, unpacked at the end. `packed` holds NUM_E words, zeroed by the caller.
+__device__ __forceinline__ void chunk_sums_u16(const u16* hist, int num_chunks, u32* packed, PlanShared& S) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int g = warp; g < NUM_E / 8; g += NW) {
+    const int sub = lane / LANES_PER_ROW, eg0 = lane % LANES_PER_ROW;
+    for (int eg = eg0; eg < NUM_E / 8; eg += LANES_PER_ROW) {
         u32 tot[4] = {0u, 0u, 0u, 0u}, bef[4] = {0u, 0u, 0u, 0u};
 #pragma unroll 4
-        for (int c = lane; c < num_chunks; c += 32) {
-            const uint4 v = __ldcg((const uint4*)(hist + (i64)c * NUM_E + g * 8));
+        for (int c = warp * ROWS_PER_STEP + sub; c < num_chunks; c += NW * ROWS_PER_STEP) {
+            const uint4 v = __ldcg((const uint4*)(hist + (i64)c * NUM_E) + eg);
             const u32 m = c < (int)blockIdx.x ? 0xffffffffu : 0u;
             tot[0] += v.x; tot[1] += v.y; tot[2] += v.z; tot[3] += v.w;
             bef[0] += v.x & m; bef[1] += v.y & m; bef[2] += v.z & m; bef[3] += v.w & m;
         }
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const u32 t = __reduce_add_sync(FULL_MASK, (tot[j / 2] >> (16 * (j % 2))) & 0xffffu);
-            const u32 b = __reduce_add_sync(FULL_MASK, (bef[j / 2] >> (16 * (j % 2))) & 0xffffu);
-            if (lane == 0) {
-                S.total[g * 8 + j] = (int)t;
-                S.before[g * 8 + j] = (int)b;
-            }
+        for (int j = 0; j < 4; ++j) {
+            if (tot[j]) atomicAdd(&packed[eg * 4 + j], tot[j]);
+            if (bef[j]) atomicAdd(&packed[NUM_E / 2 + eg * 4 + j], bef[j]);
         }
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < NUM_E; e += NW * 32) {
+        const int shift = 16 * (e % 2);
+        S.total[e] = (int)((packed[e / 2] >> shift) & 0xffffu);
+        S.before[e] = (int)((packed[NUM_E / 2 + e / 2] >> shift) & 0xffffu);
     }
 }
 #endif
@@ -47,6 +56,10 @@ route_plan(const void* __restrict__ logits, i64 row_stride, const void* __restri
            int* __restrict__ block_hist, PLAN_OUT_PARAMS) {
     __shared__ PlanShared S;
     plan_init(S);
+#if VEC_HIST
+    __shared__ u32 packed[NUM_E];  // chunk_sums_u16's packed sums
+    for (int e = threadIdx.x; e < NUM_E; e += NW * 32) packed[e] = 0u;
+#endif
     PDL_ENTER();
     __syncthreads();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -66,15 +79,15 @@ route_plan(const void* __restrict__ logits, i64 row_stride, const void* __restri
             int c = 0;
 #pragma unroll
             for (int w = 0; w < NW; ++w) c += S.warp_off[e][w];
-#if NUM_E % 8 == 0
+#if VEC_HIST
             ((u16*)block_hist)[(i64)blockIdx.x * NUM_E + e] = (u16)c;
 #else
             block_hist[(i64)blockIdx.x * NUM_E + e] = c;
 #endif
         }
         grid_barrier();
-#if NUM_E % 8 == 0
-        chunk_sums_u16((const u16*)block_hist, num_chunks, S);
+#if VEC_HIST
+        chunk_sums_u16((const u16*)block_hist, num_chunks, packed, S);
 #else
         plan_chunks_sum<true>(block_hist, num_chunks, plan_chunks_load<true>(block_hist, num_chunks), S);
 #endif
