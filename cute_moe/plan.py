@@ -41,9 +41,13 @@ _MAX_CHUNKS = 128            # above it, at most this many CTAs (each reads all 
 _MIN_CHUNK = 1024
 _FUSED_SOURCE = "route_plan.cu"
 _FUSED_MAX_CTAS = 512        # route_and_plan's grid bound (sizes its histograms in the buffer)
-FUSED_TOKENS_PER_CTA = 1     # route_and_plan: at least this many tokens per CTA (fewer: more CTAs to sync)
+# route_and_plan's launch and its choice against route_gpu + make_plan (fused=None), from a sweep
+# on H200 (CUDA-graph replays, the four reference shapes, T = 1 .. 16384): the fused kernel is
+# faster at T = 1 (one CTA) and from T = 256 on; in between, the grid barrier costs more than the
+# two launches it saves. 4 tokens per CTA was the best minimum (1, 4, 8, 16, 32 tried).
+FUSED_TOKENS_PER_CTA = 4       # at least this many tokens per CTA (fewer: more CTAs to sync)
 FUSED_MAX_TOKENS_PER_WARP = 4  # auto: above this many tokens per warp (grid capped at what fits), unfused
-FUSED_MIN_TOKENS = 0         # auto: from this many tokens (or when one CTA routes them all), fused
+FUSED_MIN_TOKENS = 256         # auto: fused from this many tokens, or when one CTA routes them all
 _fn_cache: dict[tuple, object] = {}
 
 
@@ -315,7 +319,7 @@ def route_and_plan(router_logits, top_k: int, *, scoring: str = "softmax", renor
         cap = min(_nvrtc.max_resident_blocks(fn, r.device_index, 32 * nw), _FUSED_MAX_CTAS, T)
         per_cta = max(-(-T // cap) if cap else T, tokens_per_cta or FUSED_TOKENS_PER_CTA)
         grid = -(-T // per_cta)
-        if fused or (-(-per_cta // nw) <= FUSED_MAX_TOKENS_PER_WARP and (T <= nw or T >= FUSED_MIN_TOKENS)):
+        if fused or (-(-per_cta // nw) <= FUSED_MAX_TOKENS_PER_WARP and (grid == 1 or T >= FUSED_MIN_TOKENS)):
             tensors, out_args, hist_ptr = _outputs(r.weights.device, T, top_k, E, block_m, max_m, buffer,
                                                    grid if grid > 1 else 0)
             args = (*r.args, np.int32(T), np.int32(per_cta), hist_ptr, *out_args)

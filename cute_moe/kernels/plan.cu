@@ -18,7 +18,7 @@ plan_count(const expert_id_t* __restrict__ ids, int n, int chunk, int* __restric
     for (int b0 = start + warp * 32; b0 < end; b0 += NW * 32 * IDS_BATCH) {
         int ev[IDS_BATCH];
 #pragma unroll
-        for (int u = 0; u < IDS_BATCH; ++u) ev[u] = load_expert<false>(ids, b0 + u * NW * 32 + lane, end);
+        for (int u = 0; u < IDS_BATCH; ++u) ev[u] = load_expert(GlobalIds<false>{ids}, b0 + u * NW * 32 + lane, end);
 #pragma unroll
         for (int u = 0; u < IDS_BATCH; ++u)
             if (ev[u] >= 0) atomicAdd(&hist[ev[u]], 1);
@@ -41,7 +41,7 @@ plan_scatter(const expert_id_t* __restrict__ ids, int n, int chunk, int num_chun
     const int span = (chunk + NW - 1) / NW;
     const int span_start = min(end, start + warp * span);
     const int span_end = min(end, span_start + span);
-    plan_count_span<false>(ids, span_start, span_end, S);
+    plan_count_span(GlobalIds<false>{ids}, span_start, span_end, S);
     if (num_chunks > 1) plan_chunks_sum<false>(block_hist, num_chunks, h, S);
-    plan_finish<false>(ids, num_chunks, span_start, span_end, S, PLAN_OUT(n));
+    plan_finish(GlobalIds<false>{ids}, num_chunks, span_start, span_end, S, PLAN_OUT(n));
 }

@@ -31,11 +31,24 @@ typedef long long expert_id_t;
 typedef int expert_id_t;
 #endif
 
-// COHERENT: the ids were written earlier in this kernel (load through L2, not the read-only path).
+// Where the plan steps read the ids: global memory (COHERENT: written earlier in this kernel, so
+// loaded through L2 rather than the read-only path), or shared memory holding [base, base + n).
 template <bool COHERENT>
-__device__ __forceinline__ int load_expert(const expert_id_t* ids, int i, int end) {
+struct GlobalIds {
+    const expert_id_t* p;
+    __device__ __forceinline__ expert_id_t operator()(int i) const { return COHERENT ? __ldcg(p + i) : __ldg(p + i); }
+};
+
+struct SharedIds {
+    const int* s;
+    int base;
+    __device__ __forceinline__ int operator()(int i) const { return s[i - base]; }
+};
+
+template <class Ids>
+__device__ __forceinline__ int load_expert(const Ids& ids, int i, int end) {
     if (i >= end) return -1;
-    const expert_id_t e = COHERENT ? __ldcg(ids + i) : __ldg(ids + i);
+    const expert_id_t e = ids(i);
     return (e >= 0 && e < NUM_E) ? (int)e : -1;
 }
 
@@ -81,13 +94,13 @@ __device__ __forceinline__ void plan_init(PlanShared& S) {
 }
 
 // This warp's span histogram into S.warp_off[.][warp].
-template <bool COHERENT>
-__device__ __forceinline__ void plan_count_span(const expert_id_t* ids, int span_start, int span_end, PlanShared& S) {
+template <class Ids>
+__device__ __forceinline__ void plan_count_span(const Ids& ids, int span_start, int span_end, PlanShared& S) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int b0 = span_start; b0 < span_end; b0 += 32 * IDS_BATCH) {
         int ev[IDS_BATCH];
 #pragma unroll
-        for (int u = 0; u < IDS_BATCH; ++u) ev[u] = load_expert<COHERENT>(ids, b0 + 32 * u + lane, span_end);
+        for (int u = 0; u < IDS_BATCH; ++u) ev[u] = load_expert(ids, b0 + 32 * u + lane, span_end);
 #pragma unroll
         for (int u = 0; u < IDS_BATCH; ++u)
             if (ev[u] >= 0) atomicAdd(&S.warp_off[ev[u]][warp], 1);
@@ -196,8 +209,8 @@ __device__ __forceinline__ void cta_exclusive_scan2(int a, int b, int& ea, int& 
 // Everything after the counting: span offsets, segment starts, the per-expert outputs (CTA 0), the
 // -1 fills, and the stable scatter of this warp's span [span_start, span_end). Expects the span
 // histograms in S.warp_off and, with several chunks, S.total / S.before (not yet synchronized).
-template <bool COHERENT>
-__device__ __forceinline__ void plan_finish(const expert_id_t* ids, int num_chunks, int span_start, int span_end,
+template <class Ids>
+__device__ __forceinline__ void plan_finish(const Ids& ids, int num_chunks, int span_start, int span_end,
                                             PlanShared& S, const PlanOut& o) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     constexpr int nthreads = NW * 32;
@@ -312,7 +325,7 @@ __device__ __forceinline__ void plan_finish(const expert_id_t* ids, int num_chun
     for (int b0 = span_start; b0 < span_end; b0 += 32 * IDS_BATCH) {
         int ev[IDS_BATCH];
 #pragma unroll
-        for (int u = 0; u < IDS_BATCH; ++u) ev[u] = load_expert<COHERENT>(ids, b0 + 32 * u + lane, span_end);
+        for (int u = 0; u < IDS_BATCH; ++u) ev[u] = load_expert(ids, b0 + 32 * u + lane, span_end);
 #pragma unroll
         for (int u = 0; u < IDS_BATCH; ++u) {
             if (b0 + 32 * u >= span_end) break;  // warp-uniform

@@ -14,6 +14,10 @@
 
 // 16-byte vectors of 8 experts' 16-bit counts: lanes of a warp read one histogram row (or several,
 // for E < 256) at consecutive addresses; needs E / 8 to divide 32 or be a multiple of 32.
+// ids kept in shared memory for the plan steps (else read back from global memory) while a CTA's
+// tokens * k fit (E <= 256: room left in the 48 KiB of static shared memory)
+#define IDS_SMEM (NUM_E <= 256 ? 256 : 0)
+
 #define VEC_HIST (NUM_E % 8 == 0 && (32 % (NUM_E / 8) == 0 || (NUM_E / 8) % 32 == 0))
 #if VEC_HIST
 #define LANES_PER_ROW ((NUM_E / 8) < 32 ? (NUM_E / 8) : 32)
@@ -56,6 +60,9 @@ route_plan(const void* __restrict__ logits, i64 row_stride, const void* __restri
            int* __restrict__ block_hist, PLAN_OUT_PARAMS) {
     __shared__ PlanShared S;
     plan_init(S);
+#if IDS_SMEM
+    __shared__ int ids_s[IDS_SMEM];  // this CTA's ids, when they fit
+#endif
 #if VEC_HIST
     __shared__ u32 packed[NUM_E];  // chunk_sums_u16's packed sums
     for (int e = threadIdx.x; e < NUM_E; e += NW * 32) packed[e] = 0u;
@@ -68,9 +75,17 @@ route_plan(const void* __restrict__ logits, i64 row_stride, const void* __restri
     const int per_warp = (tokens_per_cta + NW - 1) / NW;
     const int w0 = min(t1, t0 + warp * per_warp);
     const int w1 = min(t1, w0 + per_warp);
+#if IDS_SMEM
+    const bool ids_here = tokens_per_cta * TOP_K <= IDS_SMEM;  // uniform
+#endif
     for (int t = w0; t < w1; ++t) {
         const int e = route_token(logits, row_stride, bias, scaling, out_w, out_ids, t, lane, warp);
-        if (lane < TOP_K) atomicAdd(&S.warp_off[e][warp], 1);
+        if (lane < TOP_K) {
+            atomicAdd(&S.warp_off[e][warp], 1);
+#if IDS_SMEM
+            if (ids_here) ids_s[(t - t0) * TOP_K + lane] = e;
+#endif
+        }
     }
     const int num_chunks = gridDim.x;
     if (num_chunks > 1) {
@@ -92,5 +107,12 @@ route_plan(const void* __restrict__ logits, i64 row_stride, const void* __restri
         plan_chunks_sum<true>(block_hist, num_chunks, plan_chunks_load<true>(block_hist, num_chunks), S);
 #endif
     }
-    plan_finish<true>(out_ids, num_chunks, w0 * TOP_K, w1 * TOP_K, S, PLAN_OUT(num_tokens * TOP_K));
+    const PlanOut o = PLAN_OUT(num_tokens * TOP_K);
+#if IDS_SMEM
+    if (ids_here) {
+        plan_finish(SharedIds{ids_s, t0 * TOP_K}, num_chunks, w0 * TOP_K, w1 * TOP_K, S, o);
+        return;
+    }
+#endif
+    plan_finish(GlobalIds<true>{out_ids}, num_chunks, w0 * TOP_K, w1 * TOP_K, S, o);
 }
