@@ -8,70 +8,48 @@
 // this CTA wrote.
 //
 // Defines: those of route_select.cuh (with WARPS == NW) and of plan_common.cuh (IDS_I64 = 0).
-// T < 65536 (the histograms hold 8- or 16-bit counts where E allows 16-byte vectors of them).
+// T < 65536 (the histograms hold 16-bit counts where E allows 16-byte vectors of them).
 #include "route_select.cuh"
 #include "plan_common.cuh"
 
+// 16-byte vectors of 8 experts' 16-bit counts: lanes of a warp read one histogram row (or several,
+// for E < 256) at consecutive addresses; needs E / 8 to divide 32 or be a multiple of 32.
 // ids kept in shared memory for the plan steps (else read back from global memory) while a CTA's
 // tokens * k fit (E <= 256: room left in the 48 KiB of static shared memory)
 #define IDS_SMEM (NUM_E <= 256 ? 256 : 0)
 
-// The CTA histograms as 16-bit counts (8 experts per 16-byte vector), or 8-bit ones (16 per vector)
-// while a CTA routes at most 255 tokens: lanes of a warp read one row (or several, for small E) at
-// consecutive addresses, so E / (experts per vector) must divide 32 or be a multiple of 32.
-#define VEC_OK(epv) (NUM_E % (epv) == 0 && (32 % (NUM_E / (epv)) == 0 || (NUM_E / (epv)) % 32 == 0))
-#define VEC_HIST VEC_OK(8)
-
+#define VEC_HIST (NUM_E % 8 == 0 && (32 % (NUM_E / 8) == 0 || (NUM_E / 8) % 32 == 0))
 #if VEC_HIST
-// S.total / S.before from the CTAs' histograms hist [chunks, E] (every CTA reads them all): warps
-// stride over the rows, each lane sums its EPV experts' counts two per 32-bit word (no carry between
-// the halves: every sum is at most T < 65536), and the warps' sums meet in shared memory by packed
-// atomic adds, unpacked at the end. `packed` holds NUM_E words, zeroed by the caller.
-template <int EPV>
-__device__ __forceinline__ void chunk_sums(const void* hist_, int num_chunks, u32* packed, PlanShared& S) {
-    constexpr int LPR = NUM_E / EPV < 32 ? NUM_E / EPV : 32;  // lanes per row
-    constexpr int RPS = 32 / LPR;                             // rows per warp step
-    constexpr int W = EPV / 2;                                // packed words per lane
-    const char* hist = (const char*)hist_;
+#define LANES_PER_ROW ((NUM_E / 8) < 32 ? (NUM_E / 8) : 32)
+#define ROWS_PER_STEP (32 / LANES_PER_ROW)
+
+// S.total / S.before from the CTAs' 16-bit histograms hist [chunks, E] (every CTA reads them all):
+// warps stride over the rows, each lane sums its 8 experts' counts two per 32-bit word (no carry
+// between the halves: every sum is at most T < 65536), and the warps' sums meet in shared memory
+// by packed atomic adds, unpacked at the end. `packed` holds NUM_E words, zeroed by the caller.
+__device__ __forceinline__ void chunk_sums_u16(const u16* hist, int num_chunks, u32* packed, PlanShared& S) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int sub = lane / LPR, eg0 = lane % LPR;
-    for (int eg = eg0; eg < NUM_E / EPV; eg += LPR) {
-        u32 tot[W], bef[W];
-#pragma unroll
-        for (int j = 0; j < W; ++j) tot[j] = bef[j] = 0u;
+    const int sub = lane / LANES_PER_ROW, eg0 = lane % LANES_PER_ROW;
+    for (int eg = eg0; eg < NUM_E / 8; eg += LANES_PER_ROW) {
+        u32 tot[4] = {0u, 0u, 0u, 0u}, bef[4] = {0u, 0u, 0u, 0u};
 #pragma unroll 4
-        for (int c = warp * RPS + sub; c < num_chunks; c += NW * RPS) {
-            const uint4 v = __ldcg((const uint4*)(hist + (i64)c * NUM_E * (16 / EPV)) + eg);
+        for (int c = warp * ROWS_PER_STEP + sub; c < num_chunks; c += NW * ROWS_PER_STEP) {
+            const uint4 v = __ldcg((const uint4*)(hist + (i64)c * NUM_E) + eg);
             const u32 m = c < (int)blockIdx.x ? 0xffffffffu : 0u;
-            const u32 w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                if constexpr (EPV == 8) {  // halves: experts 2i, 2i + 1
-                    tot[i] += w[i];
-                    bef[i] += w[i] & m;
-                } else {         // bytes 0, 2 -> word 2i; bytes 1, 3 -> word 2i + 1
-                    const u32 lo = w[i] & 0x00ff00ffu, hi = (w[i] >> 8) & 0x00ff00ffu;
-                    tot[2 * i] += lo;
-                    tot[2 * i + 1] += hi;
-                    bef[2 * i] += lo & m;
-                    bef[2 * i + 1] += hi & m;
-                }
-            }
+            tot[0] += v.x; tot[1] += v.y; tot[2] += v.z; tot[3] += v.w;
+            bef[0] += v.x & m; bef[1] += v.y & m; bef[2] += v.z & m; bef[3] += v.w & m;
         }
 #pragma unroll
-        for (int j = 0; j < W; ++j) {
-            if (tot[j]) atomicAdd(&packed[eg * W + j], tot[j]);
-            if (bef[j]) atomicAdd(&packed[NUM_E / 2 + eg * W + j], bef[j]);
+        for (int j = 0; j < 4; ++j) {
+            if (tot[j]) atomicAdd(&packed[eg * 4 + j], tot[j]);
+            if (bef[j]) atomicAdd(&packed[NUM_E / 2 + eg * 4 + j], bef[j]);
         }
     }
     __syncthreads();
     for (int e = threadIdx.x; e < NUM_E; e += NW * 32) {
-        const int r = e % EPV;
-        const int j = EPV == 8 ? r / 2 : 2 * (r / 4) + (r % 2);
-        const int shift = EPV == 8 ? 16 * (r % 2) : 16 * ((r % 4) / 2);
-        const int word = (e / EPV) * W + j;
-        S.total[e] = (int)((packed[word] >> shift) & 0xffffu);
-        S.before[e] = (int)((packed[NUM_E / 2 + word] >> shift) & 0xffffu);
+        const int shift = 16 * (e % 2);
+        S.total[e] = (int)((packed[e / 2] >> shift) & 0xffffu);
+        S.before[e] = (int)((packed[NUM_E / 2 + e / 2] >> shift) & 0xffffu);
     }
 }
 #endif
@@ -86,7 +64,7 @@ route_plan(const void* __restrict__ logits, i64 row_stride, const void* __restri
     __shared__ int ids_s[IDS_SMEM];  // this CTA's ids, when they fit
 #endif
 #if VEC_HIST
-    __shared__ u32 packed[NUM_E];  // chunk_sums' packed sums
+    __shared__ u32 packed[NUM_E];  // chunk_sums_u16's packed sums
     for (int e = threadIdx.x; e < NUM_E; e += NW * 32) packed[e] = 0u;
 #endif
     PDL_ENTER();
@@ -110,9 +88,6 @@ route_plan(const void* __restrict__ logits, i64 row_stride, const void* __restri
         }
     }
     const int num_chunks = gridDim.x;
-#if VEC_HIST
-    const bool narrow = VEC_OK(16) && tokens_per_cta <= 255;  // 8-bit counts; uniform
-#endif
     if (num_chunks > 1) {
         __syncthreads();
         for (int e = threadIdx.x; e < NUM_E; e += NW * 32) {
@@ -120,20 +95,14 @@ route_plan(const void* __restrict__ logits, i64 row_stride, const void* __restri
 #pragma unroll
             for (int w = 0; w < NW; ++w) c += S.warp_off[e][w];
 #if VEC_HIST
-            if (narrow)
-                ((u8*)block_hist)[(i64)blockIdx.x * NUM_E + e] = (u8)c;
-            else
-                ((u16*)block_hist)[(i64)blockIdx.x * NUM_E + e] = (u16)c;
+            ((u16*)block_hist)[(i64)blockIdx.x * NUM_E + e] = (u16)c;
 #else
             block_hist[(i64)blockIdx.x * NUM_E + e] = c;
 #endif
         }
         grid_barrier();
 #if VEC_HIST
-        if (narrow)
-            chunk_sums<VEC_OK(16) ? 16 : 8>(block_hist, num_chunks, packed, S);
-        else
-            chunk_sums<8>(block_hist, num_chunks, packed, S);
+        chunk_sums_u16((const u16*)block_hist, num_chunks, packed, S);
 #else
         plan_chunks_sum<true>(block_hist, num_chunks, plan_chunks_load<true>(block_hist, num_chunks), S);
 #endif
