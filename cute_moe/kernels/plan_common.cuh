@@ -170,7 +170,8 @@ __device__ __forceinline__ void plan_chunks_sum(const int* block_hist, int num_c
 }
 
 // Exclusive scan of (a, b) over the CTA's threads in thread order; returns the CTA totals.
-// Every thread must call it; tmp holds 2 * 32 ints.
+// Every thread must call it; tmp holds 2 * 32 ints. Warp scans by shuffles, then every warp reduces
+// the warp totals itself (lane w holds warp w's: no serial loop over the warps).
 __device__ __forceinline__ void cta_exclusive_scan2(int a, int b, int& ea, int& eb, int& ta, int& tb,
                                                     int* tmp) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -189,20 +190,11 @@ __device__ __forceinline__ void cta_exclusive_scan2(int a, int b, int& ea, int& 
         tmp[32 + warp] = ib;
     }
     __syncthreads();
-    int pa = 0, pb = 0;
-    ta = 0;
-    tb = 0;
-    for (int w = 0; w < NW; ++w) {
-        const int wa = tmp[w], wb = tmp[32 + w];
-        if (w < warp) {
-            pa += wa;
-            pb += wb;
-        }
-        ta += wa;
-        tb += wb;
-    }
-    ea = pa + ia - a;
-    eb = pb + ib - b;
+    const int wa = lane < NW ? tmp[lane] : 0, wb = lane < NW ? tmp[32 + lane] : 0;
+    ta = __reduce_add_sync(FULL_MASK, wa);
+    tb = __reduce_add_sync(FULL_MASK, wb);
+    ea = __reduce_add_sync(FULL_MASK, lane < warp ? wa : 0) + ia - a;
+    eb = __reduce_add_sync(FULL_MASK, lane < warp ? wb : 0) + ib - b;
     __syncthreads();  // tmp is reused by the next call
 }
 
