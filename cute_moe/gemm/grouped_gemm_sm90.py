@@ -25,7 +25,6 @@ Design:
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import cutlass
@@ -43,9 +42,6 @@ from .config import GemmConfig
 
 _SWIGLU_ALPHA = 1.702
 _SWIGLU_LIMIT = 7.0
-
-
-_L2_PREFETCH = os.environ.get("CUTE_MOE_L2_PREFETCH", "0") == "1"  # experiment
 
 
 @cute.jit
@@ -538,12 +534,6 @@ class GroupedGemmSm90:
                             bar = mainloop.producer_get_barrier(state)
                             self._load_weights(tma_b, tBsB, tBgB0, tBgB1, kt, state.index, bar, b_mcast_mask)
                             state.advance()
-                        if const_expr(_L2_PREFETCH):
-                            # the rest of the tile's weights stream into L2 while the previous kernel runs
-                            for kt in range(pre, k_tiles):
-                                cute.prefetch(tma_b, tBgB0[None, kt])
-                                if const_expr(self.gated):
-                                    cute.prefetch(tma_b, tBgB1[None, kt])
                     cute.arch.griddepcontrol_wait()
                     cute.arch.griddepcontrol_launch_dependents()
                 while t < total_tiles:
