@@ -1,7 +1,8 @@
 """The fused MoE layer on GPU kernels (the ``cute`` backend behind `cute_moe.api`).
 
 route (CuPy) -> plan (CuPy) -> permute (CuPy) -> GEMM1 + gated activation (CuTe DSL) ->
-GEMM2 (CuTe DSL) -> combine with the router weights (CuPy, deterministic).
+GEMM2 (CuTe DSL) -> combine with the router weights (CuPy, deterministic). :func:`moe` routes and
+plans in one kernel (plan.route_and_plan); :func:`fused_moe` plans the ids it is given.
 
 With ``quant=`` (fp8 e4m3 weights, :mod:`cute_moe.quant`) both GEMMs run in fp8 with the mode's
 dynamic activation scales, as :func:`cute_moe.reference.experts_reference` defines them: the permute

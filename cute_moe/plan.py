@@ -3,7 +3,10 @@
 :func:`make_plan` builds a :class:`RoutingPlan` on the GPU with one or two CuPy raw kernels
 (``kernels/plan.cu``: a stable counting sort of the flat indices t*k + j by expert), without host
 synchronization and with every output sized from shapes alone, so it can be captured in a CUDA
-graph. :func:`plan_reference` is the plain-torch definition (CPU or GPU) it is tested against.
+graph. :func:`route_and_plan` routes router logits and builds their plan in one kernel
+(``kernels/route_plan.cu``, a cooperative launch whose CTAs meet at a grid barrier), as
+``cute_moe.moe`` does. :func:`plan_reference` is the plain-torch definition (CPU or GPU) both are
+tested against.
 
 Three row spaces (layouts) are described, each with a ``*_row_src`` (row -> flat index t*k + j, or
 -1 for a row that holds no token) and a ``*_token_rows`` [T, k] (flat index -> row, or -1):
