@@ -149,3 +149,28 @@ def test_route_and_plan_validation():
         route_and_plan(logits, k, **kw, buffer=torch.empty(3, dtype=torch.int32, device=DEV))
     with pytest.raises(ValueError, match="block_m"):
         route_and_plan(logits, k, **kw, block_m=0)
+
+
+def test_route_and_plan_concurrent_streams():
+    """Cooperative launches on several streams at once: each grid barrier is its own (the driver's
+    per-launch workspace), so concurrent plans stay exact."""
+    streams = [torch.cuda.Stream() for _ in range(4)]
+    jobs = []
+    for i, name in enumerate(["deepseek_v3", "qwen3", "gpt_oss", "mixtral"] * 2):
+        logits, k, kw = _logits(name, 4096 - 37 * i, "random")
+        jobs.append((streams[i % 4], logits, k, kw))
+    torch.cuda.synchronize()
+    results = []
+    for _ in range(3):
+        for s, logits, k, kw in jobs:
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                results.append(route_and_plan(logits, k, **kw, fused=True))
+    torch.cuda.synchronize()
+    for n, (w, ids, plan) in enumerate(results):
+        _, logits, k, kw = jobs[n % len(jobs)]
+        ids_ref = route_reference(logits, k, **kw)[1]
+        assert torch.equal(ids, ids_ref), n
+        ref = plan_reference(ids_ref, logits.shape[1])
+        for field, t in plan_fields(ref).items():
+            assert torch.equal(getattr(plan, field), t), (n, field)
