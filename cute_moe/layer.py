@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .gemm import grouped_gemm
-from .permute import combine, permute, permute_fp8, permute_fp8_per_tensor, plan_and_permute, quantize_fp8
+from .permute import combine, permute, permute_fp8, permute_fp8_per_tensor, quantize_fp8
 from .plan import make_plan, plan_buffer_ints, route_and_plan
 from .quant import FP8_DTYPE, QuantizedWeights, TensorMemo
 from .routing import route_gpu, router_logits
@@ -118,20 +118,14 @@ def fused_moe(*, x, w1, w2, topk_weights, topk_ids, activation, w1_bias, w2_bias
     weights = w1 if quant is None else quant.w1_q
     num_experts, inter = weights.shape[0], weights.shape[1] // 2
     ws = None if workspace is None else _workspace_views(workspace, x, quant, num_experts, inter, topk_ids.numel())
-    xp = None
     if plan is None:
         ids = topk_ids.to(torch.int32)
-        buffer = None if ws is None else ws["plan"]
-        if quant is None and stage_hook is None:  # decode: plan and permute in one kernel (profiled: apart)
-            plan, xp = plan_and_permute(ids, num_experts, x, out=None if ws is None else ws["xp"], buffer=buffer)
-        else:
-            plan = make_plan(ids, num_experts, buffer=buffer)
+        plan = make_plan(ids, num_experts) if ws is None else make_plan(ids, num_experts, buffer=ws["plan"])
     hook("plan")
     if ws is None:
         ws = dict.fromkeys(("xp", "h", "y", "xq", "xs", "hq", "hs"))
     if quant is None:
-        if xp is None:
-            xp = permute(x, plan, out=ws["xp"])
+        xp = permute(x, plan, out=ws["xp"])
         hook("permute")
         h = grouped_gemm(xp, w1, plan.cu_seqlens, activation=activation, bias=w1_bias, out=ws["h"],
                          segments_ready=True)

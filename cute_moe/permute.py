@@ -23,7 +23,6 @@ import torch
 from . import _nvrtc
 from ._nvrtc import DTYPE_CODES, check_rows
 from .interop import array_kind, as_torch, to_kind
-from . import plan as _plan
 from .plan import LAYOUTS, RoutingPlan
 from .quant import AMAX_EPS, FP8_MAX
 
@@ -178,38 +177,6 @@ def permute(x, plan: RoutingPlan, *, layout: str = "flat", out=None, pad_to: int
         raise ValueError(f"x: rows must be aligned to the element size ({es} bytes)")
     _launch_permute(xt, plan, layout, o, None, 0, x_dt, 0, vb, pad_to)
     return to_kind(o, kind) if out is None else out
-
-
-def plan_and_permute(topk_ids, num_experts: int, x, *, out=None, buffer: torch.Tensor | None = None
-                     ) -> tuple[RoutingPlan, torch.Tensor]:
-    """:func:`cute_moe.plan.make_plan` of ``topk_ids`` then :func:`permute` of ``x`` (flat layout):
-    (plan, permuted rows [T*k, H]), the same values. For a few tokens (decode: the plan fits one CTA
-    and x's rows make at most PERMUTE_MAX_VECTORS_PER_THREAD 16-byte vectors per thread) the plan
-    kernel copies the rows itself: one launch instead of two."""
-    xt, ids = as_torch(x, "x"), as_torch(topk_ids, "topk_ids")
-    if _fusable(ids, num_experts, xt):
-        tokens, k = ids.shape
-        shape = (tokens * k, xt.shape[1])
-        o = torch.empty(shape, dtype=xt.dtype, device=xt.device) if out is None else \
-            _check_out(out, shape, (xt.dtype,), xt.device)
-        if o.data_ptr() % 16 == 0:
-            plan = _plan.make_plan(ids, num_experts, buffer=buffer, _permute=(xt, o, xt.shape[1] * xt.element_size()))
-            return plan, (to_kind(o, array_kind(x)) if out is None else out)
-    plan = _plan.make_plan(ids, num_experts, buffer=buffer)
-    return plan, permute(x, plan, out=out)
-
-
-def _fusable(ids: torch.Tensor, num_experts, x: torch.Tensor) -> bool:
-    """Whether plan_and_permute's one-kernel path takes these (otherwise the two calls check them)."""
-    if not (ids.dim() == 2 and x.dim() == 2 and x.is_cuda and x.shape[0] == ids.shape[0] and ids.numel()
-            and x.dtype in DTYPE_CODES and (x.shape[1] == 1 or x.stride(1) == 1)
-            and isinstance(num_experts, int) and 0 < num_experts <= _plan.MAX_EXPERTS):
-        return False
-    es = x.element_size()
-    vectors = x.shape[1] * es // 16
-    return (ids.numel() <= _plan._SINGLE_CTA_MAX_ROWS and (x.shape[1] * es) % 16 == 0
-            and (x.stride(0) * es) % 16 == 0 and x.data_ptr() % 16 == 0
-            and ids.shape[0] * vectors <= _plan.PERMUTE_MAX_VECTORS_PER_THREAD * 32 * _plan._warps(num_experts))
 
 
 def permute_fp8(x, plan: RoutingPlan, *, layout: str = "flat", scaling: str = "block", out=None,

@@ -129,9 +129,9 @@ def _warps(num_experts: int) -> int:
     return max(1, min(32, (_SMEM_BYTES - 4 * (4 * num_experts + 66)) // (4 * num_experts) - 2))
 
 
-def _defines(num_experts: int, ids_i64: bool, padded: bool, masked: bool, permute: bool = False) -> tuple:
+def _defines(num_experts: int, ids_i64: bool, padded: bool, masked: bool) -> tuple:
     return tuple(sorted(dict(NUM_E=num_experts, NW=_warps(num_experts), IDS_I64=int(ids_i64),
-                             HAS_PADDED=int(padded), HAS_MASKED=int(masked), HAS_PERMUTE=int(permute)).items()))
+                             HAS_PADDED=int(padded), HAS_MASKED=int(masked)).items()))
 
 
 def compile_specializations() -> list[tuple[str, dict]]:
@@ -140,7 +140,7 @@ def compile_specializations() -> list[tuple[str, dict]]:
     from .routing import SPECIALIZATION_CASES, defines
 
     cases = [(8, False, False, False), (256, False, True, True), (128, True, True, False),
-             (60, False, False, True), (1024, True, True, True), (128, False, False, False, True)]
+             (60, False, False, True), (1024, True, True, True)]
     layouts = [(False, False), (True, True), (True, False), (False, True)]
     fused = [defines(*c, warps=_warps(c[0]), NW=_warps(c[0]), IDS_I64=0, HAS_PADDED=int(p), HAS_MASKED=int(m))
              for c, (p, m) in zip(SPECIALIZATION_CASES, layouts * 4)]
@@ -213,11 +213,8 @@ def _fused_max_chunks(num_rows: int, num_experts: int) -> int:
     return 0 if num_rows <= 1 else min(_FUSED_MAX_CTAS, num_rows)
 
 
-PERMUTE_MAX_VECTORS_PER_THREAD = 2  # plan.cu's PERMUTE_UNROLL
-
-
 def make_plan(topk_ids, num_experts: int, *, block_m: int | None = None, max_m: int | None = None,
-              buffer: torch.Tensor | None = None, _permute: tuple | None = None) -> RoutingPlan:
+              buffer: torch.Tensor | None = None) -> RoutingPlan:
     """Build the :class:`RoutingPlan` of ``topk_ids`` [T, k] (int32/int64, torch or cupy, CUDA) on the
     GPU: flat layout always, padded layout with ``block_m``, masked layout with ``max_m``.
     No host sync; 1 kernel for T*k <= 2048, else 2. ``buffer``: optional contiguous int32 CUDA tensor
@@ -233,7 +230,7 @@ def make_plan(topk_ids, num_experts: int, *, block_m: int | None = None, max_m: 
     tensors, out_args, hist_ptr = _outputs(ids.device, num_tokens, top_k, E, block_m, max_m, buffer,
                                            num_chunks if num_chunks > 1 else 0)
     dev = ids.device.index if ids.device.index is not None else torch.cuda.current_device()
-    key = (dev, E, ids.dtype == torch.int64, block_m is not None, max_m is not None, _permute is not None)
+    key = (dev, E, ids.dtype == torch.int64, block_m is not None, max_m is not None)
     fns = _fn_cache.get(key)
     if fns is None:
         d = _defines(*key[1:])
@@ -244,12 +241,8 @@ def make_plan(topk_ids, num_experts: int, *, block_m: int | None = None, max_m: 
     i32 = np.int32
     if num_chunks > 1:
         _nvrtc.launch(count_fn, dev, num_chunks, threads, (ids.data_ptr(), i32(n), i32(chunk), hist_ptr))
-    # _permute (cute_moe.permute.plan_and_permute, checked there): (x, out, row bytes), one CTA only
-    x, xp, row_bytes = _permute if _permute is not None else (None, None, 0)
     _nvrtc.launch(scatter_fn, dev, num_chunks, threads,
-                  (ids.data_ptr(), i32(n), i32(chunk), i32(num_chunks), hist_ptr, *out_args,
-                   0 if x is None else x.data_ptr(), 0 if x is None else x.stride(0) * x.element_size(),
-                   i32(row_bytes // 16), i32(top_k), 0 if xp is None else xp.data_ptr()))
+                  (ids.data_ptr(), i32(n), i32(chunk), i32(num_chunks), hist_ptr, *out_args))
     return _assemble(num_tokens, top_k, E, *tensors)
 
 

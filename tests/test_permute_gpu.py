@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cute_moe import quant
-from cute_moe.permute import _fusable, combine, permute, permute_fp8, plan_and_permute
+from cute_moe.permute import combine, permute, permute_fp8
 from cute_moe.plan import make_plan
 from routing_data import poison_like, random_topk_ids
 
@@ -114,43 +114,6 @@ def _scale_rows(scale, layout, scaling):
     if layout == "masked":
         return scale.permute(0, 2, 1).reshape(-1, scale.shape[1])
     return scale.t()
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("H, E, k", [(7168, 256, 8), (2880, 128, 4), (4096, 8, 2), (2048, 128, 8), (40, 60, 4)])
-@pytest.mark.parametrize("kind", ["random", "one_expert", "with_dropped"])
-def test_plan_and_permute(dtype, H, E, k, kind):
-    """One kernel (decode sizes) or two, plan_and_permute equals make_plan + permute bitwise."""
-    fused_seen = False
-    for T in (1, 2, 3, 5, 64, 300):
-        ids = random_topk_ids(T, k, E, kind, device=DEV)
-        x = torch.randn(T, H, device=DEV).to(dtype)
-        fused = _fusable(ids, E, x)
-        fused_seen |= fused
-        out = poison_like(torch.empty(T * k, H, device=DEV, dtype=dtype))
-        plan, xp = plan_and_permute(ids, E, x, out=out)
-        assert xp is out
-        ref_plan = make_plan(ids, E)
-        ref = permute(x, ref_plan)
-        written = torch.arange(T * k, device=DEV) < ref_plan.cu_seqlens[-1]
-        assert torch.equal(xp.view(torch.int8)[written], ref.view(torch.int8)[written]), (T, fused)
-        for name in ("counts", "cu_seqlens", "row_src", "token_rows"):
-            assert torch.equal(getattr(plan, name), getattr(ref_plan, name)), (T, name)
-    if (H * torch.empty((), dtype=dtype).element_size()) % 16 == 0:
-        assert fused_seen, "the one-kernel path was never taken"
-
-
-def test_plan_and_permute_cupy_and_unaligned():
-    cupy = pytest.importorskip("cupy")
-    ids = random_topk_ids(1, 8, 128, device=DEV)
-    x = torch.randn(1, 2048, device=DEV).bfloat16()
-    plan, xp = plan_and_permute(cupy.from_dlpack(ids), 128, cupy.from_dlpack(x))
-    assert isinstance(xp, cupy.ndarray)
-    assert torch.equal(torch.from_dlpack(xp), permute(x, make_plan(ids, 128)))
-    xs = torch.randn(1, 2049, device=DEV).bfloat16()[:, 1:]  # rows not 16-byte aligned: two kernels
-    assert not _fusable(ids, 128, xs)
-    _, xp2 = plan_and_permute(ids, 128, xs)
-    assert torch.equal(xp2, permute(xs, make_plan(ids, 128)))
 
 
 def test_permute_unaligned_rows_and_odd_hidden():

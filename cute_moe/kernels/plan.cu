@@ -3,13 +3,8 @@
 // with several, plan_count first writes each chunk's histogram to block_hist [chunks, E]. Shared
 // memory is set up before the PDL wait (so it overlaps the routing kernel's tail).
 //
-// With HAS_PERMUTE (decode: one CTA, a few tokens), plan_scatter also permutes x into the flat
-// layout afterwards (the permute kernel's copy, one launch less): out row token_rows[t*k + j] = x[t].
-//
-// Defines: NUM_E, NW (warps per CTA), IDS_I64, HAS_PADDED, HAS_MASKED, HAS_PERMUTE.
+// Defines: NUM_E, NW (warps per CTA), IDS_I64, HAS_PADDED, HAS_MASKED.
 #include "plan_common.cuh"
-
-#define PERMUTE_UNROLL 2  // 16-byte vectors per thread (the host checks T * row_vecs fits)
 
 extern "C" __global__ void __launch_bounds__(NW * 32)
 plan_count(const expert_id_t* __restrict__ ids, int n, int chunk, int* __restrict__ block_hist) {
@@ -34,8 +29,7 @@ plan_count(const expert_id_t* __restrict__ ids, int n, int chunk, int* __restric
 
 extern "C" __global__ void __launch_bounds__(NW * 32)
 plan_scatter(const expert_id_t* __restrict__ ids, int n, int chunk, int num_chunks, const int* __restrict__ block_hist,
-             PLAN_OUT_PARAMS, const char* __restrict__ x, i64 x_stride, int row_vecs, int top_k,
-             char* __restrict__ xp) {
+             PLAN_OUT_PARAMS) {
     __shared__ PlanShared S;
     plan_init(S);
     PDL_ENTER();
@@ -50,25 +44,4 @@ plan_scatter(const expert_id_t* __restrict__ ids, int n, int chunk, int num_chun
     plan_count_span(GlobalIds<false>{ids}, span_start, span_end, S);
     if (num_chunks > 1) plan_chunks_sum<false>(block_hist, num_chunks, h, S);
     plan_finish(GlobalIds<false>{ids}, num_chunks, span_start, span_end, S, PLAN_OUT(n));
-#if HAS_PERMUTE
-    // x rows are loaded before the token rows (written above by other threads) are read back
-    __syncthreads();
-    const int total = n / top_k * row_vecs;
-    uint4 v[PERMUTE_UNROLL];
-#pragma unroll
-    for (int u = 0; u < PERMUTE_UNROLL; ++u) {
-        const int idx = threadIdx.x + u * NW * 32;
-        if (idx < total) v[u] = __ldg((const uint4*)(x + (idx / row_vecs) * x_stride) + idx % row_vecs);
-    }
-#pragma unroll
-    for (int u = 0; u < PERMUTE_UNROLL; ++u) {
-        const int idx = threadIdx.x + u * NW * 32;
-        if (idx >= total) continue;
-        const int t = idx / row_vecs;
-        for (int j = 0; j < top_k; ++j) {
-            const int row = __ldcg(token_rows + t * top_k + j);
-            if (row >= 0) ((uint4*)(xp + (i64)row * row_vecs * 16))[idx % row_vecs] = v[u];
-        }
-    }
-#endif
 }
