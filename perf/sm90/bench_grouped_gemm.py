@@ -6,12 +6,14 @@ For each reference shape and token count: random top-k routing, then GEMM1 (x @ 
 silu-gated epilogue; torch's GEMM1 is the plain grouped GEMM without the activation) and GEMM2
 (h @ w2[e].T). Reports ms, TFLOP/s and torch/ours speedups, with the dense bf16 8192^3 torch.mm rate
 of the same run as the ceiling. Every time is a CUDA-graph replay (device time, no host launch
-overhead) for both sides. --sweep also times every tile config and reports the best.
+overhead) for both sides, ours and torch's in turn for ROUNDS rounds (medians). --sweep also times
+every tile config and reports the best.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 
 import torch
@@ -21,6 +23,7 @@ from perf.common import bench_ms, dense_mm_tflops, expert_weights, select_shapes
 
 SWEEP = [GemmConfig(128, 256, 2), GemmConfig(128, 256), GemmConfig(128, 128), GemmConfig(64, 256), GemmConfig(64, 128), GemmConfig(64, 64)]
 NUM_SMS = 132
+ROUNDS = 3  # ours and torch's kernels timed in turn, medians reported
 
 
 def routing_offsets(tokens: int, num_experts: int, top_k: int) -> torch.Tensor:
@@ -38,6 +41,14 @@ def best_time(fn_of_config, default: GemmConfig, sweep: bool) -> tuple[float, Ge
     configs = SWEEP if sweep else [default]
     results = [(bench_ms(lambda c=c: fn_of_config(c), warmup=3, rep=20, graph=True), c) for c in configs]
     return min(results, key=lambda r: r[0])
+
+
+def interleaved_medians(fns, rounds: int = ROUNDS) -> list[float]:
+    """Median graph-replay ms of each of ``fns``, timed in turn for ``rounds`` rounds: clock and
+    thermal drift over a long run (repeated runs of one config differed by up to 10% on H200) falls
+    on ours and torch's alike instead of on whichever ran later."""
+    times = [[bench_ms(fn, warmup=3, rep=20, graph=True) for fn in fns] for _ in range(rounds)]
+    return [statistics.median(col) for col in zip(*times)]
 
 
 def bench_shape(shape, tokens_list, sweep: bool) -> list[dict]:
@@ -63,10 +74,12 @@ def bench_shape(shape, tokens_list, sweep: bool) -> list[dict]:
         err1 = rel_err(ours1(None), ref1)
         err2 = rel_err(ours2(None), torch._grouped_mm(a2, w2.transpose(1, 2), offs=offs))
 
-        ms1, cfg1 = best_time(ours1, pick_config(m, 2 * i, h, e, True, NUM_SMS), sweep)
-        ms2, cfg2 = best_time(ours2, pick_config(m, h, i, e, False, NUM_SMS), sweep)
-        tms1 = bench_ms(lambda: torch._grouped_mm(x, w1.transpose(1, 2), offs=offs), warmup=3, rep=20, graph=True)
-        tms2 = bench_ms(lambda: torch._grouped_mm(a2, w2.transpose(1, 2), offs=offs), warmup=3, rep=20, graph=True)
+        _, cfg1 = best_time(ours1, pick_config(m, 2 * i, h, e, True, NUM_SMS), sweep)
+        _, cfg2 = best_time(ours2, pick_config(m, h, i, e, False, NUM_SMS), sweep)
+        ms1, ms2, tms1, tms2 = interleaved_medians([
+            lambda: ours1(cfg1), lambda: ours2(cfg2),
+            lambda: torch._grouped_mm(x, w1.transpose(1, 2), offs=offs),
+            lambda: torch._grouped_mm(a2, w2.transpose(1, 2), offs=offs)])
         f1, f2 = 2 * m * 2 * i * h, 2 * m * h * i
         row = {
             "shape": shape.name, "T": t, "rows": m,
