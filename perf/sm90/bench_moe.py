@@ -7,7 +7,7 @@ For each reference shape and token count, with random softmax top-k routing: our
 the whole layer with its router too (``moe``: router logits, top-k, then the experts) in a CUDA graph,
 cycling through 8 inputs at T <= 256 (``moe_graph_ms``, ``moe_over_floor``); in the same run
 a torch pipeline doing the same work with torch ops (argsort permute, torch._grouped_mm, silu*up,
-torch._grouped_mm, index_add combine) and a per-expert torch loop (one mm pair per active expert,
+torch._grouped_mm, index_add combine; ours and it timed in turn for ROUNDS rounds, medians) and a per-expert torch loop (one mm pair per active expert,
 the routing fixed on the host before timing), both in CUDA graphs; and our fp8 layer (blockwise
 1x128 / 128x128 scales, as DeepSeek-V3 ships) in a CUDA graph. The bf16
 floor is max(FLOPs / dense bf16 mm rate, touched weight bytes / read bandwidth); the fp8 floor uses
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import sys
 
 import torch
@@ -31,6 +32,7 @@ from perf.common import bench_ms, dense_mm_tflops, expert_weights, quantize_expe
 
 
 ROUTINGS = 8  # distinct routings cycled through per timed graph at T <= 256
+ROUNDS = 3  # ours vs the torch pipeline: rounds timed in turn, medians reported
 
 
 def read_bandwidth_gbs(nbytes: int = 4 << 30) -> float:
@@ -121,8 +123,11 @@ def bench_shape(shape, tokens_list, dense_tflops, read_gbs, fp8_tflops) -> list[
         big = t * k * h * i >= 2**36  # milliseconds per call: fewer repetitions
         reps = dict(warmup=2, rep=5, calls_per_graph=2) if big else dict(warmup=5, rep=30)
         ms_eager = bench_ms(ours, warmup=reps["warmup"], rep=reps["rep"])
-        ms_graph = bench_ms(ours, graph=True, **reps)
-        ms_torch = bench_ms(theirs, graph=True, **reps)
+        # ours and the torch pipeline in turn for ROUNDS rounds (medians): clock drift over the run
+        # falls on both alike
+        pairs = [(bench_ms(ours, graph=True, **reps), bench_ms(theirs, graph=True, **reps)) for _ in range(ROUNDS)]
+        ms_graph = statistics.median(p[0] for p in pairs)
+        ms_torch = statistics.median(p[1] for p in pairs)
         rw = torch.randn(e, h, device="cuda", dtype=torch.bfloat16) * h**-0.5
         xs = [torch.randn(t, h, device="cuda", dtype=torch.bfloat16) for _ in range(len(routings))]
         ms_moe = bench_ms(lambda: cute_moe.moe(xs[next(turn) % len(xs)], rw, w1, w2, k, renormalize=True, out=out,
