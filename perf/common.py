@@ -53,6 +53,17 @@ def bench_ms(fn: Callable[[], object], *, warmup: int = 10, rep: int = 50, graph
     return statistics.median(start.elapsed_time(end) for start, end in events) / calls
 
 
+def interleaved_ms(fns: dict, rounds: int = 3, **bench_kw) -> dict:
+    """Median of :func:`bench_ms` (``bench_kw``) for each of ``fns`` (name -> callable), timed in turn
+    for ``rounds`` rounds: clock and thermal drift over a long run (on H200 the same kernel's time
+    moved by up to 10%) falls on every compared callable alike, not on whichever ran later."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(bench_ms(fn, **bench_kw))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def expert_weights(shape, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
     """Random expert weights of a MoEShape on the GPU: w1 [E, 2I, H], w2 [E, H, I], std 1/sqrt(fan_in)."""
     e, h, i = shape.num_experts, shape.hidden, shape.intermediate

@@ -59,3 +59,18 @@ def test_sm90_scripts_import_and_refuse_without_a_hopper(monkeypatch, module):
     except SystemExit as ex:
         rc = ex.code if isinstance(ex.code, int) else 2
     assert rc == 2
+
+
+def test_interleaved_ms_times_in_turn_and_takes_medians(monkeypatch):
+    calls = []
+    fake = {"a": iter([5.0, 1.0, 3.0]), "b": iter([2.0, 9.0, 4.0])}
+
+    def bench_ms(fn, **kw):
+        calls.append((fn(), kw))
+        return next(fake[calls[-1][0]])
+
+    monkeypatch.setattr(common, "bench_ms", bench_ms)
+    ms = common.interleaved_ms({"a": lambda: "a", "b": lambda: "b"}, rounds=3, graph=True)
+    assert [c[0] for c in calls] == ["a", "b"] * 3  # round-robin, not all of one then the other
+    assert all(c[1] == {"graph": True} for c in calls)
+    assert ms == {"a": 3.0, "b": 4.0}

@@ -13,13 +13,13 @@ every tile config and reports the best.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
 
 from cute_moe.gemm import GemmConfig, grouped_gemm, pick_config
-from perf.common import bench_ms, dense_mm_tflops, expert_weights, select_shapes, speedup_plot, write_results
+from perf.common import (bench_ms, dense_mm_tflops, expert_weights, interleaved_ms, select_shapes, speedup_plot,
+                         write_results)
 
 SWEEP = [GemmConfig(128, 256, 2), GemmConfig(128, 256), GemmConfig(128, 128), GemmConfig(64, 256), GemmConfig(64, 128), GemmConfig(64, 64)]
 NUM_SMS = 132
@@ -41,14 +41,6 @@ def best_time(fn_of_config, default: GemmConfig, sweep: bool) -> tuple[float, Ge
     configs = SWEEP if sweep else [default]
     results = [(bench_ms(lambda c=c: fn_of_config(c), warmup=3, rep=20, graph=True), c) for c in configs]
     return min(results, key=lambda r: r[0])
-
-
-def interleaved_medians(fns, rounds: int = ROUNDS) -> list[float]:
-    """Median graph-replay ms of each of ``fns``, timed in turn for ``rounds`` rounds: clock and
-    thermal drift over a long run (repeated runs of one config differed by up to 10% on H200) falls
-    on ours and torch's alike instead of on whichever ran later."""
-    times = [[bench_ms(fn, warmup=3, rep=20, graph=True) for fn in fns] for _ in range(rounds)]
-    return [statistics.median(col) for col in zip(*times)]
 
 
 def bench_shape(shape, tokens_list, sweep: bool) -> list[dict]:
@@ -76,10 +68,12 @@ def bench_shape(shape, tokens_list, sweep: bool) -> list[dict]:
 
         _, cfg1 = best_time(ours1, pick_config(m, 2 * i, h, e, True, NUM_SMS), sweep)
         _, cfg2 = best_time(ours2, pick_config(m, h, i, e, False, NUM_SMS), sweep)
-        ms1, ms2, tms1, tms2 = interleaved_medians([
-            lambda: ours1(cfg1), lambda: ours2(cfg2),
-            lambda: torch._grouped_mm(x, w1.transpose(1, 2), offs=offs),
-            lambda: torch._grouped_mm(a2, w2.transpose(1, 2), offs=offs)])
+        ms = interleaved_ms({
+            "ours1": lambda: ours1(cfg1), "ours2": lambda: ours2(cfg2),
+            "torch1": lambda: torch._grouped_mm(x, w1.transpose(1, 2), offs=offs),
+            "torch2": lambda: torch._grouped_mm(a2, w2.transpose(1, 2), offs=offs)},
+            rounds=ROUNDS, warmup=3, rep=20, graph=True)
+        ms1, ms2, tms1, tms2 = ms["ours1"], ms["ours2"], ms["torch1"], ms["torch2"]
         f1, f2 = 2 * m * 2 * i * h, 2 * m * h * i
         row = {
             "shape": shape.name, "T": t, "rows": m,

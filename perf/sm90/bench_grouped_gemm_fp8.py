@@ -5,13 +5,15 @@
 Per reference shape and token count, with random top-k routing: GEMM1 (+SwiGLU) and GEMM2 times for
 our bf16 kernel, our fp8 kernel with per-tensor, per-token x per-channel and blockwise (1x128 x
 128x128) scales, and torch._scaled_grouped_mm (rowwise scales, no fused activation) where this torch
-runs it. Operands are pre-quantized (activation quantization is not timed here). CUDA-graph timing.
+runs it. Operands are pre-quantized (activation quantization is not timed here). CUDA-graph timing,
+every GEMM pair timed in turn for ROUNDS rounds (medians).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 import time
 
@@ -22,12 +24,13 @@ from cute_moe.reference import gated_activation_reference
 from cute_moe.gemm import grouped_gemm
 from cute_moe.gemm.config import pick_config
 from cute_moe.layer import gemm_weight_scale
-from perf.common import bench_ms, expert_weights, quantize_experts, select_shapes, speedup_plot, write_results
+from perf.common import expert_weights, interleaved_ms, quantize_experts, select_shapes, speedup_plot, write_results
 from perf.sm90.bench_grouped_gemm import rel_err, routing_offsets
 
 # block: the shipped blockwise config; block_serial / block_overlap force GemmConfig.overlap_promotion
 # off / on
 MODES = ("tensor", "token", "block", "block_serial", "block_overlap")
+ROUNDS = 3  # every GEMM pair timed in turn, medians reported
 
 
 QUANT_MODES = {"tensor": "per_tensor", "token": "per_token", "block": "blockwise"}
@@ -106,10 +109,10 @@ def bench_shape(shape, tokens_list) -> list[dict]:
         a2 = torch.randn(m, i, device="cuda", dtype=torch.bfloat16)
         ref1 = grouped_gemm(x, w1, cu, activation="silu")
         ref2 = grouped_gemm(a2, w2, cu)
-        bf16_ms = (bench_ms(lambda: grouped_gemm(x, w1, cu, activation="silu"), warmup=2, rep=10, graph=True,
-                            calls_per_graph=5)
-                   + bench_ms(lambda: grouped_gemm(a2, w2, cu), warmup=2, rep=10, graph=True, calls_per_graph=5))
-        row = {"shape": shape.name, "T": t, "bf16_ms": bf16_ms}
+        # every GEMM pair (bf16, each fp8 mode, torch's rowwise fp8) is checked, then all are timed in
+        # turn for ROUNDS rounds (medians): clock drift over the run falls on all of them alike
+        fns = {"bf16_1": lambda: grouped_gemm(x, w1, cu, activation="silu"), "bf16_2": lambda: grouped_gemm(a2, w2, cu)}
+        row = {"shape": shape.name, "T": t}
         for mode in MODES:
             t0 = time.perf_counter()
             (q1, s1), (q2, s2) = qw[mode]
@@ -120,33 +123,33 @@ def bench_shape(shape, tokens_list) -> list[dict]:
                 flags = dict(overlap_promotion=mode == "block_overlap")
                 c1 = dataclasses.replace(pick_config(m, 2 * i, h, e, True, blockwise=True), **flags)
                 c2 = dataclasses.replace(pick_config(m, h, i, e, False, blockwise=True), **flags)
-            g1 = lambda: grouped_gemm(xq, q1, cu, activation="silu", a_scale=sx, b_scale=s1, config=c1)  # noqa: E731
-            g2 = lambda: grouped_gemm(aq, q2, cu, a_scale=sa, b_scale=s2, config=c2)  # noqa: E731
+            g1 = functools.partial(grouped_gemm, xq, q1, cu, activation="silu", a_scale=sx, b_scale=s1, config=c1)
+            g2 = functools.partial(grouped_gemm, aq, q2, cu, a_scale=sa, b_scale=s2, config=c2)
             out1, out2 = g1(), g2()
             row[f"{mode}_err_vs_bf16"] = max(rel_err(out1, ref1), rel_err(out2, ref2))
             row[f"{mode}_err_vs_dequantized"] = sampled_err(mode.split("_")[0], xq, sx, q1, s1, aq, sa,
                                                             q2, s2, out1, out2, cu)
             torch.cuda.synchronize()
-            t1 = time.perf_counter()
-            ms1 = bench_ms(g1, warmup=2, rep=10, graph=True, calls_per_graph=5)
-            ms2 = bench_ms(g2, warmup=2, rep=10, graph=True, calls_per_graph=5)
-            row[f"{mode}_ms"] = ms1 + ms2
-            print(f"  T={t} {mode}: compile+check {t1 - t0:.1f}s, gemm1 {ms1:.3f} ms, gemm2 {ms2:.3f} ms", flush=True)
-            row[f"{mode}_speedup_vs_bf16"] = bf16_ms / row[f"{mode}_ms"]
+            print(f"  T={t} {mode}: compile+check {time.perf_counter() - t0:.1f}s", flush=True)
+            fns[f"{mode}_1"], fns[f"{mode}_2"] = g1, g2
         (q1, s1), (q2, s2) = qw["token"]
         xq, sx = quantize_act("token", x)
         aq, sa = quantize_act("token", a2)
         offs = cu[1:]
-        print(f"  T={t} torch._scaled_grouped_mm", flush=True)
         try:
             torch_scaled(xq, sx, q1, s1, offs)
-            row["torch_scaled_ms"] = (
-                bench_ms(lambda: torch_scaled(xq, sx, q1, s1, offs), warmup=2, rep=10, graph=True, calls_per_graph=5)
-                + bench_ms(lambda: torch_scaled(aq, sa, q2, s2, offs), warmup=2, rep=10, graph=True, calls_per_graph=5))
-            row["token_speedup_vs_torch"] = row["torch_scaled_ms"] / row["token_ms"]
+            fns["torch_1"] = functools.partial(torch_scaled, xq, sx, q1, s1, offs)
+            fns["torch_2"] = functools.partial(torch_scaled, aq, sa, q2, s2, offs)
         except (RuntimeError, NotImplementedError) as ex:
-            row["torch_scaled_ms"] = None
             row["torch_note"] = str(ex).splitlines()[0][:120]
+        ms = interleaved_ms(fns, rounds=ROUNDS, warmup=2, rep=10, graph=True, calls_per_graph=5)
+        bf16_ms = row["bf16_ms"] = ms["bf16_1"] + ms["bf16_2"]
+        for mode in MODES:
+            row[f"{mode}_ms"] = ms[f"{mode}_1"] + ms[f"{mode}_2"]
+            row[f"{mode}_speedup_vs_bf16"] = bf16_ms / row[f"{mode}_ms"]
+        row["torch_scaled_ms"] = ms["torch_1"] + ms["torch_2"] if "torch_1" in ms else None
+        if row["torch_scaled_ms"] is not None:
+            row["token_speedup_vs_torch"] = row["torch_scaled_ms"] / row["token_ms"]
         row["speedup_vs_torch"] = row.get("token_speedup_vs_torch") or 0.0
         rows.append(row)
         print(f"{shape.name:14s} T={t:5d} bf16 {bf16_ms:7.3f} | " + " | ".join(

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
 import cute_moe
-from perf.common import bench_ms, dense_mm_tflops, expert_weights, quantize_experts, select_shapes, speedup_plot, write_results
+from perf.common import (bench_ms, dense_mm_tflops, expert_weights, interleaved_ms, quantize_experts, select_shapes,
+                         speedup_plot, write_results)
 
 
 ROUTINGS = 8  # distinct routings cycled through per timed graph at T <= 256
@@ -125,9 +125,8 @@ def bench_shape(shape, tokens_list, dense_tflops, read_gbs, fp8_tflops) -> list[
         ms_eager = bench_ms(ours, warmup=reps["warmup"], rep=reps["rep"])
         # ours and the torch pipeline in turn for ROUNDS rounds (medians): clock drift over the run
         # falls on both alike
-        pairs = [(bench_ms(ours, graph=True, **reps), bench_ms(theirs, graph=True, **reps)) for _ in range(ROUNDS)]
-        ms_graph = statistics.median(p[0] for p in pairs)
-        ms_torch = statistics.median(p[1] for p in pairs)
+        ms = interleaved_ms({"ours": ours, "torch": theirs}, rounds=ROUNDS, graph=True, **reps)
+        ms_graph, ms_torch = ms["ours"], ms["torch"]
         rw = torch.randn(e, h, device="cuda", dtype=torch.bfloat16) * h**-0.5
         xs = [torch.randn(t, h, device="cuda", dtype=torch.bfloat16) for _ in range(len(routings))]
         ms_moe = bench_ms(lambda: cute_moe.moe(xs[next(turn) % len(xs)], rw, w1, w2, k, renormalize=True, out=out,
