@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from . import _nvrtc
-from .interop import as_torch
+from .interop import array_kind, as_torch, to_kind
+from .routing import SPECIALIZATION_CASES, defines, prepare_route, route_gpu
 
 LAYOUTS = ("flat", "padded", "masked")
 MAX_EXPERTS = 1024
@@ -137,8 +138,6 @@ def _defines(num_experts: int, ids_i64: bool, padded: bool, masked: bool) -> tup
 def compile_specializations() -> list[tuple[str, dict]]:
     """Representative define sets covering every branch of plan.cu and route_plan.cu (for the CPU
     compile check)."""
-    from .routing import SPECIALIZATION_CASES, defines
-
     cases = [(8, False, False, False), (256, False, True, True), (128, True, True, False),
              (60, False, False, True), (1024, True, True, True)]
     layouts = [(False, False), (True, True), (True, False), (False, True)]
@@ -300,9 +299,6 @@ def route_and_plan(router_logits, top_k: int, *, scoring: str = "softmax", renor
     the tokens fit (T < 65536, at most FUSED_MAX_TOKENS_PER_WARP per warp), T is 1 CTA's worth or at
     least FUSED_MIN_TOKENS, and the driver launches it), True requires it (RuntimeError if it
     cannot run), False takes the two calls."""
-    from .interop import array_kind, to_kind
-    from .routing import defines, prepare_route, route_gpu
-
     kind = array_kind(router_logits)
     r = prepare_route(router_logits, top_k, scoring=scoring, renormalize=renormalize, num_groups=num_groups,
                       topk_groups=topk_groups, correction_bias=correction_bias,
