@@ -95,18 +95,21 @@ def moe(*, router_logits, routing: dict, **experts):
     x, quant, workspace = experts["x"], experts["quant"], experts.get("workspace")
     weights = experts["w1"] if quant is None else quant.w1_q
     num_experts, inter = weights.shape[0], weights.shape[1] // 2
-    buffer = None
+    views = None
     if workspace is not None:
-        buffer = _workspace_views(workspace, x, quant, num_experts, inter, x.shape[0] * routing["top_k"])["plan"]
-    topk_weights, topk_ids, plan = route_and_plan(router_logits, **routing, buffer=buffer)
-    return fused_moe(topk_weights=topk_weights, topk_ids=topk_ids, plan=plan, **experts)
+        views = _workspace_views(workspace, x, quant, num_experts, inter, x.shape[0] * routing["top_k"])
+    topk_weights, topk_ids, plan = route_and_plan(router_logits, **routing,
+                                                  buffer=None if views is None else views["plan"])
+    return fused_moe(topk_weights=topk_weights, topk_ids=topk_ids, plan=plan, views=views, **experts)
 
 
 def fused_moe(*, x, w1, w2, topk_weights, topk_ids, activation, w1_bias, w2_bias, quant,
-              apply_router_weight_on_input, shared_output, out, workspace=None, stage_hook=None, plan=None):
+              apply_router_weight_on_input, shared_output, out, workspace=None, stage_hook=None, plan=None,
+              views=None):
     """Experts of the MoE layer for already-routed tokens; writes ``out`` when given. With a
     :class:`cute_moe.workspace.Workspace` the intermediate tensors are views of its buffer. ``plan``:
-    the routing plan of topk_ids when the caller made it (in the workspace's plan buffer, if any).
+    the routing plan of topk_ids when the caller made it (in the workspace's plan buffer, if any);
+    ``views``: the workspace's views when the caller already took them.
 
     ``stage_hook(name)`` (cute_moe.profile) is called after each stage is enqueued: "plan",
     "permute" (with quant: permute + quantize x), "gemm1" (with quant: GEMM1 + quantizing its
@@ -117,7 +120,9 @@ def fused_moe(*, x, w1, w2, topk_weights, topk_ids, activation, w1_bias, w2_bias
 
     weights = w1 if quant is None else quant.w1_q
     num_experts, inter = weights.shape[0], weights.shape[1] // 2
-    ws = None if workspace is None else _workspace_views(workspace, x, quant, num_experts, inter, topk_ids.numel())
+    ws = views
+    if ws is None and workspace is not None:
+        ws = _workspace_views(workspace, x, quant, num_experts, inter, topk_ids.numel())
     if plan is None:
         ids = topk_ids.to(torch.int32)
         plan = make_plan(ids, num_experts) if ws is None else make_plan(ids, num_experts, buffer=ws["plan"])

@@ -34,7 +34,7 @@ import torch
 
 from . import _nvrtc
 from .interop import array_kind, as_torch, to_kind
-from .routing import SPECIALIZATION_CASES, defines, prepare_route, route_gpu
+from .routing import SPECIALIZATION_CASES, defines, launch_route, prepare_route
 
 LAYOUTS = ("flat", "padded", "masked")
 MAX_EXPERTS = 1024
@@ -163,6 +163,12 @@ def _check_ids(topk_ids, num_experts, block_m, max_m) -> torch.Tensor:
         raise TypeError(f"topk_ids: expected int32 or int64, got {ids.dtype}")
     if not ids.is_contiguous():
         raise ValueError(f"topk_ids: expected a contiguous tensor, got strides {ids.stride()}")
+    _check_sizes(ids.numel(), num_experts, block_m, max_m)
+    return ids
+
+
+def _check_sizes(num_rows: int, num_experts: int, block_m, max_m) -> None:
+    """The plan's size arguments for ``num_rows`` = T*k (index math stays below 2**31)."""
     _check_int("num_experts", num_experts, 1, MAX_EXPERTS)
     if block_m is not None:
         _check_int("block_m", block_m, 1)
@@ -170,10 +176,9 @@ def _check_ids(topk_ids, num_experts, block_m, max_m) -> torch.Tensor:
         _check_int("max_m", max_m, 1)
         if num_experts * max_m >= 2**31:
             raise ValueError(f"max_m: E * max_m must be < 2**31, got {num_experts} * {max_m}")
-    rows = ids.numel() + num_experts * ((block_m or 1) - 1)
+    rows = num_rows + num_experts * ((block_m or 1) - 1)
     if rows >= 2**31:
         raise ValueError(f"topk_ids: T*k (+ E*(block_m-1)) must be < 2**31, got {rows}")
-    return ids
 
 
 def _plan_sizes(n: int, E: int, block_m: int | None, max_m: int | None) -> tuple[list[int], int, int]:
@@ -222,9 +227,13 @@ def make_plan(topk_ids, num_experts: int, *, block_m: int | None = None, max_m: 
     ids = _check_ids(topk_ids, num_experts, block_m, max_m)
     if ids.device.type != "cuda":
         raise ValueError(f"topk_ids: expected a CUDA tensor, got device {ids.device} (see plan_reference)")
+    return _launch_plan(ids, num_experts, block_m, max_m, buffer)
+
+
+def _launch_plan(ids: torch.Tensor, E: int, block_m, max_m, buffer) -> RoutingPlan:
+    """make_plan after its checks (ids: a checked CUDA [T, k] tensor)."""
     num_tokens, top_k = ids.shape
     n = num_tokens * top_k
-    E = num_experts
     sizes, chunk, num_chunks = _plan_sizes(n, E, block_m, max_m)
     tensors, out_args, hist_ptr = _outputs(ids.device, num_tokens, top_k, E, block_m, max_m, buffer,
                                            num_chunks if num_chunks > 1 else 0)
@@ -304,7 +313,7 @@ def route_and_plan(router_logits, top_k: int, *, scoring: str = "softmax", renor
                       topk_groups=topk_groups, correction_bias=correction_bias,
                       routed_scaling_factor=routed_scaling_factor, out=out)
     T, E = r.num_tokens, r.num_experts
-    _check_ids(r.ids, E, block_m, max_m)
+    _check_sizes(r.ids.numel(), E, block_m, max_m)
     if tokens_per_cta is not None:
         _check_int("tokens_per_cta", tokens_per_cta, 1)
     if fused is not False and 0 < T < 65536:
@@ -333,10 +342,8 @@ def route_and_plan(router_logits, top_k: int, *, scoring: str = "softmax", renor
     if fused and T > 0:
         raise RuntimeError(f"route_and_plan: fused=True but the fused kernel cannot run here (T={T}: needs "
                            f"T < 65536 and a cooperative launch through the CUDA driver)")
-    route_gpu(router_logits, top_k, scoring=scoring, renormalize=renormalize, num_groups=num_groups,
-              topk_groups=topk_groups, correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor,
-              out=(r.weights, r.ids))
-    plan = make_plan(r.ids, E, block_m=block_m, max_m=max_m, buffer=buffer)
+    launch_route(r)
+    plan = _launch_plan(r.ids, E, block_m, max_m, buffer)
     return to_kind(r.weights, kind), to_kind(r.ids, kind), plan
 
 

@@ -130,6 +130,12 @@ def route_gpu(router_logits, top_k: int, *, scoring: str = "softmax", renormaliz
     r = prepare_route(router_logits, top_k, scoring=scoring, renormalize=renormalize, num_groups=num_groups,
                       topk_groups=topk_groups, correction_bias=correction_bias,
                       routed_scaling_factor=routed_scaling_factor, out=out)
+    launch_route(r)
+    return to_kind(r.weights, kind), to_kind(r.ids, kind)
+
+
+def launch_route(r: RouteCall) -> None:
+    """Enqueue route_topk for a checked call (writes r.weights and r.ids)."""
     if r.num_tokens:
         key = (r.device_index, *r.key)
         fn = _fn_cache.get(key)
@@ -138,7 +144,6 @@ def route_gpu(router_logits, top_k: int, *, scoring: str = "softmax", renormaliz
                                                       defines(*r.key, warps=_WARPS))
         _nvrtc.launch(fn, r.device_index, (r.num_tokens + _WARPS - 1) // _WARPS, _WARPS * 32,
                       (*r.args, np.int32(r.num_tokens)))
-    return to_kind(r.weights, kind), to_kind(r.ids, kind)
 
 
 class RouteCall(NamedTuple):

@@ -31,12 +31,18 @@ typedef long long expert_id_t;
 typedef int expert_id_t;
 #endif
 
-// Where the plan steps read the ids: global memory (COHERENT: written earlier in this kernel, so
-// loaded through L2 rather than the read-only path), or shared memory holding [base, base + n).
+// A global load; COHERENT: of data written earlier in this kernel, so through L2 rather than the
+// read-only path.
+template <bool COHERENT, class T>
+__device__ __forceinline__ T load_global(const T* p) {
+    return COHERENT ? __ldcg(p) : __ldg(p);
+}
+
+// Where the plan steps read the ids: global memory, or shared memory holding [base, base + n).
 template <bool COHERENT>
 struct GlobalIds {
     const expert_id_t* p;
-    __device__ __forceinline__ expert_id_t operator()(int i) const { return COHERENT ? __ldcg(p + i) : __ldg(p + i); }
+    __device__ __forceinline__ expert_id_t operator()(int i) const { return load_global<COHERENT>(p + i); }
 };
 
 struct SharedIds {
@@ -115,11 +121,6 @@ struct ChunkLoads {
 };
 
 template <bool COHERENT>
-__device__ __forceinline__ int load_hist(const int* block_hist, i64 i) {
-    return COHERENT ? __ldcg(block_hist + i) : __ldg(block_hist + i);
-}
-
-template <bool COHERENT>
 __device__ __forceinline__ ChunkLoads plan_chunks_load(const int* block_hist, int num_chunks) {
     ChunkLoads h{};
 #if (NW * 32) % NUM_E == 0
@@ -128,7 +129,7 @@ __device__ __forceinline__ ChunkLoads plan_chunks_load(const int* block_hist, in
 #pragma unroll
     for (int u = 0; u < IDS_BATCH; ++u) {
         const int c = hg + u * G;
-        h.v[u] = num_chunks > 1 && c < num_chunks ? load_hist<COHERENT>(block_hist, (i64)c * NUM_E + he) : 0;
+        h.v[u] = num_chunks > 1 && c < num_chunks ? load_global<COHERENT>(block_hist + (i64)c * NUM_E + he) : 0;
     }
 #endif
     return h;
@@ -148,7 +149,7 @@ __device__ __forceinline__ void plan_chunks_sum(const int* block_hist, int num_c
     }
 #pragma unroll 8
     for (int c = hg + IDS_BATCH * G; c < num_chunks; c += G) {
-        const int v = load_hist<COHERENT>(block_hist, (i64)c * NUM_E + he);
+        const int v = load_global<COHERENT>(block_hist + (i64)c * NUM_E + he);
         tot += v;
         bef += c < (int)blockIdx.x ? v : 0;
     }
@@ -161,7 +162,7 @@ __device__ __forceinline__ void plan_chunks_sum(const int* block_hist, int num_c
     }
 #else
     for (int i = threadIdx.x; i < num_chunks * NUM_E; i += NW * 32) {
-        const int c = load_hist<COHERENT>(block_hist, i);
+        const int c = load_global<COHERENT>(block_hist + i);
         const int e = i % NUM_E;
         atomicAdd(&S.total[e], c);
         if (i / NUM_E < (int)blockIdx.x) atomicAdd(&S.before[e], c);
