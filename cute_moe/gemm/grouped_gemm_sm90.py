@@ -597,11 +597,6 @@ class GroupedGemmSm90:
         epi_barrier = pipeline.NamedBarrier(barrier_id=1 + wg if self.pingpong else 1, num_threads=self.tile_threads)
         epi_store_warp = 4 * (wg + 1) if self.pingpong else 4
         epi_buf0 = wg * self.epi_stage if self.pingpong else 0
-        # ping-pong turns: a warpgroup starts a tile's mainloop once the other has waited for every stage
-        # of its previous tile. Besides alternating the tensor cores, this keeps each full barrier at
-        # most one phase ahead of its waiter (a parity wait cannot tell phases two apart).
-        my_turn = pipeline.NamedBarrier(barrier_id=3 + wg, num_threads=256)
-        other_turn = pipeline.NamedBarrier(barrier_id=4 - wg, num_threads=256)
         thr_mma = tiled_mma.get_slice(mma_tidx)
         thr_mma_out = tiled_mma_out.get_slice(mma_tidx)
         tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
@@ -659,9 +654,6 @@ class GroupedGemmSm90:
                 )
             else:
                 # keep one WGMMA batch in flight, release its stage one k-tile later
-                if const_expr(self.pingpong):
-                    if t != cluster_id:  # every tile but the CTA's first waits for its turn
-                        my_turn.arrive_and_wait()
                 tiled_mma.set(warpgroup.Field.ACCUMULATE, False)
                 warpgroup.fence()
                 mainloop.consumer_wait(read_state)
@@ -682,9 +674,6 @@ class GroupedGemmSm90:
                     mainloop.consumer_release(release_state)
                     release_state.advance()
                     read_state.advance()
-                if const_expr(self.pingpong):
-                    if t + num_clusters < total_tiles:  # the CTA's next tile exists: the other warpgroup's turn
-                        other_turn.arrive()
                 warpgroup.wait_group(0)
                 mainloop.consumer_release(release_state)
                 release_state.advance()
