@@ -682,10 +682,7 @@ class GroupedGemmSm90:
             row0 = m_idx * self.tile_m
             col0 = n_idx * self.tile_n_out
             n_out_total = cute.size(mC_tma, mode=[1])
-            # a thread's fragment is (values, M-blocks): ping-pong tiles hold two 64-row blocks. Gated, each
-            # block's first half holds gate columns and its second half the matching up columns.
-            acc_mb = n_acc // cute.size(acc, mode=[1])
-            out_mb = acc_mb // 2
+            half = n_acc // 2
             s_tensor = Float32(1.0)
             if const_expr(self.scale_mode == "tensor"):
                 s_tensor = mSA[0] * mSB[e]
@@ -695,8 +692,7 @@ class GroupedGemmSm90:
                 v = acc[i]
                 up = v
                 if const_expr(self.gated):
-                    v = acc[i // out_mb * acc_mb + i % out_mb]
-                    up = acc[i // out_mb * acc_mb + i % out_mb + out_mb]
+                    up = acc[i + half]
                 if const_expr(self.scale_mode == "tensor"):
                     v = v * s_tensor
                     up = up * s_tensor
