@@ -73,14 +73,6 @@ def shipped_kernels(arch: str):
     out.append(("fp8_block_gemm1_silu_64x128_prefetch", "fp8",
                 KernelKey(arch, f8, bf16, GemmConfig(64, 128), "silu", False, False, False, e, 2 * i, h, 132, "block",
                           True)))
-    for tile in (GemmConfig(128, 128, pingpong=True), GemmConfig(128, 192, 2, pingpong=True)):
-        for act in ("silu", "none"):
-            n, kk = (2 * i, h) if act != "none" else (h, i)
-            name = f"gemm_{act}_{tile.tile_m}x{tile.tile_n}{'_cluster2' if tile.cluster_m > 1 else ''}_pingpong"
-            out.append((name, "bf16", KernelKey(arch, bf16, bf16, tile, act, False, act == "none", False, e, n, kk, 132)))
-    out.append(("fp8_token_gemm1_silu_128x128_pingpong", "fp8",
-                KernelKey(arch, f8, bf16, GemmConfig(128, 128, pingpong=True), "silu", False, False, False, e, 2 * i, h,
-                          132, "token")))
     out.append(("gemm_plain_128x256", "bf16",
                 KernelKey(arch, bf16, bf16, GemmConfig(128, 256), "none", False, False, False, e, h, i, 132)))
     return out

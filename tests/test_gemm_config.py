@@ -94,17 +94,3 @@ def test_tile_widths():
     with pytest.raises(ValueError, match="tile_n must be 64, 128 or 256"):
         GroupedGemmSm90(GemmConfig(64, 96), "silu", scale_mode="block")
     assert GroupedGemmSm90(GemmConfig(64, 96), "silu").tile_n_out == 48
-
-
-def test_pingpong_config_checks():
-    from cute_moe.gemm.grouped_gemm_sm90 import GroupedGemmSm90
-
-    assert GemmConfig(128, 192, 2, pingpong=True).pingpong
-    for tile_m, tile_n in ((64, 128), (128, 224), (128, 256)):
-        with pytest.raises(ValueError, match="pingpong"):
-            GemmConfig(tile_m, tile_n, pingpong=True)
-    with pytest.raises(ValueError, match="pingpong"):
-        GroupedGemmSm90(GemmConfig(128, 128, pingpong=True), "silu", scale_mode="block")
-    k = GroupedGemmSm90(GemmConfig(128, 128, pingpong=True), "silu")
-    assert (k.num_mma_wg, k.tile_threads, k.threads) == (2, 128, 384)
-

@@ -99,27 +99,6 @@ def test_fp8_in_between_tile_widths(mode, activation, tile_n):
 
 
 @needs_sm90
-@pytest.mark.parametrize("mode", ["tensor", "token"])
-@pytest.mark.parametrize("activation", ["none", "silu"])
-def test_fp8_pingpong(mode, activation):
-    """Ping-pong consumers (a 128x128 tile per warpgroup) with per-tensor and per-token scales, several
-    tiles per warpgroup."""
-    from cute_moe.gemm import GemmConfig, grouped_gemm
-
-    gated = activation != "none"
-    counts = [3000, 0, 2500, 1, 129]
-    n, k = (2 * 160, 640) if gated else (320, 640)
-    a = torch.randn(sum(counts), k, device="cuda")
-    b = torch.randn(len(counts), n, k, device="cuda") / k**0.5
-    qa, sa, qb, sb, da, db = quantized_operands(mode, a, b, gated)
-    cu = torch.tensor([0] + counts, device="cuda").cumsum(0).to(torch.int32)
-    out = torch.full((a.shape[0], n // 2 if gated else n), float("nan"), device="cuda", dtype=torch.bfloat16)
-    grouped_gemm(qa, qb, cu, activation=activation, a_scale=sa, b_scale=sb, out=out,
-                 config=GemmConfig(128, 128, pingpong=True))
-    assert rel_err(out, _reference(da, db, cu, activation)) < TOL
-
-
-@needs_sm90
 def test_fp8_scale_shapes_checked():
     from cute_moe.gemm import grouped_gemm
 

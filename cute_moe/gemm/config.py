@@ -23,10 +23,6 @@ class GemmConfig:
     overlap_promotion (blockwise fp8 only): a second scratch accumulator so the next k-tile's WGMMA
     runs while the previous one is promoted into the fp32 accumulator (more registers); off, each
     k-tile's WGMMA is waited for before its promotion (serial).
-    pingpong: each consumer warpgroup owns a whole tile_m x tile_n tile (cooperative, the default:
-    the two warpgroups split one tile's rows) and the two take alternate tiles, so one warpgroup's
-    epilogue runs under the other's mainloop. Needs tile_m 128 and tile_n <= 192 (the accumulator
-    is tile_n fp32 registers per thread).
     """
 
     tile_m: int = 128
@@ -34,7 +30,6 @@ class GemmConfig:
     cluster_m: int = 1
     stages: int = 0
     overlap_promotion: bool = False
-    pingpong: bool = False
 
     def __post_init__(self):
         if self.tile_m not in (64, 128):
@@ -43,8 +38,6 @@ class GemmConfig:
             raise ValueError(f"tile_n must be a multiple of 32 from 64 to 256, got {self.tile_n}")
         if self.cluster_m not in (1, 2):
             raise ValueError(f"cluster_m must be 1 or 2, got {self.cluster_m}")
-        if self.pingpong and (self.tile_m != 128 or self.tile_n > 192):
-            raise ValueError(f"pingpong needs tile_m 128 and tile_n <= 192, got {self.tile_m}x{self.tile_n}")
         if self.stages < 0:
             raise ValueError(f"stages must be >= 0, got {self.stages}")
 

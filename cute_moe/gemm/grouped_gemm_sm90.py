@@ -87,8 +87,6 @@ class GroupedGemmSm90:
         self.scale_mode = scale_mode
         if config.overlap_promotion and scale_mode != "block":
             raise ValueError("overlap_promotion: only blockwise fp8 promotes per k-tile")
-        if config.pingpong and scale_mode == "block":
-            raise ValueError("pingpong: blockwise fp8 needs a scratch accumulator that does not fit beside a 128-row tile")
         if scale_mode == "block" and config.tile_n not in (64, 128, 256):
             raise ValueError(f"blockwise fp8: tile_n must be 64, 128 or 256, got {config.tile_n}")
         if prefetch_weights and config.cluster_m != 1:
@@ -100,12 +98,11 @@ class GroupedGemmSm90:
         self.tile_m, self.tile_n = config.tile_m, config.tile_n
         self.cm = config.cluster_m
         self.tile_n_out = self.tile_n // 2 if self.gated else self.tile_n
-        self.pingpong = config.pingpong
-        # cooperative: the warpgroups split a tile's rows (64 each); ping-pong: each owns a whole tile
-        self.num_mma_wg = 2 if self.pingpong else self.tile_m // 64
+        self.num_mma_wg = self.tile_m // 64
         self.threads = 128 * (1 + self.num_mma_wg)
-        # threads that share one tile (its epilogue barrier and store pipeline)
-        self.tile_threads = 128 if self.pingpong else 128 * self.num_mma_wg
+        self.num_mma_threads = 128 * self.num_mma_wg
+        self.epi_store_warp = 4
+        self.epi_barrier = pipeline.NamedBarrier(barrier_id=1, num_threads=self.num_mma_threads)
         self.smem_capacity = utils.get_smem_capacity_in_bytes("sm_90")
 
     # ------------------------------------------------------------------ host-side (trace time)
@@ -114,32 +111,27 @@ class GroupedGemmSm90:
         self.c_dtype = c_dtype
         self.tiled_mma = sm90_utils.make_trivial_tiled_mma(
             a_dtype, a_dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K,
-            self.acc_dtype, (self.tile_threads // 128, 1, 1), tiler_mn=(64, self.tile_n),
+            self.acc_dtype, (self.num_mma_wg, 1, 1), tiler_mn=(64, self.tile_n),
         )
         # the output-shaped MMA: never issued, only used to partition the activated result
         self.tiled_mma_out = self.tiled_mma
         if const_expr(self.gated):
             self.tiled_mma_out = sm90_utils.make_trivial_tiled_mma(
                 a_dtype, a_dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K,
-                self.acc_dtype, (self.tile_threads // 128, 1, 1), tiler_mn=(64, self.tile_n_out),
+                self.acc_dtype, (self.num_mma_wg, 1, 1), tiler_mn=(64, self.tile_n_out),
             )
         tile_k = 128 * 8 // a_dtype.width  # one 128-byte swizzle atom
         self.tile_k = tile_k
         self.tile_mnk = (self.tile_m, self.tile_n, tile_k)
         # store subtiles of 32 columns, or 16 where the output tile is an odd multiple of 16 (tile_n 96, 160, 224 gated)
-        # ping-pong: 64-row subtiles, so a thread's subtile values are consecutive in its accumulator
-        # (a 128-row tile is two 64-row WGMMA blocks, the row block outermost in the fragment)
-        self.epi_tile = (64 if self.pingpong else self.tile_m,
-                         min(32 if self.tile_n_out % 32 == 0 else 16, self.tile_n_out))
-        self.epi_stage = 4 if self.tile_n_out >= 128 or self.pingpong else 2
-        # ping-pong: each warpgroup stores through its own epi_stage buffers
-        epi_buffers = self.epi_stage * (2 if self.pingpong else 1)
+        self.epi_tile = (self.tile_m, min(32 if self.tile_n_out % 32 == 0 else 16, self.tile_n_out))
+        self.epi_stage = 4 if self.tile_n_out >= 128 else 2
 
         a_layout = LayoutEnum.ROW_MAJOR
         b_layout = LayoutEnum.ROW_MAJOR  # (N, K) with K contiguous: K-major for WGMMA
         self.c_layout = LayoutEnum.ROW_MAJOR
         ab_bytes = (self.tile_m + self.tile_n) * tile_k * a_dtype.width // 8
-        epi_bytes = self.epi_tile[0] * self.epi_tile[1] * c_dtype.width // 8 * epi_buffers
+        epi_bytes = self.epi_tile[0] * self.epi_tile[1] * c_dtype.width // 8 * self.epi_stage
         reserve = 1024 + 4 * (num_experts + 1) + 1024
         stages = (self.smem_capacity - reserve - epi_bytes) // ab_bytes
         if self.cfg.stages:
@@ -156,7 +148,7 @@ class GroupedGemmSm90:
             b_layout, (self.tile_m, b_box_n, tile_k), a_dtype, stages * (2 if self.gated else 1)
         )
         self.epi_smem_staged = sm90_utils.make_smem_layout_epi(
-            c_dtype, self.c_layout, self.epi_tile, epi_buffers
+            c_dtype, self.c_layout, self.epi_tile, self.epi_stage
         )
 
     @cute.jit
@@ -469,7 +461,7 @@ class GroupedGemmSm90:
             num_stages=self.ab_stage,
             producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
             # each consumer warp releases a stage in every CTA that multicast into it
-            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.tile_threads // 32 * self.cm),
+            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.num_mma_wg * 4 * self.cm),
             tx_count=tma_bytes,
             cta_layout_vmnk=cute.make_layout((1, self.cm, 1, 1)),
             defer_sync=True,
@@ -576,27 +568,17 @@ class GroupedGemmSm90:
                 cute.arch.griddepcontrol_wait()
                 cute.arch.griddepcontrol_launch_dependents()
             self._consumer(
-                tidx, warp_idx, wg_idx - 1, cluster_id, num_clusters, rank, total_tiles, sPrefix, mSeg, mBias, mRowScale, mSA, mSB,
+                tidx, warp_idx, cluster_id, num_clusters, rank, total_tiles, sPrefix, mSeg, mBias, mRowScale, mSA, mSB,
                 max_m, n_b, n_tiles, k_tiles, mainloop, tiled_mma, tiled_mma_out, sA, sB, sC,
                 tma_c, mC_tma,
             )
 
     @cute.jit
     def _consumer(
-        self, tidx, warp_idx, wg, cluster_id, num_clusters, rank, total_tiles, sPrefix, mSeg, mBias, mRowScale, mSA, mSB,
+        self, tidx, warp_idx, cluster_id, num_clusters, rank, total_tiles, sPrefix, mSeg, mBias, mRowScale, mSA, mSB,
         max_m, n_b, n_tiles, k_tiles, mainloop, tiled_mma, tiled_mma_out, sA, sB, sC, tma_c, mC_tma,
     ):
-        """Mainloop and epilogue of consumer warpgroup ``wg`` (0 or 1). Cooperative: both take every
-        tile of this cluster. Ping-pong: wg takes every other one; the pipeline's stages arrive in tile
-        order, so its states skip the other warpgroup's k-tiles."""
         mma_tidx = tidx - 128
-        tile_step = num_clusters
-        if const_expr(self.pingpong):
-            mma_tidx = tidx - 128 * (wg + 1)
-            tile_step = 2 * num_clusters
-        epi_barrier = pipeline.NamedBarrier(barrier_id=1 + wg if self.pingpong else 1, num_threads=self.tile_threads)
-        epi_store_warp = 4 * (wg + 1) if self.pingpong else 4
-        epi_buf0 = wg * self.epi_stage if self.pingpong else 0
         thr_mma = tiled_mma.get_slice(mma_tidx)
         thr_mma_out = tiled_mma_out.get_slice(mma_tidx)
         tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
@@ -629,19 +611,15 @@ class GroupedGemmSm90:
 
         store_pipe = pipeline.PipelineTmaStore.create(
             num_stages=self.epi_stage,
-            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.tile_threads),
+            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.num_mma_threads),
         )
         read_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.ab_stage)
         release_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.ab_stage)
-        t = cluster_id
-        if const_expr(self.pingpong):
-            t = cluster_id + wg * num_clusters
-            read_state.advance(k_tiles * wg)
-            release_state.advance(k_tiles * wg)
 
         n_acc = cute.size(acc)
         n_out_frag = cute.size(out)
         tile_count = Int32(0)
+        t = cluster_id
         e = Int32(0)
         while t < total_tiles:
             e, m_idx, n_idx = self._tile_coords(sPrefix, t, e, n_tiles, rank)
@@ -735,18 +713,15 @@ class GroupedGemmSm90:
                 for v in cutlass.range_constexpr(size_rD):
                     tRS_rD[v] = tRS_rAcc[epi_idx * size_rD + v]
                 tRS_rD_out.store(tRS_rD.load().to(self.c_dtype))
-                buf = epi_buf0 + (tile_count * epi_num + epi_idx) % self.epi_stage
+                buf = (tile_count * epi_num + epi_idx) % self.epi_stage
                 cute.copy(tiled_copy_r2s, tRS_rD_out, tRS_sD[None, None, None, buf])
                 cute.arch.fence_proxy("async.shared", space="cta")
-                epi_barrier.arrive_and_wait()
-                if warp_idx == epi_store_warp:
+                self.epi_barrier.arrive_and_wait()
+                if warp_idx == self.epi_store_warp:
                     cute.copy(tma_c, bSG_sD[None, buf], bSG_gD[None, epi_layout.get_hier_coord(epi_idx)])
                     store_pipe.producer_commit()
                     store_pipe.producer_acquire()
-                epi_barrier.arrive_and_wait()
+                self.epi_barrier.arrive_and_wait()
             tile_count = tile_count + 1
-            t = t + tile_step
-            if const_expr(self.pingpong):
-                read_state.advance(k_tiles)
-                release_state.advance(k_tiles)
+            t = t + num_clusters
         store_pipe.producer_tail()
