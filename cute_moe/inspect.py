@@ -62,7 +62,8 @@ def shipped_kernels(arch: str):
             name = f"fp8_{mode}_{'gemm1_' + act if act != 'none' else 'gemm2'}_{tile.tile_m}x{tile.tile_n}"
             out.append((name + ("_overlap" if tile.overlap_promotion else ""), "fp8",
                         KernelKey(arch, f8, bf16, tile, act, False, False, False, e, n, kk, 132, mode)))
-    for act, tile in (("silu", GemmConfig(64, 96)), ("none", GemmConfig(64, 160))):  # in-between widths
+    for act, tile in (("silu", GemmConfig(64, 96)), ("none", GemmConfig(64, 160)),  # in-between widths
+                      ("none", GemmConfig(128, 224))):
         n, kk = (2 * i, h) if act != "none" else (h, i)
         out.append((f"gemm_{act}_{tile.tile_m}x{tile.tile_n}", "bf16",
                     KernelKey(arch, bf16, bf16, tile, act, False, False, False, e, n, kk, 132)))

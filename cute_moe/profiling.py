@@ -14,7 +14,9 @@ import statistics
 import torch
 
 STAGES = ("route", "plan", "permute", "gemm1", "gemm2", "combine")
-_SLEEP_CYCLES = 2_000_000  # ~1 ms at H100/H200 clocks: longer than the host needs to enqueue a call
+# ~10 ms at H100/H200 clocks: longer than the host needs to enqueue a call with its stage events (a
+# host measured this session took ~0.5 ms per eager call; 1 ms was too short for T=2048 with events)
+_SLEEP_CYCLES = 20_000_000
 
 
 def _gpu_only(x) -> None:

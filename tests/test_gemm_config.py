@@ -94,3 +94,17 @@ def test_tile_widths():
     with pytest.raises(ValueError, match="tile_n must be 64, 128 or 256"):
         GroupedGemmSm90(GemmConfig(64, 96), "silu", scale_mode="block")
     assert GroupedGemmSm90(GemmConfig(64, 96), "silu").tile_n_out == 48
+
+
+def test_prefill_tile_width_limits_n_padding():
+    from cute_moe.gemm.config import prefill_tile_n
+
+    h, i = GPT_OSS_120B.hidden, GPT_OSS_120B.intermediate
+    assert pick_config(16384, h, i, 128, False).tile_n == 224  # GEMM2: 2880 columns, 256 pads 6.7%
+    assert pick_config(16384, 2 * i, h, 128, True).tile_n == 256  # GEMM1: 128-column outputs pad 2.2%
+    for shape in REFERENCE_SHAPES:
+        if shape is not GPT_OSS_120B:
+            assert pick_config(8192 * shape.top_k, shape.hidden, shape.intermediate, shape.num_experts,
+                               False).tile_n == 256
+    assert prefill_tile_n(100, False) == 192  # every width pads > 3%: the least padding (92%)
+

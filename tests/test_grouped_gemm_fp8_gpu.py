@@ -82,9 +82,10 @@ def test_fp8_ragged(mode, activation, tile_m):
 
 @needs_sm90
 @pytest.mark.parametrize("mode", ["tensor", "token"])
-@pytest.mark.parametrize("activation, tile_n", [("silu", 96), ("none", 160)])
-def test_fp8_in_between_tile_widths(mode, activation, tile_n):
-    """Tile widths between the powers of two (store subtiles of 16 columns for a 48-wide gated output)."""
+@pytest.mark.parametrize("activation, tile_m, tile_n", [("silu", 64, 96), ("none", 64, 160), ("none", 128, 224)])
+def test_fp8_in_between_tile_widths(mode, activation, tile_m, tile_n):
+    """Tile widths between the powers of two (store subtiles of 16 columns for a 48-wide gated output;
+    128x224 is the prefill pick for N = 2880)."""
     from cute_moe.gemm import GemmConfig, grouped_gemm
 
     gated = activation != "none"
@@ -94,7 +95,7 @@ def test_fp8_in_between_tile_widths(mode, activation, tile_n):
     qa, sa, qb, sb, da, db = quantized_operands(mode, a, b, gated)
     cu = torch.tensor([0] + RAGGED, device="cuda").cumsum(0).to(torch.int32)
     out = torch.full((a.shape[0], n // 2 if gated else n), float("nan"), device="cuda", dtype=torch.bfloat16)
-    grouped_gemm(qa, qb, cu, activation=activation, a_scale=sa, b_scale=sb, out=out, config=GemmConfig(64, tile_n))
+    grouped_gemm(qa, qb, cu, activation=activation, a_scale=sa, b_scale=sb, out=out, config=GemmConfig(tile_m, tile_n))
     assert rel_err(out, _reference(da, db, cu, activation)) < TOL
 
 

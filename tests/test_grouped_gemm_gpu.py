@@ -58,7 +58,7 @@ RAGGED = [0, 1, 127, 129, 256, 0, 3, 64]
 
 @needs_sm90
 @pytest.mark.parametrize("tile", [(128, 256), (128, 256, 2), (64, 256), (64, 128, 2), (64, 64), (64, 96), (64, 160),
-                                  (128, 192)])
+                                  (128, 192), (128, 224)])
 @pytest.mark.parametrize("activation", ["none", "silu", "gelu", "swiglu_oai"])
 def test_ragged_segments(tile, activation):
     from cute_moe.gemm import GemmConfig, grouped_gemm

@@ -21,7 +21,8 @@ from cute_moe.gemm import GemmConfig, grouped_gemm, pick_config
 from perf.common import (bench_ms, dense_mm_tflops, expert_weights, interleaved_ms, select_shapes, speedup_plot,
                          write_results)
 
-SWEEP = [GemmConfig(128, 256, 2), GemmConfig(128, 256), GemmConfig(128, 128), GemmConfig(64, 256), GemmConfig(64, 128), GemmConfig(64, 64)]
+SWEEP = [GemmConfig(128, 256, 2), GemmConfig(128, 256), GemmConfig(128, 224), GemmConfig(128, 192),
+         GemmConfig(128, 128), GemmConfig(64, 256), GemmConfig(64, 128), GemmConfig(64, 64)]
 NUM_SMS = 132
 ROUNDS = 3  # ours and torch's kernels timed in turn, medians reported
 
