@@ -56,11 +56,13 @@ def shipped_kernels(arch: str):
     f8 = torch.float8_e4m3fn
     for mode, tile in (("tensor", GemmConfig(128, 256)), ("token", GemmConfig(128, 256)),
                        ("block", GemmConfig(128, 128)), ("block", GemmConfig(64, 128)),
-                       ("block", GemmConfig(128, 128, overlap_promotion=True))):
+                       ("block", GemmConfig(128, 128, overlap_promotion=True)),
+                       ("block", GemmConfig(128, 128, 2, overlap_promotion=True))):
         for act in ("silu", "none"):
             n, kk = (2 * i, h) if act != "none" else (h, i)
             name = f"fp8_{mode}_{'gemm1_' + act if act != 'none' else 'gemm2'}_{tile.tile_m}x{tile.tile_n}"
-            out.append((name + ("_overlap" if tile.overlap_promotion else ""), "fp8",
+            name += ("_overlap" if tile.overlap_promotion else "") + ("_cluster2" if tile.cluster_m > 1 else "")
+            out.append((name, "fp8",
                         KernelKey(arch, f8, bf16, tile, act, False, False, False, e, n, kk, 132, mode)))
     for act, tile in (("silu", GemmConfig(64, 96)), ("none", GemmConfig(64, 160)),  # in-between widths
                       ("none", GemmConfig(128, 224))):

@@ -108,3 +108,11 @@ def test_prefill_tile_width_limits_n_padding():
                                False).tile_n == 256
     assert prefill_tile_n(100, False) == 192  # every width pads > 3%: the least padding (92%)
 
+
+def test_blockwise_multicast_for_large_experts_only():
+    for shape in REFERENCE_SHAPES:
+        rows = 8192 * shape.top_k
+        cfg = pick_config(rows, shape.hidden, shape.intermediate, shape.num_experts, False, blockwise=True)
+        assert (cfg.tile_m, cfg.tile_n) == (128, 128)
+        assert cfg.cluster_m == (2 if shape is MIXTRAL_8X7B else 1), shape.name
+

@@ -50,14 +50,15 @@ def _reference(a, b, cu, activation):
 
 
 def _config(mode: str, tile_m: int):
-    """"block_overlap": blockwise with GemmConfig.overlap_promotion."""
+    """"block_overlap": blockwise with GemmConfig.overlap_promotion; "_c2": 2-CTA clusters."""
     from cute_moe.gemm import GemmConfig
 
-    return GemmConfig(tile_m, 256 if mode in ("tensor", "token") else 128, overlap_promotion=mode == "block_overlap")
+    return GemmConfig(tile_m, 256 if mode in ("tensor", "token") else 128, cluster_m=2 if mode.endswith("_c2") else 1,
+                      overlap_promotion=mode.startswith("block_overlap"))
 
 
 @needs_sm90
-@pytest.mark.parametrize("mode", ["tensor", "token", "block", "block_overlap"])
+@pytest.mark.parametrize("mode", ["tensor", "token", "block", "block_overlap", "block_overlap_c2"])
 @pytest.mark.parametrize("activation", ["none", "silu", "swiglu_oai"])
 @pytest.mark.parametrize("tile_m", [64, 128])
 def test_fp8_ragged(mode, activation, tile_m):
@@ -115,7 +116,7 @@ def test_fp8_scale_shapes_checked():
 
 
 @needs_sm90
-@pytest.mark.parametrize("mode", ["tensor", "token", "block", "block_overlap"])
+@pytest.mark.parametrize("mode", ["tensor", "token", "block", "block_overlap", "block_c2", "block_overlap_c2"])
 def test_fp8_persistent_many_tiles_per_cta(mode):
     """Several tiles per CTA and more k-tiles than pipeline stages: the pipeline state must carry
     across tiles (a stale state re-reads old stages and deadlocks or corrupts the next tile)."""
