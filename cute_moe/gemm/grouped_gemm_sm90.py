@@ -124,8 +124,9 @@ class GroupedGemmSm90:
         self.tile_k = tile_k
         self.tile_mnk = (self.tile_m, self.tile_n, tile_k)
         # store subtiles of 32 columns, or 16 where the output tile is an odd multiple of 16 (tile_n 96, 160, 224 gated)
-        self.epi_tile = (self.tile_m, min(32 if self.tile_n_out % 32 == 0 else 16, self.tile_n_out))
-        self.epi_stage = 4 if self.tile_n_out >= 128 else 2
+        epi_n = self.cfg.epi_n or (32 if self.tile_n_out % 32 == 0 else 16)
+        self.epi_tile = (self.tile_m, min(epi_n, self.tile_n_out))
+        self.epi_stage = max(1, 4 * 32 // epi_n) if self.tile_n_out >= 128 else 2
 
         a_layout = LayoutEnum.ROW_MAJOR
         b_layout = LayoutEnum.ROW_MAJOR  # (N, K) with K contiguous: K-major for WGMMA
