@@ -30,7 +30,6 @@ class GemmConfig:
     cluster_m: int = 1
     stages: int = 0
     overlap_promotion: bool = False
-    epi_n: int = 0
 
     def __post_init__(self):
         if self.tile_m not in (64, 128):
