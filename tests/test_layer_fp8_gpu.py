@@ -214,7 +214,7 @@ def test_fp8_layer_cuda_graph_replay_with_new_inputs(mode):
         g.replay()
         torch.cuda.synchronize()
         ref = experts_reference(x, None, None, weights, ids, w1_bias=b1, w2_bias=b2, quant=qw)
-        assert rel_err(out, ref) < TOL
+        assert rel_err(out, ref) < E2E_TOL.get(mode, TOL)  # end to end: see E2E_TOL
 
 
 @needs_sm90
