@@ -95,7 +95,7 @@ def torch_scaled(x_q, sx, w_q, sw, offs):
     return torch._scaled_grouped_mm(x_q, w_q.transpose(1, 2), sx, sw, offs=offs, out_dtype=torch.bfloat16)
 
 
-def bench_shape(shape, tokens_list) -> list[dict]:
+def bench_shape(shape, tokens_list, modes=MODES) -> list[dict]:
     e, k, h, i = shape.num_experts, shape.top_k, shape.hidden, shape.intermediate
     w1, w2 = expert_weights(shape)
     qw = {m: quantize_weights(m, w1, w2) for m in QUANT_MODES}
@@ -113,7 +113,7 @@ def bench_shape(shape, tokens_list) -> list[dict]:
         # turn for ROUNDS rounds (medians): clock drift over the run falls on all of them alike
         fns = {"bf16_1": lambda: grouped_gemm(x, w1, cu, activation="silu"), "bf16_2": lambda: grouped_gemm(a2, w2, cu)}
         row = {"shape": shape.name, "T": t}
-        for mode in MODES:
+        for mode in modes:
             t0 = time.perf_counter()
             (q1, s1), (q2, s2) = qw[mode]
             xq, sx = quantize_act(mode.split("_")[0], x)
@@ -144,17 +144,17 @@ def bench_shape(shape, tokens_list) -> list[dict]:
             row["torch_note"] = str(ex).splitlines()[0][:120]
         ms = interleaved_ms(fns, rounds=ROUNDS, warmup=2, rep=10, graph=True, calls_per_graph=5)
         bf16_ms = row["bf16_ms"] = ms["bf16_1"] + ms["bf16_2"]
-        for mode in MODES:
+        for mode in modes:
             row[f"{mode}_ms"] = ms[f"{mode}_1"] + ms[f"{mode}_2"]
             row[f"{mode}_speedup_vs_bf16"] = bf16_ms / row[f"{mode}_ms"]
         row["torch_scaled_ms"] = ms["torch_1"] + ms["torch_2"] if "torch_1" in ms else None
-        if row["torch_scaled_ms"] is not None:
+        if row["torch_scaled_ms"] is not None and "token" in modes:
             row["token_speedup_vs_torch"] = row["torch_scaled_ms"] / row["token_ms"]
         row["speedup_vs_torch"] = row.get("token_speedup_vs_torch") or 0.0
         rows.append(row)
         print(f"{shape.name:14s} T={t:5d} bf16 {bf16_ms:7.3f} | " + " | ".join(
             f"{md} {row[f'{md}_ms']:7.3f} (x{row[f'{md}_speedup_vs_bf16']:.2f}, err {row[f'{md}_err_vs_dequantized']:.1e})"
-            for md in MODES if f"{md}_ms" in row) + f" | torch rowwise {row['torch_scaled_ms'] or float('nan'):7.3f}", flush=True)
+            for md in modes if f"{md}_ms" in row) + f" | torch rowwise {row['torch_scaled_ms'] or float('nan'):7.3f}", flush=True)
     del w1, w2, qw
     torch.cuda.empty_cache()
     return rows
@@ -164,13 +164,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="64,1024,8192")
     ap.add_argument("--shapes", default="")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
     args = ap.parse_args(argv)
+    modes = tuple(args.modes.split(","))
+    if not set(modes) <= set(MODES):
+        ap.error(f"--modes: expected a subset of {MODES}, got {args.modes!r}")
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         print("bench_grouped_gemm_fp8 needs a Hopper (sm_90) GPU", file=sys.stderr)
         return 2
     rows = []
     for shape in select_shapes(args.shapes):
-        rows += bench_shape(shape, [int(t) for t in args.tokens.split(",")])
+        rows += bench_shape(shape, [int(t) for t in args.tokens.split(",")], modes)
     write_results(
         "sm90_grouped_gemm_fp8", rows,
         {"title": "sm90 fp8 grouped GEMM (GEMM1+SwiGLU and GEMM2): scaling modes vs bf16 and torch._scaled_grouped_mm"},
