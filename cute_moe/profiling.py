@@ -14,8 +14,8 @@ import statistics
 import torch
 
 STAGES = ("route", "plan", "permute", "gemm1", "gemm2", "combine")
-# ~10 ms at H100/H200 clocks: longer than the host needs to enqueue a call with its stage events (a
-# host measured this session took ~0.5 ms per eager call; 1 ms was too short for T=2048 with events)
+# ~10 ms at H100/H200 clocks: longer than the host needs to enqueue a call with its stage events (on a
+# host that took ~0.5 ms per eager call, 1 ms was too short at T=2048: the stages timed the host)
 _SLEEP_CYCLES = 20_000_000
 
 

@@ -66,9 +66,11 @@ def pick_config(rows: int, n: int, k: int, num_experts: int, gated: bool, num_sm
     """Choose a tile for ``rows`` routed rows over ``num_experts`` experts (or masked slots of
     ``masked_max_m`` rows).
 
-    Many rows per expert: 128x256 tiles, the largest whose fp32 accumulators stay in the registers of
-    two consumer warpgroups (blockwise fp8 keeps a second accumulator: 128 wide). Few rows (decode): the GEMM streams each active expert's weights once and
-    is memory-bound: 64-row tiles, the narrowest N tile that keeps all tiles in one wave.
+    Many rows per expert: 128-row tiles up to 256 wide, the largest whose fp32 accumulators stay in
+    the registers of two consumer warpgroups, narrowed to 224 or 192 where 256 would pad N by more
+    than 3% (:func:`prefill_tile_n`); blockwise fp8 keeps a second accumulator: 128 wide. Few rows
+    (decode): the GEMM streams each active expert's weights once and is memory-bound: 64-row tiles,
+    the narrowest N tile that keeps all tiles in one wave.
     """
     active = max(1, min(num_experts, rows))
     rows_per_expert = masked_max_m or rows / active
