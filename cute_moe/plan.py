@@ -235,7 +235,7 @@ def _launch_plan(ids: torch.Tensor, E: int, block_m, max_m, buffer) -> RoutingPl
     num_tokens, top_k = ids.shape
     n = num_tokens * top_k
     sizes, chunk, num_chunks = _plan_sizes(n, E, block_m, max_m)
-    tensors, out_args, hist_ptr = _outputs(ids.device, num_tokens, top_k, E, block_m, max_m, buffer,
+    tensors, out_args, hist_ptr = _outputs(ids.device, sizes, num_tokens, top_k, E, block_m, max_m, buffer,
                                            num_chunks if num_chunks > 1 else 0)
     dev = ids.device.index if ids.device.index is not None else torch.cuda.current_device()
     key = (dev, E, ids.dtype == torch.int64, block_m is not None, max_m is not None)
@@ -254,11 +254,11 @@ def _launch_plan(ids: torch.Tensor, E: int, block_m, max_m, buffer) -> RoutingPl
     return _assemble(num_tokens, top_k, E, *tensors)
 
 
-def _outputs(device, T: int, k: int, E: int, block_m, max_m, buffer, hist_chunks: int):
-    """The plan's tensors (views of ``buffer`` or of a new allocation), their kernel arguments
-    (PLAN_OUT_PARAMS of plan_common.cuh) and the address of room for ``hist_chunks`` histograms."""
+def _outputs(device, sizes: list[int], T: int, k: int, E: int, block_m, max_m, buffer, hist_chunks: int):
+    """The plan's tensors (views of ``buffer`` or of a new allocation; ``sizes`` from _plan_sizes),
+    their kernel arguments (PLAN_OUT_PARAMS of plan_common.cuh) and the address of room for
+    ``hist_chunks`` histograms."""
     n = T * k
-    sizes = _plan_sizes(n, E, block_m, max_m)[0]
     hist_off = _hist_offset(sizes)
     need = hist_off + hist_chunks * E
     if buffer is None:
@@ -328,7 +328,8 @@ def route_and_plan(router_logits, top_k: int, *, scoring: str = "softmax", renor
         per_cta = max(-(-T // cap) if cap else T, tokens_per_cta or FUSED_TOKENS_PER_CTA)
         grid = -(-T // per_cta)
         if fused or (-(-per_cta // nw) <= FUSED_MAX_TOKENS_PER_WARP and (grid == 1 or T >= FUSED_MIN_TOKENS)):
-            tensors, out_args, hist_ptr = _outputs(r.weights.device, T, top_k, E, block_m, max_m, buffer,
+            sizes = _plan_sizes(T * top_k, E, block_m, max_m)[0]
+            tensors, out_args, hist_ptr = _outputs(r.weights.device, sizes, T, top_k, E, block_m, max_m, buffer,
                                                    grid if grid > 1 else 0)
             args = (*r.args, np.int32(T), np.int32(per_cta), hist_ptr, *out_args)
             if grid == 1:
