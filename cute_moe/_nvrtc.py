@@ -44,7 +44,8 @@ def check_rows(x, name: str, layout: str) -> int:
         raise ValueError(f"{name}: expected a contiguous last dimension, got strides {x.stride()}")
     return code
 
-KERNEL_SOURCES = ("routing.cu", "router.cu", "plan.cu", "route_plan.cu", "permute.cu", "combine.cu", "quantize.cu")
+KERNEL_SOURCES = ("routing.cu", "router.cu", "plan.cu", "route_plan.cu", "permute.cu", "combine.cu", "quantize.cu",
+                  "moe_decode.cu")
 HEADERS = ("common.cuh", "route_select.cuh", "plan_common.cuh")
 
 _lock = threading.Lock()
@@ -240,7 +241,7 @@ _COOPERATIVE = 2  # CUlaunchAttributeID
 _coop_pdl: dict[int, bool] = {}  # device -> whether cooperative launches also take the PDL attribute
 
 
-def launch_cooperative(fn, device_index: int, grid: int, block: int, args: tuple) -> bool:
+def launch_cooperative(fn, device_index: int, grid: int, block: int, args: tuple, shared_mem: int = 0) -> bool:
     """Launch ``fn`` cooperatively (all CTAs resident, for kernels with a grid barrier) on torch's
     current stream, with PDL where the driver accepts both. False if it could not be launched
     (no driver entry point, or the driver refused, e.g. a grid larger than fits at once): the
@@ -255,7 +256,7 @@ def launch_cooperative(fn, device_index: int, grid: int, block: int, args: tuple
     pdl = _coop_pdl.get(device_index, _pdl_on(device_index))
     for with_pdl in ((True, False) if pdl else (False,)):
         cfg = _coop_config(with_pdl)
-        cfg.gridDimX, cfg.blockDimX, cfg.hStream = grid, block, stream
+        cfg.gridDimX, cfg.blockDimX, cfg.sharedMemBytes, cfg.hStream = grid, block, shared_mem, stream
         if _driver_launch_ex(ctypes.byref(cfg), fn.ptr, params, None) == 0:
             _coop_pdl[device_index] = with_pdl
             return True
@@ -414,10 +415,10 @@ def compile_check(arch: str = "sm_90", *, specializations: Iterable[tuple[str, d
     (no GPU needed, no cache). Returns [(source, defines, log)]; raises CompileError on the first
     failure."""
     if specializations is None:
-        from . import permute, plan, routing
+        from . import decode, permute, plan, routing
 
         specializations = [*routing.compile_specializations(), *plan.compile_specializations(),
-                           *permute.compile_specializations()]
+                           *permute.compile_specializations(), *decode.compile_specializations()]
     results = []
     for source, defines in specializations:
         _, log = compile_source(source, arch, defines, cache=False)

@@ -2,7 +2,8 @@
 
 route (CuPy) -> plan (CuPy) -> permute (CuPy) -> GEMM1 + gated activation (CuTe DSL) ->
 GEMM2 (CuTe DSL) -> combine with the router weights (CuPy, deterministic). :func:`moe` routes and
-plans in one kernel (plan.route_and_plan); :func:`fused_moe` plans the ids it is given.
+plans in one kernel (plan.route_and_plan); :func:`fused_moe` plans the ids it is given. Up to
+``decode.MAX_TOKENS`` tokens (bf16/fp16) the experts run in one kernel instead (:mod:`cute_moe.decode`).
 
 With ``quant=`` (fp8 e4m3 weights, :mod:`cute_moe.quant`) both GEMMs run in fp8 with the mode's
 dynamic activation scales, as :func:`cute_moe.reference.experts_reference` defines them: the permute
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from . import decode
 from .gemm import grouped_gemm
 from .permute import combine, permute, permute_fp8, permute_fp8_per_tensor, quantize_fp8
 from .plan import make_plan, plan_buffer_ints, route_and_plan
@@ -93,6 +95,9 @@ def moe(*, router_logits, routing: dict, **experts):
     the tokens fit on the GPU at once), then :func:`fused_moe` on that plan. ``routing``: route_gpu's
     keyword arguments (top_k, scoring, ...); ``experts``: fused_moe's, without the top-k tensors."""
     x, quant, workspace = experts["x"], experts["quant"], experts.get("workspace")
+    if _decode_reason(experts, routing["top_k"]) is None:  # a few tokens: route, then the one-kernel experts
+        topk_weights, topk_ids = route_gpu(router_logits, **routing)
+        return fused_moe(topk_weights=topk_weights, topk_ids=topk_ids, **experts)
     weights = experts["w1"] if quant is None else quant.w1_q
     num_experts, inter = weights.shape[0], weights.shape[1] // 2
     views = None
@@ -123,6 +128,14 @@ def fused_moe(*, x, w1, w2, topk_weights, topk_ids, activation, w1_bias, w2_bias
     ws = views
     if ws is None and workspace is not None:
         ws = _workspace_views(workspace, x, quant, num_experts, inter, topk_ids.numel())
+    if plan is None and stage_hook is None and _decode_reason(
+            dict(x=x, w1=w1, quant=quant, w1_bias=w1_bias, w2_bias=w2_bias, shared_output=shared_output, out=out),
+            topk_ids.shape[1], topk_ids) is None:
+        result = decode.fused_moe_decode(x, w1, w2, topk_weights, topk_ids, activation=activation, w1_bias=w1_bias,
+                                         w2_bias=w2_bias, shared_output=shared_output, out=out,
+                                         h=None if ws is None else ws["h"])
+        if result is not None:
+            return result
     if plan is None:
         ids = topk_ids.to(torch.int32)
         plan = make_plan(ids, num_experts) if ws is None else make_plan(ids, num_experts, buffer=ws["plan"])
@@ -142,6 +155,16 @@ def fused_moe(*, x, w1, w2, topk_weights, topk_ids, activation, w1_bias, w2_bias
     result = combine(y, plan, topk_weights.float(), addend=shared_output, out=out)
     hook("combine")
     return result
+
+
+def _decode_reason(kw: dict, top_k: int, topk_ids=None) -> str | None:
+    """Why this call does not take the one-kernel decode path (:mod:`cute_moe.decode`), or None."""
+    if kw["x"].shape[0] > decode.MAX_TOKENS:
+        return "more tokens than the decode path takes"
+    if kw["quant"] is not None:
+        return "fp8 runs the staged pipeline"
+    return decode.unsupported_reason(kw["x"], kw["w1"], top_k, topk_ids=topk_ids, w1_bias=kw["w1_bias"],
+                                     w2_bias=kw["w2_bias"], shared_output=kw["shared_output"], out=kw["out"])
 
 
 def _fp8_experts(x, quant: QuantizedWeights, plan, activation, w1_bias, w2_bias, hook, ws) -> torch.Tensor:

@@ -2,13 +2,13 @@
 # GPU test suite in groups (each under its own timeout, so one hang cannot eat a whole device call),
 # logging to ${OUT:-/tmp}/gpu_tests.log; exits non-zero if any group failed or timed out.
 #   bash perf/sm90/run_gpu_suite.sh [group-name ...]   (default: all groups)
-# Groups: fp8 (fp8 GEMM + fp8 layer), layer (layer, workspace, torch.compile, profile, disk cache),
+# Groups: fp8 (fp8 GEMM + fp8 layer), layer (decode kernel, layer, workspace, torch.compile, profile, disk cache),
 #         gemm (bf16 grouped GEMM), routing (route, plan, route_and_plan, permute/combine).
 set -u
 log="${OUT:-/tmp}/gpu_tests.log"
 declare -A groups=(
   [fp8]="tests/test_grouped_gemm_fp8_gpu.py tests/test_layer_fp8_gpu.py"
-  [layer]="tests/test_layer_gpu.py tests/test_workspace.py tests/test_compile.py tests/test_profile.py tests/test_disk_cache.py"
+  [layer]="tests/test_decode_gpu.py tests/test_layer_gpu.py tests/test_workspace.py tests/test_compile.py tests/test_profile.py tests/test_disk_cache.py"
   [gemm]="tests/test_grouped_gemm_gpu.py"
   [routing]="tests/test_routing_gpu.py tests/test_plan_gpu.py tests/test_route_plan_gpu.py tests/test_permute_gpu.py"
 )

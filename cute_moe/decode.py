@@ -1,0 +1,155 @@
+"""The expert stage for a few tokens in one kernel (``kernels/moe_decode.cu``): the decode path.
+
+At decode sizes (a handful of tokens) the MoE layer streams each active expert's weights once and
+does a few FLOPs per weight, so the staged pipeline (plan, permute, GEMM1, GEMM2, combine: five
+launches, each GEMM with a fixed start-up cost) spends as much time starting kernels as reading
+weights. :func:`fused_moe_decode` runs GEMM1 + activation, GEMM2, the router-weighted combine and the
+shared-output add in one cooperative launch with a grid barrier between the GEMMs (CUDA cores,
+16-byte streaming loads, bitwise-reproducible float32 sums). ``cute_moe.layer`` takes it
+automatically for ``T <= MAX_TOKENS`` bf16/fp16 calls it can run; ``MAX_TOKENS = 0`` (or the
+environment variable ``CUTE_MOE_DECODE_MAX_TOKENS=0``) turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import numpy as np
+import torch
+
+from . import _nvrtc
+from ._nvrtc import DTYPE_CODES
+
+# Up to this many tokens the layer runs the one-kernel decode path (perf/sm90/bench_decode_layer.py).
+MAX_TOKENS = int(os.environ.get("CUTE_MOE_DECODE_MAX_TOKENS", "8"))
+# Prefetch GEMM2's weight rows into L2 before the grid barrier when the active experts' w2 bytes
+# (upper bound) are at most this fraction of L2 (None: always, False: never; for experiments).
+PREFETCH_L2_FRACTION: float | bool | None = 0.6
+
+_SOURCE = "moe_decode.cu"
+_KERNEL = "moe_decode"
+_WARPS = 16
+_UNROLL = 4
+_TMAX = (1, 2, 4, 8)
+_MAX_ENTRIES = 64  # TMAX * top_k bound of the kernel's shared bookkeeping
+ACTIVATION_CODES = {"silu": 0, "gelu": 1, "swiglu_oai": 2}
+_MAX_DYNAMIC_SMEM_ATTR = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+_fn_cache: dict[tuple, object] = {}
+_device_limits: dict[int, tuple[int, int]] = {}
+_set_attribute = None
+
+
+def _defines(x_dt: int, tw_dt: int, sh_dt: int, b1_dt: int | None, b2_dt: int | None, ids_i64: bool, top_k: int,
+             tmax: int, act: int) -> tuple:
+    """moe_decode.cu's defines; a None dtype code (bias) or sh_dt < 0 (shared_output) means absent."""
+    return tuple(sorted(dict(X_DT=x_dt, TW_DT=tw_dt, SH_DT=max(sh_dt, 0), HAS_SHARED=int(sh_dt >= 0),
+                             B1_DT=b1_dt or 0, HAS_B1=int(b1_dt is not None), B2_DT=b2_dt or 0,
+                             HAS_B2=int(b2_dt is not None), IDS_I64=int(ids_i64), TOP_K=top_k, TMAX=tmax, ACT=act,
+                             NW=_WARPS, UNROLL=_UNROLL).items()))
+
+
+def compile_specializations() -> list[tuple[str, dict]]:
+    """Define sets covering every branch of moe_decode.cu (for the CPU compile check)."""
+    cases = [(2, 0, -1, None, None, False, 8, 1, 0), (2, 0, 0, 2, 0, True, 2, 8, 1),
+             (1, 1, 1, 1, 1, False, 4, 4, 2), (2, 2, -1, None, 2, True, 1, 2, 2), (2, 0, 2, 0, None, False, 8, 8, 0)]
+    return [(_SOURCE, dict(_defines(*c))) for c in cases]
+
+
+def _tmax(num_tokens: int) -> int:
+    return next(t for t in _TMAX if t >= num_tokens)
+
+
+def _limits(dev: int) -> tuple[int, int]:
+    """(opt-in shared memory per block, L2 bytes) of device ``dev`` (cached)."""
+    lim = _device_limits.get(dev)
+    if lim is None:
+        props = torch.cuda.get_device_properties(dev)
+        lim = _device_limits[dev] = (int(getattr(props, "shared_memory_per_block_optin", 48 * 1024)),
+                                     int(getattr(props, "L2_cache_size", 0)))
+    return lim
+
+
+def smem_bytes(num_tokens: int, top_k: int, hidden: int, inter: int, elem: int = 2) -> int:
+    """Dynamic shared memory of a call: x's rows, later reused for the activations' rows."""
+    return max(num_tokens * hidden, num_tokens * top_k * inter) * elem
+
+
+def unsupported_reason(x: torch.Tensor, w1: torch.Tensor, top_k: int, *, topk_ids=None, w1_bias=None, w2_bias=None,
+                       shared_output=None, out=None) -> str | None:
+    """Why the decode kernel cannot take this (validated, bf16/fp16, contiguous x/w1/w2) call, or None."""
+    num_tokens, hidden = x.shape
+    inter = w1.shape[1] // 2
+    if not 0 < num_tokens <= min(MAX_TOKENS, _TMAX[-1]):
+        return f"T = {num_tokens} is outside the decode path's 1..{min(MAX_TOKENS, _TMAX[-1])} tokens"
+    if _tmax(num_tokens) * top_k > _MAX_ENTRIES:
+        return f"T * top_k = {num_tokens} * {top_k} rounds past {_MAX_ENTRIES} entries"
+    if x.data_ptr() % 16 or w1.data_ptr() % 16:
+        return "x and w1 must be 16-byte aligned"
+    if smem_bytes(num_tokens, top_k, hidden, inter, x.element_size()) > _limits(x.device.index)[0] - 4096:
+        return "x's or the activations' rows do not fit in shared memory"
+    for name, t in (("shared_output", shared_output), ("out", out), ("topk_ids", topk_ids), ("w1_bias", w1_bias),
+                    ("w2_bias", w2_bias)):
+        if t is not None and not t.is_contiguous():
+            return f"{name} is not contiguous"
+    return None
+
+
+def _function(dev: int, defines: tuple):
+    """The compiled kernel for ``defines`` on ``dev``, allowed the device's opt-in shared memory."""
+    global _set_attribute
+    key = (dev, defines)
+    fn = _fn_cache.get(key)
+    if fn is None:
+        fn = _nvrtc.get_function(dev, _SOURCE, _KERNEL, defines)
+        if _set_attribute is None:
+            _set_attribute = _nvrtc.driver_function("cuFuncSetAttribute",
+                                                    [ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
+        if _set_attribute is not None:
+            _set_attribute(fn.ptr, _MAX_DYNAMIC_SMEM_ATTR, _limits(dev)[0] - 4096)
+        _fn_cache[key] = fn
+    return fn
+
+
+def _prefetch(dev: int, num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int, elem: int) -> int:
+    frac = PREFETCH_L2_FRACTION
+    if frac is None or frac is True:
+        return 1
+    if frac is False:
+        return 0
+    w2_bytes = min(num_tokens * top_k, num_experts) * hidden * inter * elem
+    return int(w2_bytes <= frac * _limits(dev)[1])
+
+
+def fused_moe_decode(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                     topk_ids: torch.Tensor, *, activation: str, w1_bias=None, w2_bias=None, shared_output=None,
+                     out=None, h=None) -> torch.Tensor | None:
+    """out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) (+ shared_output[t]) in one
+    kernel, for a call :func:`unsupported_reason` accepts. ``h``: scratch [T*k, I] in x's dtype
+    (allocated when None). Returns the output, or None when the driver refuses the cooperative
+    launch (the caller then runs the staged pipeline)."""
+    num_tokens, hidden = x.shape
+    num_experts, two_inter = w1.shape[:2]
+    inter, top_k = two_inter // 2, topk_ids.shape[1]
+    dev = x.device.index
+    defines = _defines(DTYPE_CODES[x.dtype], DTYPE_CODES[topk_weights.dtype],
+                       -1 if shared_output is None else DTYPE_CODES[shared_output.dtype],
+                       None if w1_bias is None else DTYPE_CODES[w1_bias.dtype],
+                       None if w2_bias is None else DTYPE_CODES[w2_bias.dtype], topk_ids.dtype == torch.int64,
+                       top_k, _tmax(num_tokens), ACTIVATION_CODES[activation])
+    fn = _function(dev, defines)
+    if h is None:
+        h = torch.empty(num_tokens * top_k, inter, device=x.device, dtype=x.dtype)
+    if out is None:
+        out = torch.empty(num_tokens, hidden, device=x.device, dtype=x.dtype)
+    tw = topk_weights if topk_weights.is_contiguous() else topk_weights.contiguous()
+    args = (x.data_ptr(), w1.data_ptr(), w2.data_ptr(), 0 if w1_bias is None else w1_bias.data_ptr(),
+            0 if w2_bias is None else w2_bias.data_ptr(), tw.data_ptr(), topk_ids.data_ptr(),
+            0 if shared_output is None else shared_output.data_ptr(), out.data_ptr(), h.data_ptr(),
+            np.int32(num_tokens), np.int32(hidden), np.int32(inter), np.int32(num_experts),
+            np.int32(_prefetch(dev, num_tokens, top_k, num_experts, hidden, inter, x.element_size())))
+    grid = _nvrtc.device_info(dev)[1]
+    smem = smem_bytes(num_tokens, top_k, hidden, inter, x.element_size())
+    if not _nvrtc.launch_cooperative(fn, dev, grid, _WARPS * 32, args, shared_mem=smem):
+        return None
+    return out

@@ -1,0 +1,198 @@
+"""The one-kernel decode path (cute_moe.decode, kernels/moe_decode.cu) vs the float32 reference (GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cute_moe
+from cute_moe import decode
+from cute_moe.reference import experts_reference
+
+pytestmark = pytest.mark.gpu
+
+needs_sm90 = pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9), reason="needs an sm_90 GPU"
+)
+
+
+def rel_err(out, ref):
+    assert torch.isfinite(out).all()
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def _weights(e, h, i, bias=False, dtype=torch.bfloat16, bias_dtype=torch.bfloat16):
+    w1 = (torch.randn(e, 2 * i, h, device="cuda") * h**-0.5).to(dtype)
+    w2 = (torch.randn(e, h, i, device="cuda") * i**-0.5).to(dtype)
+    b1 = torch.randn(e, 2 * i, device="cuda").to(bias_dtype) if bias else None
+    b2 = torch.randn(e, h, device="cuda").to(bias_dtype) if bias else None
+    return w1, w2, b1, b2
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts launches of the decode kernel (so a test knows which path ran)."""
+    count = {"n": 0}
+    run = decode.fused_moe_decode
+
+    def counted(*args, **kwargs):
+        result = run(*args, **kwargs)
+        count["n"] += result is not None
+        return result
+
+    monkeypatch.setattr(decode, "fused_moe_decode", counted)
+    monkeypatch.setattr(decode, "MAX_TOKENS", 8)
+    return count
+
+
+def _valid_reference(x, w1, w2, weights, ids, num_experts, **kw):
+    """experts_reference with dropped ids (outside [0, E)) as weight-0 slots of expert 0."""
+    dropped = (ids < 0) | (ids >= num_experts)
+    return experts_reference(x, w1, w2, weights.masked_fill(dropped, 0), ids.masked_fill(dropped, 0), **kw)
+
+
+@needs_sm90
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("activation", ["silu", "gelu", "swiglu_oai"])
+def test_decode_matches_reference(calls, tokens, activation):
+    e, k, h, i = 16, 4, 200, 72  # H, I multiples of 8 but not of the 256-element row step
+    w1, w2, b1, b2 = _weights(e, h, i, bias=activation == "swiglu_oai")
+    x = torch.randn(tokens, h, device="cuda").to(torch.bfloat16)
+    weights, ids = cute_moe.route(torch.randn(tokens, e, device="cuda"), k, renormalize=True)
+    out = torch.full((tokens, h), float("nan"), device="cuda", dtype=torch.bfloat16)
+    cute_moe.fused_moe(x, w1, w2, weights, ids, activation=activation, w1_bias=b1, w2_bias=b2, out=out,
+                       backend="cute")
+    assert calls["n"] == 1
+    ref = experts_reference(x, w1, w2, weights, ids, activation=activation, w1_bias=b1, w2_bias=b2)
+    assert rel_err(out, ref) < 1e-2
+
+
+@needs_sm90
+@pytest.mark.parametrize("case", ["repeated_ids", "dropped_ids", "one_expert", "all_slots_one_expert"])
+def test_decode_ragged_routing(calls, case):
+    e, k, h, i, t = 8, 4, 256, 128, 5
+    w1, w2, _, _ = _weights(e, h, i)
+    x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
+    weights = torch.rand(t, k, device="cuda")
+    ids = torch.randint(0, e, (t, k), device="cuda", dtype=torch.int32)
+    if case == "repeated_ids":
+        ids[:, 1] = ids[:, 0]
+    elif case == "dropped_ids":
+        ids[0, :] = -1
+        ids[1, 2] = e
+        ids[3, 0] = -5
+    elif case == "one_expert":
+        ids[:, 0] = 3
+    else:  # every slot of every token on one expert: more members than the kernel's token bound
+        ids.fill_(6)
+    out = torch.full((t, h), float("nan"), device="cuda", dtype=torch.bfloat16)
+    cute_moe.fused_moe(x, w1, w2, weights, ids, out=out, backend="cute")
+    assert calls["n"] == 1
+    ref = _valid_reference(x, w1, w2, weights, ids, e, activation="silu")
+    if case == "dropped_ids":
+        assert (out[0] == 0).all()  # every slot dropped: nothing added
+        assert rel_err(out[1:], ref[1:]) < 1e-2
+    else:
+        assert rel_err(out, ref) < 1e-2
+
+
+@needs_sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_extras_dtypes(calls, dtype):
+    """fp16, int64 ids, bf16 router weights, float32 biases and shared output."""
+    e, k, h, i, t = 32, 8, 512, 256, 4
+    w1, w2, b1, b2 = _weights(e, h, i, bias=True, dtype=dtype, bias_dtype=torch.float32)
+    x = torch.randn(t, h, device="cuda").to(dtype)
+    weights, ids = cute_moe.route(torch.randn(t, e, device="cuda"), k)
+    weights, ids = weights.to(torch.bfloat16), ids.long()
+    shared = torch.randn(t, h, device="cuda")
+    out = cute_moe.fused_moe(x, w1, w2, weights, ids, activation="gelu", w1_bias=b1, w2_bias=b2,
+                             shared_output=shared, backend="cute")
+    assert calls["n"] == 1 and out.dtype == dtype
+    ref = experts_reference(x, w1, w2, weights, ids, activation="gelu", w1_bias=b1, w2_bias=b2, shared_output=shared)
+    assert rel_err(out, ref) < 1e-2
+
+
+@needs_sm90
+def test_decode_equals_staged_and_is_deterministic(calls, monkeypatch):
+    e, k, h, i, t = 64, 8, 1024, 384, 3
+    w1, w2, _, _ = _weights(e, h, i)
+    x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
+    weights, ids = cute_moe.route(torch.randn(t, e, device="cuda"), k, renormalize=True)
+    a = cute_moe.fused_moe(x, w1, w2, weights, ids, backend="cute")
+    b = cute_moe.fused_moe(x, w1, w2, weights, ids, backend="cute")
+    assert calls["n"] == 2 and torch.equal(a, b)
+    monkeypatch.setattr(decode, "MAX_TOKENS", 0)
+    staged = cute_moe.fused_moe(x, w1, w2, weights, ids, backend="cute")
+    assert calls["n"] == 2
+    assert rel_err(a, staged) < 1e-2
+
+
+@needs_sm90
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_decode_reference_shape_qwen3(calls, monkeypatch, prefetch):
+    """Qwen3-30B-A3B's expert sizes at T=1 (E reduced to 32): GEMM2 prefetch on and off."""
+    monkeypatch.setattr(decode, "PREFETCH_L2_FRACTION", prefetch)
+    e, k, h, i = 32, 8, 2048, 768
+    w1, w2, _, _ = _weights(e, h, i)
+    for seed in range(3):
+        x = torch.randn(1, h, device="cuda").to(torch.bfloat16)
+        weights, ids = cute_moe.route(torch.randn(1, e, device="cuda"), k, renormalize=True)
+        out = torch.full((1, h), float("nan"), device="cuda", dtype=torch.bfloat16)
+        cute_moe.fused_moe(x, w1, w2, weights, ids, out=out, backend="cute")
+        assert rel_err(out, experts_reference(x, w1, w2, weights, ids, activation="silu")) < 1e-2
+    assert calls["n"] == 3
+
+
+@needs_sm90
+def test_decode_cuda_graph_replay_with_new_routing(calls):
+    e, k, h, i, t = 32, 4, 2880, 288, 2  # GPT-OSS-like H, swiglu_oai with biases
+    w1, w2, b1, b2 = _weights(e, h, i, bias=True)
+    x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
+    weights, ids = cute_moe.route(torch.randn(t, e, device="cuda"), k, renormalize=True)
+    out = torch.empty(t, h, device="cuda", dtype=torch.bfloat16)
+    ws = cute_moe.Workspace()
+    kw = dict(activation="swiglu_oai", w1_bias=b1, w2_bias=b2, out=out, workspace=ws, backend="cute")
+    cute_moe.fused_moe(x, w1, w2, weights, ids, **kw)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        cute_moe.fused_moe(x, w1, w2, weights, ids, **kw)
+    assert calls["n"] == 2
+    for _ in range(3):
+        new_w, new_ids = cute_moe.route(torch.randn(t, e, device="cuda"), k, renormalize=True)
+        weights.copy_(new_w)
+        ids.copy_(new_ids)
+        x.copy_(torch.randn(t, h, device="cuda"))
+        out.fill_(float("nan"))
+        ws._buf.fill_(255)  # poison the activations' scratch: NaN bf16
+        g.replay()
+        torch.cuda.synchronize()
+        ref = experts_reference(x, w1, w2, weights, ids, activation="swiglu_oai", w1_bias=b1, w2_bias=b2)
+        assert rel_err(out, ref) < 1e-2
+
+
+@needs_sm90
+def test_moe_decode_routes_then_one_kernel_cupy(calls):
+    cp = pytest.importorskip("cupy")
+    e, k, h, i = 16, 2, 256, 128
+    w1, w2, _, _ = _weights(e, h, i)
+    router = torch.randn(e, h, device="cuda").to(torch.bfloat16)
+    x = torch.randn(1, h, device="cuda").to(torch.bfloat16)
+    out = cute_moe.moe(cp.from_dlpack(x), cp.from_dlpack(router), cp.from_dlpack(w1), cp.from_dlpack(w2), k,
+                       renormalize=True, backend="cute")
+    assert isinstance(out, cp.ndarray) and calls["n"] == 1
+    ref = cute_moe.moe(x, router, w1, w2, k, renormalize=True, backend="reference")
+    assert rel_err(torch.from_dlpack(out), ref) < 1e-2
+
+
+@needs_sm90
+def test_nan_in_x_propagates_to_that_token(calls):
+    e, k, h, i, t = 8, 2, 128, 64, 3
+    w1, w2, _, _ = _weights(e, h, i)
+    x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
+    x[1, 5] = float("nan")
+    weights, ids = cute_moe.route(torch.randn(t, e, device="cuda"), k, renormalize=True)
+    out = cute_moe.fused_moe(x, w1, w2, weights, ids, activation="swiglu_oai", backend="cute")
+    assert calls["n"] == 1
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2]]).all()
