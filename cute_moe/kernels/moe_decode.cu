@@ -257,12 +257,11 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
             int uq[UNROLL], vq[UNROLL];
 #pragma unroll
             for (int i = 0; i < UNROLL; ++i) {
-                const int q = q0 + 32 * i;
+                const int q = min(q0 + 32 * i, num_q - 1);
                 uq[i] = q / v2;
                 vq[i] = q - uq[i] * v2;
-                wv[i] = q < num_q
-                            ? ld_stream((const uint4*)(w2 + ((i64)S.expert[uq[i]] * hidden + c) * inter) + vq[i], policy)
-                            : zero_raw<uint4>();
+                const uint4* row = (const uint4*)(w2 + ((i64)S.expert[uq[i]] * hidden + c) * inter);
+                wv[i] = q0 + 32 * i < num_q ? ld_stream(row + vq[i], policy) : zero_raw<uint4>();
             }
 #pragma unroll
             for (int i = 0; i < UNROLL; ++i) {
