@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,16 +22,28 @@ import torch
 from . import _nvrtc
 from ._nvrtc import DTYPE_CODES
 
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch shape of moe_decode.cu: warps per CTA (one CTA per SM), 16-byte vectors per row, lane and
+    pipeline step (GEMM2 takes twice as many per step), and steps in flight per thread. Shared memory
+    holds warps * 32 * stages * 2 * unroll 16-byte slots besides the x / activation rows."""
+
+    warps: int = 16
+    unroll: int = 2
+    stages: int = 4
+
+    def ring_bytes(self) -> int:
+        return self.warps * 32 * self.stages * 2 * self.unroll * 16
+
+
 # Up to this many tokens the layer runs the one-kernel decode path (perf/sm90/bench_decode_layer.py).
 MAX_TOKENS = int(os.environ.get("CUTE_MOE_DECODE_MAX_TOKENS", "8"))
-# Prefetch GEMM2's weight rows into L2 before the grid barrier when the active experts' w2 bytes
-# (upper bound) are at most this fraction of L2 (None: always, False: never; for experiments).
-PREFETCH_L2_FRACTION: float | bool | None = 0.6
+CONFIG = DecodeConfig()
 
 _SOURCE = "moe_decode.cu"
 _KERNEL = "moe_decode"
-_WARPS = 16
-_UNROLL = 4
 _TMAX = (1, 2, 4, 8)
 _MAX_ENTRIES = 64  # TMAX * top_k bound of the kernel's shared bookkeeping
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "swiglu_oai": 2}
@@ -41,19 +54,20 @@ _set_attribute = None
 
 
 def _defines(x_dt: int, tw_dt: int, sh_dt: int, b1_dt: int | None, b2_dt: int | None, ids_i64: bool, top_k: int,
-             tmax: int, act: int) -> tuple:
+             tmax: int, act: int, config: DecodeConfig = DecodeConfig()) -> tuple:
     """moe_decode.cu's defines; a None dtype code (bias) or sh_dt < 0 (shared_output) means absent."""
     return tuple(sorted(dict(X_DT=x_dt, TW_DT=tw_dt, SH_DT=max(sh_dt, 0), HAS_SHARED=int(sh_dt >= 0),
                              B1_DT=b1_dt or 0, HAS_B1=int(b1_dt is not None), B2_DT=b2_dt or 0,
                              HAS_B2=int(b2_dt is not None), IDS_I64=int(ids_i64), TOP_K=top_k, TMAX=tmax, ACT=act,
-                             NW=_WARPS, UNROLL=_UNROLL).items()))
+                             NW=config.warps, UNROLL=config.unroll, STAGES=config.stages).items()))
 
 
 def compile_specializations() -> list[tuple[str, dict]]:
     """Define sets covering every branch of moe_decode.cu (for the CPU compile check)."""
     cases = [(2, 0, -1, None, None, False, 8, 1, 0), (2, 0, 0, 2, 0, True, 2, 8, 1),
              (1, 1, 1, 1, 1, False, 4, 4, 2), (2, 2, -1, None, 2, True, 1, 2, 2), (2, 0, 2, 0, None, False, 8, 8, 0)]
-    return [(_SOURCE, dict(_defines(*c))) for c in cases]
+    configs = [DecodeConfig(), DecodeConfig(8, 4, 4), DecodeConfig(16, 1, 8), DecodeConfig(), DecodeConfig(32, 2, 2)]
+    return [(_SOURCE, dict(_defines(*c, config=cfg))) for c, cfg in zip(cases, configs)]
 
 
 def _tmax(num_tokens: int) -> int:
@@ -70,9 +84,10 @@ def _limits(dev: int) -> tuple[int, int]:
     return lim
 
 
-def smem_bytes(num_tokens: int, top_k: int, hidden: int, inter: int, elem: int = 2) -> int:
-    """Dynamic shared memory of a call: x's rows, later reused for the activations' rows."""
-    return max(num_tokens * hidden, num_tokens * top_k * inter) * elem
+def smem_bytes(num_tokens: int, top_k: int, hidden: int, inter: int, elem: int = 2,
+               config: DecodeConfig | None = None) -> int:
+    """Dynamic shared memory of a call: the weight rings, then x's rows, later the activations' rows."""
+    return (config or CONFIG).ring_bytes() + max(num_tokens * hidden, num_tokens * top_k * inter) * elem
 
 
 def unsupported_reason(x: torch.Tensor, w1: torch.Tensor, top_k: int, *, topk_ids=None, w1_bias=None, w2_bias=None,
@@ -82,8 +97,8 @@ def unsupported_reason(x: torch.Tensor, w1: torch.Tensor, top_k: int, *, topk_id
     inter = w1.shape[1] // 2
     if not 0 < num_tokens <= min(MAX_TOKENS, _TMAX[-1]):
         return f"T = {num_tokens} is outside the decode path's 1..{min(MAX_TOKENS, _TMAX[-1])} tokens"
-    if _tmax(num_tokens) * top_k > _MAX_ENTRIES:
-        return f"T * top_k = {num_tokens} * {top_k} rounds past {_MAX_ENTRIES} entries"
+    if _tmax(num_tokens) * top_k > min(_MAX_ENTRIES, CONFIG.warps * 32):
+        return f"T * top_k = {num_tokens} * {top_k} rounds past {min(_MAX_ENTRIES, CONFIG.warps * 32)} entries"
     if x.data_ptr() % 16 or w1.data_ptr() % 16:
         return "x and w1 must be 16-byte aligned"
     if smem_bytes(num_tokens, top_k, hidden, inter, x.element_size()) > _limits(x.device.index)[0] - 4096:
@@ -111,16 +126,6 @@ def _function(dev: int, defines: tuple):
     return fn
 
 
-def _prefetch(dev: int, num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int, elem: int) -> int:
-    frac = PREFETCH_L2_FRACTION
-    if frac is None or frac is True:
-        return 1
-    if frac is False:
-        return 0
-    w2_bytes = min(num_tokens * top_k, num_experts) * hidden * inter * elem
-    return int(w2_bytes <= frac * _limits(dev)[1])
-
-
 def fused_moe_decode(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                      topk_ids: torch.Tensor, *, activation: str, w1_bias=None, w2_bias=None, shared_output=None,
                      out=None, h=None) -> torch.Tensor | None:
@@ -136,7 +141,7 @@ def fused_moe_decode(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_w
                        -1 if shared_output is None else DTYPE_CODES[shared_output.dtype],
                        None if w1_bias is None else DTYPE_CODES[w1_bias.dtype],
                        None if w2_bias is None else DTYPE_CODES[w2_bias.dtype], topk_ids.dtype == torch.int64,
-                       top_k, _tmax(num_tokens), ACTIVATION_CODES[activation])
+                       top_k, _tmax(num_tokens), ACTIVATION_CODES[activation], CONFIG)
     fn = _function(dev, defines)
     if h is None:
         h = torch.empty(num_tokens * top_k, inter, device=x.device, dtype=x.dtype)
@@ -146,10 +151,9 @@ def fused_moe_decode(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_w
     args = (x.data_ptr(), w1.data_ptr(), w2.data_ptr(), 0 if w1_bias is None else w1_bias.data_ptr(),
             0 if w2_bias is None else w2_bias.data_ptr(), tw.data_ptr(), topk_ids.data_ptr(),
             0 if shared_output is None else shared_output.data_ptr(), out.data_ptr(), h.data_ptr(),
-            np.int32(num_tokens), np.int32(hidden), np.int32(inter), np.int32(num_experts),
-            np.int32(_prefetch(dev, num_tokens, top_k, num_experts, hidden, inter, x.element_size())))
+            np.int32(num_tokens), np.int32(hidden), np.int32(inter), np.int32(num_experts))
     grid = _nvrtc.device_info(dev)[1]
     smem = smem_bytes(num_tokens, top_k, hidden, inter, x.element_size())
-    if not _nvrtc.launch_cooperative(fn, dev, grid, _WARPS * 32, args, shared_mem=smem):
+    if not _nvrtc.launch_cooperative(fn, dev, grid, CONFIG.warps * 32, args, shared_mem=smem):
         return None
     return out

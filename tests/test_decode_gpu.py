@@ -68,7 +68,7 @@ def test_decode_matches_reference(calls, tokens, activation):
 
 
 @needs_sm90
-@pytest.mark.parametrize("case", ["repeated_ids", "dropped_ids", "one_expert", "all_slots_one_expert"])
+@pytest.mark.parametrize("case", ["repeated_ids", "dropped_ids", "one_expert", "all_slots_one_expert", "all_dropped"])
 def test_decode_ragged_routing(calls, case):
     e, k, h, i, t = 8, 4, 256, 128, 5
     w1, w2, _, _ = _weights(e, h, i)
@@ -83,13 +83,17 @@ def test_decode_ragged_routing(calls, case):
         ids[3, 0] = -5
     elif case == "one_expert":
         ids[:, 0] = 3
-    else:  # every slot of every token on one expert: more members than the kernel's token bound
+    elif case == "all_slots_one_expert":  # more members than the kernel's token bound
         ids.fill_(6)
+    else:
+        ids.fill_(-1)
     out = torch.full((t, h), float("nan"), device="cuda", dtype=torch.bfloat16)
     cute_moe.fused_moe(x, w1, w2, weights, ids, out=out, backend="cute")
     assert calls["n"] == 1
     ref = _valid_reference(x, w1, w2, weights, ids, e, activation="silu")
-    if case == "dropped_ids":
+    if case == "all_dropped":
+        assert (out == 0).all()
+    elif case == "dropped_ids":
         assert (out[0] == 0).all()  # every slot dropped: nothing added
         assert rel_err(out[1:], ref[1:]) < 1e-2
     else:
@@ -129,10 +133,11 @@ def test_decode_equals_staged_and_is_deterministic(calls, monkeypatch):
 
 
 @needs_sm90
-@pytest.mark.parametrize("prefetch", [True, False])
-def test_decode_reference_shape_qwen3(calls, monkeypatch, prefetch):
-    """Qwen3-30B-A3B's expert sizes at T=1 (E reduced to 32): GEMM2 prefetch on and off."""
-    monkeypatch.setattr(decode, "PREFETCH_L2_FRACTION", prefetch)
+@pytest.mark.parametrize("config", [decode.DecodeConfig(), decode.DecodeConfig(8, 4, 4), decode.DecodeConfig(16, 1, 8),
+                                    decode.DecodeConfig(32, 1, 4), decode.DecodeConfig(16, 2, 3)])
+def test_decode_reference_shape_qwen3(calls, monkeypatch, config):
+    """Qwen3-30B-A3B's expert sizes at T=1 (E reduced to 32), in every launch shape the bench times."""
+    monkeypatch.setattr(decode, "CONFIG", config)
     e, k, h, i = 32, 8, 2048, 768
     w1, w2, _, _ = _weights(e, h, i)
     for seed in range(3):

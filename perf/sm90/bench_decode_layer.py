@@ -4,8 +4,8 @@
 
 For each reference shape and small T, ``fused_moe`` (bf16) in CUDA graphs, timed in turn for 3
 rounds (medians), each graph cycling through 8 random routings so the touched experts change from
-call to call as in decode: the decode kernel (with its default L2 prefetch rule, and with the GEMM2
-weight prefetch forced off / on), the staged pipeline (plan, permute, two grouped GEMMs, combine:
+call to call as in decode: the decode kernel (its default DecodeConfig and a few other launch
+shapes), the staged pipeline (plan, permute, two grouped GEMMs, combine:
 ``decode.MAX_TOKENS = 0``) and the torch._grouped_mm pipeline of bench_moe. The floor is
 max(FLOPs / dense mm rate, touched weight bytes / read bandwidth), both measured in this run.
 Errors: relative Frobenius vs the float32 reference (cute_moe.reference.experts_reference).
@@ -26,16 +26,19 @@ from perf.common import dense_mm_tflops, expert_weights, interleaved_ms, select_
 from perf.sm90.bench_moe import read_bandwidth_gbs, torch_pipeline
 
 ROUTINGS = 8
-VARIANTS = {  # name -> (decode.MAX_TOKENS, decode.PREFETCH_L2_FRACTION)
-    "decode": (8, 0.6),
-    "decode_no_prefetch": (8, False),
-    "decode_prefetch": (8, True),
-    "staged": (0, 0.6),
+DEFAULT = decode.DecodeConfig()
+VARIANTS = {  # name -> (decode.MAX_TOKENS, decode.CONFIG)
+    "decode": (8, DEFAULT),
+    "decode_w8_u4_s4": (8, decode.DecodeConfig(8, 4, 4)),
+    "decode_w16_u1_s8": (8, decode.DecodeConfig(16, 1, 8)),
+    "decode_w32_u1_s4": (8, decode.DecodeConfig(32, 1, 4)),
+    "decode_w16_u2_s3": (8, decode.DecodeConfig(16, 2, 3)),
+    "staged": (0, DEFAULT),
 }
 
 
 def _set(variant: str) -> None:
-    decode.MAX_TOKENS, decode.PREFETCH_L2_FRACTION = VARIANTS[variant]
+    decode.MAX_TOKENS, decode.CONFIG = VARIANTS[variant]
 
 
 def bench_shape(shape, tokens_list, dense_tflops, read_gbs) -> list[dict]:
@@ -63,7 +66,7 @@ def bench_shape(shape, tokens_list, dense_tflops, read_gbs) -> list[dict]:
         tw, ti = routings[0]
         ref = experts_reference(x, w1, w2, tw, ti, activation="silu").float()
         errs = {}
-        for variant in ("decode", "staged"):
+        for variant in VARIANTS:
             _set(variant)
             out.fill_(float("nan"))
             got = cute_moe.fused_moe(x, w1, w2, tw, ti, out=out, backend="cute").float()
@@ -77,11 +80,12 @@ def bench_shape(shape, tokens_list, dense_tflops, read_gbs) -> list[dict]:
         row = {"shape": shape.name, "T": t, **{f"{v}_ms": ms[v] for v in fns}, "floor_ms": floor_ms,
                "decode_over_floor": ms["decode"] / floor_ms, "staged_over_floor": ms["staged"] / floor_ms,
                "speedup_vs_staged": ms["staged"] / ms["decode"], "speedup_vs_torch": ms["torch"] / ms["decode"],
-               "decode_err": errs["decode"], "staged_err": errs["staged"], "active_experts": active}
+               "decode_err": max(v for n, v in errs.items() if n != "staged"), "staged_err": errs["staged"],
+               "active_experts": active}
         rows.append(row)
         print(f"{shape.name:14s} T={t}: " + " ".join(f"{v} {ms[v] * 1e3:.1f}us" for v in fns)
               + f" | floor {floor_ms * 1e3:.1f}us decode {row['decode_over_floor']:.2f}x staged "
-              f"{row['staged_over_floor']:.2f}x | err {errs['decode']:.1e} / {errs['staged']:.1e}", flush=True)
+              f"{row['staged_over_floor']:.2f}x | err {row['decode_err']:.1e} / {errs['staged']:.1e}", flush=True)
     del w1, w2, w1t, w2t
     torch.cuda.empty_cache()
     return rows
@@ -95,7 +99,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         print("bench_decode_layer needs a Hopper (sm_90) GPU", file=sys.stderr)
         return 2
-    saved = decode.MAX_TOKENS, decode.PREFETCH_L2_FRACTION
+    saved = decode.MAX_TOKENS, decode.CONFIG
     dense, read = dense_mm_tflops(), read_bandwidth_gbs()
     print(f"dense bf16 mm {dense:.1f} TFLOP/s, read bandwidth {read:.0f} GB/s", flush=True)
     rows = []
@@ -103,12 +107,13 @@ def main(argv=None) -> int:
         for shape in select_shapes(args.shapes):
             rows += bench_shape(shape, [int(t) for t in args.tokens.split(",")], dense, read)
     finally:
-        decode.MAX_TOKENS, decode.PREFETCH_L2_FRACTION = saved
+        decode.MAX_TOKENS, decode.CONFIG = saved
     write_results(
         "sm90_decode_layer", rows,
         {"title": "Decode: one-kernel experts (cute_moe.decode) vs staged pipeline vs torch (bf16, CUDA graphs)",
          "dense_mm_tflops": dense, "read_gbs": read},
-        md_columns=["shape", "T", "decode_ms", "decode_no_prefetch_ms", "decode_prefetch_ms", "staged_ms", "torch_ms",
+        md_columns=["shape", "T", "decode_ms", *[f"{v}_ms" for v in VARIANTS if v not in ("decode", "staged")],
+                    "staged_ms", "torch_ms",
                     "floor_ms", "decode_over_floor", "staged_over_floor", "speedup_vs_staged", "speedup_vs_torch",
                     "decode_err", "staged_err"],
         plot=speedup_plot("staged pipeline time / decode kernel", "Decode experts: one kernel vs staged (bf16)",
