@@ -304,11 +304,11 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
                 }
             }
             if (lane < nm) {
-                const int e = S.expert[u];
                 float g = pick(ag, lane), up = pick(au, lane);
 #if HAS_B1
-                g += Elem<B1_DT>::to_f32(b1[(i64)e * 2 * inter + j]);
-                up += Elem<B1_DT>::to_f32(b1[(i64)e * 2 * inter + inter + j]);
+                const i64 row = (i64)S.expert[u] * 2 * inter + j;
+                g += Elem<B1_DT>::to_f32(b1[row]);
+                up += Elem<B1_DT>::to_f32(b1[row + inter]);
 #endif
                 h[(i64)S.order[first + lane] * inter + j] = EX::from_f32(gated_act(g, up));
             }
