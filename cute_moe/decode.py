@@ -26,16 +26,17 @@ from ._nvrtc import DTYPE_CODES
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Launch shape of moe_decode.cu: warps per CTA (one CTA per SM), 16-byte vectors per row, lane and
-    pipeline step (GEMM2 takes twice as many per step), and steps in flight per thread. Shared memory
-    holds warps * 32 * stages * 2 * unroll 16-byte slots besides the x / activation rows."""
+    """Launch shape of moe_decode.cu: warps per CTA (one CTA per SM), bytes of a weight row per bulk
+    copy (GEMM1 copies a chunk of the gate and of the up row per step, GEMM2 twice a chunk of one w2
+    row), and steps in flight per warp. Shared memory holds warps * stages * 2 * chunk bytes of
+    weight stages besides the x / activation rows."""
 
-    warps: int = 16
-    unroll: int = 2
+    warps: int = 8
+    chunk: int = 2048
     stages: int = 4
 
     def ring_bytes(self) -> int:
-        return self.warps * 32 * self.stages * 2 * self.unroll * 16
+        return self.warps * self.stages * 2 * self.chunk
 
 
 # Up to this many tokens the layer runs the one-kernel decode path (perf/sm90/bench_decode_layer.py).
@@ -49,7 +50,7 @@ _MAX_ENTRIES = 64  # TMAX * top_k bound of the kernel's shared bookkeeping
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "swiglu_oai": 2}
 _MAX_DYNAMIC_SMEM_ATTR = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 _fn_cache: dict[tuple, object] = {}
-_device_limits: dict[int, tuple[int, int]] = {}
+_device_limits: dict[int, tuple[int, int]] = {}  # device -> (opt-in shared memory per block, major)
 _set_attribute = None
 
 
@@ -59,14 +60,15 @@ def _defines(x_dt: int, tw_dt: int, sh_dt: int, b1_dt: int | None, b2_dt: int | 
     return tuple(sorted(dict(X_DT=x_dt, TW_DT=tw_dt, SH_DT=max(sh_dt, 0), HAS_SHARED=int(sh_dt >= 0),
                              B1_DT=b1_dt or 0, HAS_B1=int(b1_dt is not None), B2_DT=b2_dt or 0,
                              HAS_B2=int(b2_dt is not None), IDS_I64=int(ids_i64), TOP_K=top_k, TMAX=tmax, ACT=act,
-                             NW=config.warps, UNROLL=config.unroll, STAGES=config.stages).items()))
+                             NW=config.warps, CHUNK=config.chunk, STAGES=config.stages).items()))
 
 
 def compile_specializations() -> list[tuple[str, dict]]:
     """Define sets covering every branch of moe_decode.cu (for the CPU compile check)."""
     cases = [(2, 0, -1, None, None, False, 8, 1, 0), (2, 0, 0, 2, 0, True, 2, 8, 1),
              (1, 1, 1, 1, 1, False, 4, 4, 2), (2, 2, -1, None, 2, True, 1, 2, 2), (2, 0, 2, 0, None, False, 8, 8, 0)]
-    configs = [DecodeConfig(), DecodeConfig(8, 4, 4), DecodeConfig(16, 1, 8), DecodeConfig(), DecodeConfig(32, 2, 2)]
+    configs = [DecodeConfig(), DecodeConfig(16, 1024, 4), DecodeConfig(4, 4096, 4), DecodeConfig(),
+               DecodeConfig(8, 1024, 8)]
     return [(_SOURCE, dict(_defines(*c, config=cfg))) for c, cfg in zip(cases, configs)]
 
 
@@ -75,12 +77,11 @@ def _tmax(num_tokens: int) -> int:
 
 
 def _limits(dev: int) -> tuple[int, int]:
-    """(opt-in shared memory per block, L2 bytes) of device ``dev`` (cached)."""
+    """(opt-in shared memory per block, compute capability major) of device ``dev`` (cached)."""
     lim = _device_limits.get(dev)
     if lim is None:
         props = torch.cuda.get_device_properties(dev)
-        lim = _device_limits[dev] = (int(getattr(props, "shared_memory_per_block_optin", 48 * 1024)),
-                                     int(getattr(props, "L2_cache_size", 0)))
+        lim = _device_limits[dev] = (int(getattr(props, "shared_memory_per_block_optin", 48 * 1024)), props.major)
     return lim
 
 
@@ -90,8 +91,8 @@ def smem_bytes(num_tokens: int, top_k: int, hidden: int, inter: int, elem: int =
     return (config or CONFIG).ring_bytes() + max(num_tokens * hidden, num_tokens * top_k * inter) * elem
 
 
-def unsupported_reason(x: torch.Tensor, w1: torch.Tensor, top_k: int, *, topk_ids=None, w1_bias=None, w2_bias=None,
-                       shared_output=None, out=None) -> str | None:
+def unsupported_reason(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, top_k: int, *, topk_ids=None, w1_bias=None,
+                       w2_bias=None, shared_output=None, out=None) -> str | None:
     """Why the decode kernel cannot take this (validated, bf16/fp16, contiguous x/w1/w2) call, or None."""
     num_tokens, hidden = x.shape
     inter = w1.shape[1] // 2
@@ -99,8 +100,10 @@ def unsupported_reason(x: torch.Tensor, w1: torch.Tensor, top_k: int, *, topk_id
         return f"T = {num_tokens} is outside the decode path's 1..{min(MAX_TOKENS, _TMAX[-1])} tokens"
     if _tmax(num_tokens) * top_k > min(_MAX_ENTRIES, CONFIG.warps * 32):
         return f"T * top_k = {num_tokens} * {top_k} rounds past {min(_MAX_ENTRIES, CONFIG.warps * 32)} entries"
-    if x.data_ptr() % 16 or w1.data_ptr() % 16:
-        return "x and w1 must be 16-byte aligned"
+    if _limits(x.device.index)[1] < 9:
+        return "the decode kernel needs sm_90 or newer (bulk copies, mbarrier transaction counts)"
+    if x.data_ptr() % 16 or w1.data_ptr() % 16 or w2.data_ptr() % 16:
+        return "x, w1 and w2 must be 16-byte aligned"
     if smem_bytes(num_tokens, top_k, hidden, inter, x.element_size()) > _limits(x.device.index)[0] - 4096:
         return "x's or the activations' rows do not fit in shared memory"
     for name, t in (("shared_output", shared_output), ("out", out), ("topk_ids", topk_ids), ("w1_bias", w1_bias),

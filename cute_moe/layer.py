@@ -129,7 +129,7 @@ def fused_moe(*, x, w1, w2, topk_weights, topk_ids, activation, w1_bias, w2_bias
     if ws is None and workspace is not None:
         ws = _workspace_views(workspace, x, quant, num_experts, inter, topk_ids.numel())
     if plan is None and stage_hook is None and _decode_reason(
-            dict(x=x, w1=w1, quant=quant, w1_bias=w1_bias, w2_bias=w2_bias, shared_output=shared_output, out=out),
+            dict(x=x, w1=w1, w2=w2, quant=quant, w1_bias=w1_bias, w2_bias=w2_bias, shared_output=shared_output, out=out),
             topk_ids.shape[1], topk_ids) is None:
         result = decode.fused_moe_decode(x, w1, w2, topk_weights, topk_ids, activation=activation, w1_bias=w1_bias,
                                          w2_bias=w2_bias, shared_output=shared_output, out=out,
@@ -163,7 +163,7 @@ def _decode_reason(kw: dict, top_k: int, topk_ids=None) -> str | None:
         return "more tokens than the decode path takes"
     if kw["quant"] is not None:
         return "fp8 runs the staged pipeline"
-    return decode.unsupported_reason(kw["x"], kw["w1"], top_k, topk_ids=topk_ids, w1_bias=kw["w1_bias"],
+    return decode.unsupported_reason(kw["x"], kw["w1"], kw["w2"], top_k, topk_ids=topk_ids, w1_bias=kw["w1_bias"],
                                      w2_bias=kw["w2_bias"], shared_output=kw["shared_output"], out=kw["out"])
 
 

@@ -57,11 +57,12 @@ __device__ __forceinline__ u64 evict_first_policy() {
     return p;
 }
 
-// Each thread streams weights through its own ring of STAGES steps x SLOTS 16-byte shared-memory
-// slots (cp.async: no registers held while loads are in flight). A thread reads only slots it
-// filled itself, so cp.async.wait_group alone makes them visible (no barriers).
+// Each warp streams its weights through its own ring of STAGES shared-memory stages of STAGE_BYTES,
+// filled by 1-D bulk copies (TMA: one instruction per row chunk, completion counted in bytes on
+// the stage's mbarrier), so the bytes in flight do not depend on registers or per-thread requests.
+// Lane 0 issues; the whole warp waits on the stage's phase, reads it, and hands it back with __syncwarp.
 #define NT (NW * 32)
-#define SLOTS (2 * UNROLL)
+#define STAGE_BYTES (2 * CHUNK)
 
 __device__ __forceinline__ u32 smem_addr(const void* p) {
     u32 a;
@@ -69,15 +70,28 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
     return a;
 }
 
-__device__ __forceinline__ void cp_async16(const uint4* dst, const uint4* src, u64 policy) {
-    asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2;"
-                 :: "r"(smem_addr(dst)), "l"(src), "l"(policy) : "memory");
+__device__ __forceinline__ void mbar_init(u64* bar) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem_addr(bar)) : "memory");
 }
 
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void mbar_expect(u64* bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
 
-// Every step but the newest STAGES - 1 has landed.
-__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory"); }
+__device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
+    const u32 a = smem_addr(bar);
+    u32 done = 0;
+    while (!done) {
+        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                     : "=r"(done) : "r"(a), "r"(parity) : "memory");
+    }
+}
+
+// bytes (a multiple of 16) from global src to shared dst (both 16-byte aligned), counted on bar
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, u32 bytes, u64* bar, u64 policy) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
+                 :: "r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(policy) : "memory");
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -171,62 +185,50 @@ __device__ __forceinline__ void group_entries(const IdT* __restrict__ topk_ids,
     __syncthreads();
 }
 
-// GEMM1 work of one warp: units gw, gw + num_warps, ... of (pair p = u * I + j, member group g), each
-// streamed in steps of UNROLL vectors of the gate and the up row per lane.
-struct Gemm1Cursor {
-    int k, b;  // unit index (of this warp's), step within the unit
-    const uint4 *gate, *up;
+// The weight steps of one warp, in order: GEMM1's units gw, gw + num_warps, ... of (pair p = u * I + j,
+// member group g), each in chunks of CHUNK bytes of the gate row and of the up row; then GEMM2's
+// output columns gw, gw + num_warps, ..., each in chunks of STAGE_BYTES of row c of every active
+// expert's w2. Only lane 0 issues (and tracks this cursor).
+struct Issuer {
+    int n;          // next step
+    int k, u, ch;   // GEMM1: unit, -, chunk; GEMM2: column, expert, chunk (of this warp's)
 };
 
-__device__ __forceinline__ void gemm1_issue(Gemm1Cursor& c, int steps, int s, const DecodeShared& S, const XT* w1,
-                                            int gw, int num_warps, int inter, int v1, int nb, uint4* ring,
-                                            u64 policy) {
-    if (s < steps) {
-        if (c.b == 0) {
-            const int p = (gw + c.k * num_warps) / S.groups, u = p / inter, j = p - u * inter;
-            c.gate = (const uint4*)(w1 + ((i64)S.expert[u] * 2 * inter + j) * (i64)(v1 * 8));
-            c.up = c.gate + (i64)inter * v1;
+__device__ __forceinline__ void issue(Issuer& it, int steps1, int steps2, const DecodeShared& S, const XT* w1,
+                                      const XT* w2, int gw, int num_warps, int hidden, int inter, unsigned char* ring,
+                                      u64* bars, u64 policy) {
+    const int n = it.n;
+    if (n >= steps1 + steps2) return;
+    unsigned char* stage = ring + (n % STAGES) * STAGE_BYTES;
+    u64* bar = bars + n % STAGES;
+    if (n < steps1) {
+        const int row = hidden * EX::SIZE, nch = ceil_div(row, CHUNK);
+        const int p = (gw + it.k * num_warps) / S.groups, u = p / inter, j = p - u * inter;
+        const unsigned char* gate = (const unsigned char*)(w1 + ((i64)S.expert[u] * 2 * inter + j) * hidden) + it.ch * CHUNK;
+        const u32 bytes = min(CHUNK, row - it.ch * CHUNK);
+        mbar_expect(bar, 2 * bytes);
+        bulk_load(stage, gate, bytes, bar, policy);
+        bulk_load(stage + CHUNK, gate + (i64)inter * row, bytes, bar, policy);
+        if (++it.ch == nch) {
+            it.ch = 0;
+            if (++it.k * num_warps + gw >= S.num_u * inter * S.groups) it.k = it.u = 0;  // GEMM2 next
         }
-        uint4* slot = ring + (s % STAGES) * SLOTS * NT + threadIdx.x;
-#pragma unroll
-        for (int i = 0; i < UNROLL; ++i) {
-            const int v = (c.b * UNROLL + i) * 32 + (threadIdx.x & 31);
-            if (v < v1) {
-                cp_async16(slot + i * NT, c.gate + v, policy);
-                cp_async16(slot + (UNROLL + i) * NT, c.up + v, policy);
+    } else {
+        const int row = inter * EX::SIZE, nch = ceil_div(row, STAGE_BYTES);
+        const int c = gw + it.k * num_warps;
+        const unsigned char* src = (const unsigned char*)(w2 + ((i64)S.expert[it.u] * hidden + c) * inter) + it.ch * STAGE_BYTES;
+        const u32 bytes = min(STAGE_BYTES, row - it.ch * STAGE_BYTES);
+        mbar_expect(bar, bytes);
+        bulk_load(stage, src, bytes, bar, policy);
+        if (++it.ch == nch) {
+            it.ch = 0;
+            if (++it.u == S.num_u) {
+                it.u = 0;
+                ++it.k;
             }
         }
-        if (++c.b == nb) {
-            c.b = 0;
-            ++c.k;
-        }
     }
-    cp_commit();
-}
-
-// GEMM2 work of one warp: output columns gw, gw + num_warps, ..., each streamed in steps of SLOTS
-// items q = u * (I / 8) + v (row c of expert u's w2, vector v) per lane.
-__device__ __forceinline__ void gemm2_issue(int& k, int& b, int steps, int s, const DecodeShared& S, const XT* w2,
-                                            int gw, int num_warps, int hidden, int v2, int num_q, int nb,
-                                            uint4* ring, u64 policy) {
-    if (s < steps) {
-        const int c = gw + k * num_warps;
-        int q = b * SLOTS * 32 + (threadIdx.x & 31), u = q / v2, v = q - u * v2;
-        uint4* slot = ring + (s % STAGES) * SLOTS * NT + threadIdx.x;
-#pragma unroll
-        for (int i = 0; i < SLOTS; ++i) {
-            if (q < num_q)
-                cp_async16(slot + i * NT, (const uint4*)(w2 + ((i64)S.expert[u] * hidden + c) * (i64)(v2 * 8)) + v,
-                           policy);
-            q += 32;
-            for (v += 32; v >= v2; v -= v2) ++u;
-        }
-        if (++b == nb) {
-            b = 0;
-            ++k;
-        }
-    }
-    cp_commit();
+    ++it.n;
 }
 
 extern "C" __global__ void __launch_bounds__(NT, 1)
@@ -236,34 +238,39 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
            const typename Elem<SH_DT>::T* __restrict__ shared, XT* __restrict__ out, XT* __restrict__ h,
            int num_tokens, int hidden, int inter, int num_experts) {
     __shared__ DecodeShared S;
-    // dynamic shared memory: the rings [STAGES][SLOTS][NT] 16-byte slots, then x's rows [T, H]
-    // (GEMM1), later the activations' rows [T*k, I] (GEMM2)
-    extern __shared__ __align__(16) unsigned char dsm[];
-    uint4* const ring = (uint4*)dsm;
-    uint4* const rows = ring + STAGES * SLOTS * NT;
-    PDL_ENTER();
+    __shared__ u64 bars_all[NW * STAGES];
+    // dynamic shared memory: each warp's ring of STAGES stages, then x's rows [T, H] (GEMM1), later
+    // the activations' rows [T*k, I] (GEMM2)
+    extern __shared__ __align__(128) unsigned char dsm[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    unsigned char* const ring = dsm + warp * STAGES * STAGE_BYTES;
+    u64* const bars = bars_all + warp * STAGES;
+    uint4* const rows = (uint4*)(dsm + NW * STAGES * STAGE_BYTES);
+    if (tid < NW * STAGES) mbar_init(bars_all + tid);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    PDL_ENTER();
     const int num_entries = num_tokens * TOP_K;
     const int v1 = hidden / 8, v2 = inter / 8;  // 16-byte vectors per w1 / w2 row
     for (int i = tid; i < num_tokens * v1; i += NT) rows[i] = ((const uint4*)x)[i];
-    group_entries(topk_ids, topk_w, num_entries, num_experts, S);
+    group_entries(topk_ids, topk_w, num_entries, num_experts, S);  // (its barriers publish the mbarrier inits)
 
     const int gw = blockIdx.x * NW + warp, num_warps = gridDim.x * NW;
     const int num_u = S.num_u, groups = S.groups;
+    const int nch1 = ceil_div(hidden * EX::SIZE, CHUNK), nch2 = ceil_div(inter * EX::SIZE, STAGE_BYTES);
+    const int units1 = num_u * inter * groups;
+    const int steps1 = (units1 > gw ? ceil_div(units1 - gw, num_warps) : 0) * nch1;
+    const int steps2 = (hidden > gw ? ceil_div(hidden - gw, num_warps) : 0) * num_u * nch2;
+    Issuer it{0, 0, 0, 0};
     const u64 policy = evict_first_policy();
+    if (lane == 0)
+        for (int i = 0; i < STAGES; ++i) issue(it, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
 
     // ---- GEMM1 + activation
-    const int nb1 = ceil_div(v1, 32 * UNROLL);
-    const int units1 = num_u * inter * groups;
-    const int steps1 = (units1 > gw ? ceil_div(units1 - gw, num_warps) : 0) * nb1;
-    Gemm1Cursor ic{0, 0, nullptr, nullptr};
-    for (int s = 0; s < STAGES - 1; ++s) gemm1_issue(ic, steps1, s, S, w1, gw, num_warps, inter, v1, nb1, ring, policy);
     float ag[TMAX], au[TMAX];
     int tok[TMAX];
-    int b = 0, k = 0, u = 0, j = 0, nm = 0, first = 0;
-    for (int s = 0; s < steps1; ++s) {
-        gemm1_issue(ic, steps1, s + STAGES - 1, S, w1, gw, num_warps, inter, v1, nb1, ring, policy);
-        if (b == 0) {
+    int k = 0, ch = 0, u = 0, j = 0, nm = 0, first = 0;
+    for (int n = 0; n < steps1; ++n) {
+        if (ch == 0) {
             const int unit = gw + k * num_warps, p = unit / groups;
             u = p / inter;
             j = p - u * inter;
@@ -275,27 +282,27 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
                 ag[m] = au[m] = 0.f;
             }
         }
-        cp_wait();
-        const uint4* slot = ring + (s % STAGES) * SLOTS * NT + tid;
+        mbar_wait(bars + n % STAGES, (n / STAGES) & 1);
+        const uint4* stage = (const uint4*)(ring + (n % STAGES) * STAGE_BYTES);
+        const int vb = ch * (CHUNK / 16), nvec = min(CHUNK / 16, v1 - vb);
+#pragma unroll 4
+        for (int i = lane; i < nvec; i += 32) {
+            float fg[8], fu[8];
+            V16::unpack(stage[i], fg);
+            V16::unpack(stage[CHUNK / 16 + i], fu);
 #pragma unroll
-        for (int i = 0; i < UNROLL; ++i) {
-            const int v = (b * UNROLL + i) * 32 + lane;
-            if (v < v1) {
-                float fg[8], fu[8];
-                V16::unpack(slot[i * NT], fg);
-                V16::unpack(slot[(UNROLL + i) * NT], fu);
-#pragma unroll
-                for (int m = 0; m < TMAX; ++m) {
-                    if (m < nm) {
-                        float fx[8];
-                        V16::unpack(rows[tok[m] * v1 + v], fx);
-                        ag[m] = dot8(fg, fx, ag[m]);
-                        au[m] = dot8(fu, fx, au[m]);
-                    }
+            for (int m = 0; m < TMAX; ++m) {
+                if (m < nm) {
+                    float fx[8];
+                    V16::unpack(rows[tok[m] * v1 + vb + i], fx);
+                    ag[m] = dot8(fg, fx, ag[m]);
+                    au[m] = dot8(fu, fx, au[m]);
                 }
             }
         }
-        if (++b == nb1) {
+        __syncwarp();
+        if (lane == 0) issue(it, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
+        if (++ch == nch1) {
 #pragma unroll
             for (int m = 0; m < TMAX; ++m) {
                 if (m < nm) {
@@ -312,74 +319,70 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
 #endif
                 h[(i64)S.order[first + lane] * inter + j] = EX::from_f32(gated_act(g, up));
             }
-            b = 0;
+            ch = 0;
             ++k;
         }
     }
 
-    // ---- GEMM2 + router weight + combine; its first weight steps load during the grid barrier
-    const int num_q = num_u * v2;
-    const int nb2 = ceil_div(num_q, 32 * SLOTS);
-    const int steps2 = (hidden > gw ? ceil_div(hidden - gw, num_warps) : 0) * (num_q ? nb2 : 0);
-    int ik = 0, ib = 0;
-    for (int s = 0; s < STAGES - 1; ++s)
-        gemm2_issue(ik, ib, steps2, s, S, w2, gw, num_warps, hidden, v2, num_q, nb2, ring, policy);
+    // ---- GEMM2 + router weight + combine (its first steps are already loading)
     grid_barrier();
     for (int i = tid; i < num_entries * v2; i += NT)
         if (S.ids[i / v2] >= 0) rows[i] = __ldcg((const uint4*)h + i);
     __syncthreads();
 
     float acc[TMAX];
-    b = k = 0;
-    for (int s = 0; s < steps2; ++s) {
-        gemm2_issue(ik, ib, steps2, s + STAGES - 1, S, w2, gw, num_warps, hidden, v2, num_q, nb2, ring, policy);
-        if (b == 0) {
 #pragma unroll
-            for (int t = 0; t < TMAX; ++t) acc[t] = 0.f;
-        }
-        cp_wait();
-        const uint4* slot = ring + (s % STAGES) * SLOTS * NT + tid;
-        int q = b * SLOTS * 32 + lane, uq = q / v2, v = q - uq * v2;
-#pragma unroll
-        for (int i = 0; i < SLOTS; ++i) {
-            if (q < num_q) {
-                float fw[8];
-                V16::unpack(slot[i * NT], fw);
-                const int s0 = S.start[uq], n = S.count[uq];
-                for (int m = 0; m < n; ++m) {
-                    const int entry = S.order[s0 + m];
-                    float fh[8];
-                    V16::unpack(rows[entry * v2 + v], fh);
-                    add_to(acc, entry / TOP_K, S.weight[entry] * dot8(fw, fh, 0.f));
-                }
+    for (int t = 0; t < TMAX; ++t) acc[t] = 0.f;
+    k = ch = u = 0;
+    for (int n = steps1; n < steps1 + steps2; ++n) {
+        mbar_wait(bars + n % STAGES, (n / STAGES) & 1);
+        const uint4* stage = (const uint4*)(ring + (n % STAGES) * STAGE_BYTES);
+        const int vb = ch * (STAGE_BYTES / 16), nvec = min(STAGE_BYTES / 16, v2 - vb);
+        const int s0 = S.start[u], cnt = S.count[u];
+        for (int m = 0; m < cnt; ++m) {
+            const int entry = S.order[s0 + m];
+            const uint4* hrow = rows + entry * v2 + vb;
+            float d = 0.f;
+#pragma unroll 4
+            for (int i = lane; i < nvec; i += 32) {
+                float fw[8], fh[8];
+                V16::unpack(stage[i], fw);
+                V16::unpack(hrow[i], fh);
+                d = dot8(fw, fh, d);
             }
-            q += 32;
-            for (v += 32; v >= v2; v -= v2) ++uq;
+            add_to(acc, entry / TOP_K, S.weight[entry] * d);
         }
-        if (++b == nb2) {
-            const int c = gw + k * num_warps;
+        __syncwarp();
+        if (lane == 0) issue(it, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
+        if (++ch == nch2) {
+            ch = 0;
+            if (++u == num_u) {
+                const int c = gw + k * num_warps;
 #pragma unroll
-            for (int t = 0; t < TMAX; ++t)
-                if (t < num_tokens) acc[t] = warp_sum(acc[t]);
-            if (lane < num_tokens) {
-                float r = pick(acc, lane);
+                for (int t = 0; t < TMAX; ++t)
+                    if (t < num_tokens) acc[t] = warp_sum(acc[t]);
+                if (lane < num_tokens) {
+                    float r = pick(acc, lane);
 #if HAS_B2
 #pragma unroll
-                for (int sl = 0; sl < TOP_K; ++sl) {
-                    const int entry = lane * TOP_K + sl, e = S.ids[entry];
-                    if (e >= 0) r += S.weight[entry] * Elem<B2_DT>::to_f32(b2[(i64)e * hidden + c]);
-                }
+                    for (int sl = 0; sl < TOP_K; ++sl) {
+                        const int entry = lane * TOP_K + sl, e = S.ids[entry];
+                        if (e >= 0) r += S.weight[entry] * Elem<B2_DT>::to_f32(b2[(i64)e * hidden + c]);
+                    }
 #endif
 #if HAS_SHARED
-                r += Elem<SH_DT>::to_f32(shared[(i64)lane * hidden + c]);
+                    r += Elem<SH_DT>::to_f32(shared[(i64)lane * hidden + c]);
 #endif
-                out[(i64)lane * hidden + c] = EX::from_f32(r);
+                    out[(i64)lane * hidden + c] = EX::from_f32(r);
+                }
+#pragma unroll
+                for (int t = 0; t < TMAX; ++t) acc[t] = 0.f;
+                u = 0;
+                ++k;
             }
-            b = 0;
-            ++k;
         }
     }
-    if (num_q == 0) {  // every id dropped: out = bias terms (none) + shared_output
+    if (num_u == 0) {  // every id dropped: out = shared_output (or zeros)
         for (int i = blockIdx.x * NT + tid; i < num_tokens * hidden; i += gridDim.x * NT) {
             float r = 0.f;
 #if HAS_SHARED

@@ -29,10 +29,10 @@ ROUTINGS = 8
 DEFAULT = decode.DecodeConfig()
 VARIANTS = {  # name -> (decode.MAX_TOKENS, decode.CONFIG)
     "decode": (8, DEFAULT),
-    "decode_w8_u4_s4": (8, decode.DecodeConfig(8, 4, 4)),
-    "decode_w16_u1_s8": (8, decode.DecodeConfig(16, 1, 8)),
-    "decode_w32_u1_s4": (8, decode.DecodeConfig(32, 1, 4)),
-    "decode_w16_u2_s3": (8, decode.DecodeConfig(16, 2, 3)),
+    "decode_w16_c1k_s4": (8, decode.DecodeConfig(16, 1024, 4)),
+    "decode_w4_c4k_s4": (8, decode.DecodeConfig(4, 4096, 4)),
+    "decode_w8_c1k_s8": (8, decode.DecodeConfig(8, 1024, 8)),
+    "decode_w8_c2k_s3": (8, decode.DecodeConfig(8, 2048, 3)),
     "staged": (0, DEFAULT),
 }
 
