@@ -31,8 +31,8 @@ class DecodeConfig:
     row), and steps in flight per warp. Shared memory holds warps * stages * 2 * chunk bytes of
     weight stages besides the x / activation rows."""
 
-    warps: int = 8
-    chunk: int = 2048
+    warps: int = 16
+    chunk: int = 1024
     stages: int = 4
 
     def ring_bytes(self) -> int:
@@ -67,8 +67,8 @@ def compile_specializations() -> list[tuple[str, dict]]:
     """Define sets covering every branch of moe_decode.cu (for the CPU compile check)."""
     cases = [(2, 0, -1, None, None, False, 8, 1, 0), (2, 0, 0, 2, 0, True, 2, 8, 1),
              (1, 1, 1, 1, 1, False, 4, 4, 2), (2, 2, -1, None, 2, True, 1, 2, 2), (2, 0, 2, 0, None, False, 8, 8, 0)]
-    configs = [DecodeConfig(), DecodeConfig(16, 1024, 4), DecodeConfig(4, 4096, 4), DecodeConfig(),
-               DecodeConfig(8, 1024, 8)]
+    configs = [DecodeConfig(), DecodeConfig(24, 1024, 3), DecodeConfig(32, 512, 4), DecodeConfig(),
+               DecodeConfig(8, 2048, 4)]
     return [(_SOURCE, dict(_defines(*c, config=cfg))) for c, cfg in zip(cases, configs)]
 
 

@@ -190,8 +190,9 @@ __device__ __forceinline__ void group_entries(const IdT* __restrict__ topk_ids,
 // output columns gw, gw + num_warps, ..., each in chunks of STAGE_BYTES of row c of every active
 // expert's w2. Only lane 0 issues (and tracks this cursor).
 struct Issuer {
-    int n;          // next step
-    int k, u, ch;   // GEMM1: unit, -, chunk; GEMM2: column, expert, chunk (of this warp's)
+    int n;                   // next step
+    int k, u, ch;            // GEMM1: unit, -, chunk; GEMM2: column, expert, chunk (of this warp's)
+    const unsigned char* row;  // GEMM1: the unit's gate row
 };
 
 __device__ __forceinline__ void issue(Issuer& it, int steps1, int steps2, const DecodeShared& S, const XT* w1,
@@ -202,25 +203,28 @@ __device__ __forceinline__ void issue(Issuer& it, int steps1, int steps2, const 
     unsigned char* stage = ring + (n % STAGES) * STAGE_BYTES;
     u64* bar = bars + n % STAGES;
     if (n < steps1) {
-        const int row = hidden * EX::SIZE, nch = ceil_div(row, CHUNK);
-        const int p = (gw + it.k * num_warps) / S.groups, u = p / inter, j = p - u * inter;
-        const unsigned char* gate = (const unsigned char*)(w1 + ((i64)S.expert[u] * 2 * inter + j) * hidden) + it.ch * CHUNK;
+        const int row = hidden * EX::SIZE;
+        if (it.ch == 0) {
+            const int p = (gw + it.k * num_warps) / S.groups, u = p / inter, j = p - u * inter;
+            it.row = (const unsigned char*)(w1 + ((i64)S.expert[u] * 2 * inter + j) * hidden);
+        }
+        const unsigned char* gate = it.row + it.ch * CHUNK;
         const u32 bytes = min(CHUNK, row - it.ch * CHUNK);
         mbar_expect(bar, 2 * bytes);
         bulk_load(stage, gate, bytes, bar, policy);
         bulk_load(stage + CHUNK, gate + (i64)inter * row, bytes, bar, policy);
-        if (++it.ch == nch) {
+        if (++it.ch * CHUNK >= row) {
             it.ch = 0;
             if (++it.k * num_warps + gw >= S.num_u * inter * S.groups) it.k = it.u = 0;  // GEMM2 next
         }
     } else {
-        const int row = inter * EX::SIZE, nch = ceil_div(row, STAGE_BYTES);
-        const int c = gw + it.k * num_warps;
-        const unsigned char* src = (const unsigned char*)(w2 + ((i64)S.expert[it.u] * hidden + c) * inter) + it.ch * STAGE_BYTES;
+        const int row = inter * EX::SIZE;
+        const unsigned char* src = (const unsigned char*)(w2 + ((i64)S.expert[it.u] * hidden + gw + it.k * num_warps) * inter)
+                                   + it.ch * STAGE_BYTES;
         const u32 bytes = min(STAGE_BYTES, row - it.ch * STAGE_BYTES);
         mbar_expect(bar, bytes);
         bulk_load(stage, src, bytes, bar, policy);
-        if (++it.ch == nch) {
+        if (++it.ch * STAGE_BYTES >= row) {
             it.ch = 0;
             if (++it.u == S.num_u) {
                 it.u = 0;
@@ -260,7 +264,7 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
     const int units1 = num_u * inter * groups;
     const int steps1 = (units1 > gw ? ceil_div(units1 - gw, num_warps) : 0) * nch1;
     const int steps2 = (hidden > gw ? ceil_div(hidden - gw, num_warps) : 0) * num_u * nch2;
-    Issuer it{0, 0, 0, 0};
+    Issuer it{0, 0, 0, 0, nullptr};
     const u64 policy = evict_first_policy();
     if (lane == 0)
         for (int i = 0; i < STAGES; ++i) issue(it, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
