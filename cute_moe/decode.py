@@ -38,6 +38,10 @@ class DecodeConfig:
     def ring_bytes(self) -> int:
         return self.warps * self.stages * 2 * self.chunk
 
+    def static_smem_bytes(self) -> int:
+        """Upper bound of the kernel's static shared memory (bookkeeping, mbarriers, partial sums)."""
+        return 1024 * self.warps + 4096
+
 
 # Up to this many tokens the layer runs the one-kernel decode path (perf/sm90/bench_decode_layer.py).
 MAX_TOKENS = int(os.environ.get("CUTE_MOE_DECODE_MAX_TOKENS", "8"))
@@ -104,7 +108,7 @@ def unsupported_reason(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, top_
         return "the decode kernel needs sm_90 or newer (bulk copies, mbarrier transaction counts)"
     if x.data_ptr() % 16 or w1.data_ptr() % 16 or w2.data_ptr() % 16:
         return "x, w1 and w2 must be 16-byte aligned"
-    if smem_bytes(num_tokens, top_k, hidden, inter, x.element_size()) > _limits(x.device.index)[0] - 4096:
+    if smem_bytes(num_tokens, top_k, hidden, inter, x.element_size()) > _max_dynamic_smem(x.device.index, CONFIG):
         return "x's or the activations' rows do not fit in shared memory"
     for name, t in (("shared_output", shared_output), ("out", out), ("topk_ids", topk_ids), ("w1_bias", w1_bias),
                     ("w2_bias", w2_bias)):
@@ -113,7 +117,11 @@ def unsupported_reason(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, top_
     return None
 
 
-def _function(dev: int, defines: tuple):
+def _max_dynamic_smem(dev: int, config: DecodeConfig) -> int:
+    return _limits(dev)[0] - config.static_smem_bytes()
+
+
+def _function(dev: int, defines: tuple, config: DecodeConfig):
     """The compiled kernel for ``defines`` on ``dev``, allowed the device's opt-in shared memory."""
     global _set_attribute
     key = (dev, defines)
@@ -124,7 +132,7 @@ def _function(dev: int, defines: tuple):
             _set_attribute = _nvrtc.driver_function("cuFuncSetAttribute",
                                                     [ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
         if _set_attribute is not None:
-            _set_attribute(fn.ptr, _MAX_DYNAMIC_SMEM_ATTR, _limits(dev)[0] - 4096)
+            _set_attribute(fn.ptr, _MAX_DYNAMIC_SMEM_ATTR, _max_dynamic_smem(dev, config))
         _fn_cache[key] = fn
     return fn
 
@@ -145,7 +153,7 @@ def fused_moe_decode(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_w
                        None if w1_bias is None else DTYPE_CODES[w1_bias.dtype],
                        None if w2_bias is None else DTYPE_CODES[w2_bias.dtype], topk_ids.dtype == torch.int64,
                        top_k, _tmax(num_tokens), ACTIVATION_CODES[activation], CONFIG)
-    fn = _function(dev, defines)
+    fn = _function(dev, defines, CONFIG)
     if h is None:
         h = torch.empty(num_tokens * top_k, inter, device=x.device, dtype=x.dtype)
     if out is None:

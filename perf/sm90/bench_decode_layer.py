@@ -30,9 +30,9 @@ DEFAULT = decode.DecodeConfig()
 VARIANTS = {  # name -> (decode.MAX_TOKENS, decode.CONFIG)
     "decode": (8, DEFAULT),
     "decode_w24_c1k_s3": (8, decode.DecodeConfig(24, 1024, 3)),
-    "decode_w32_c512_s4": (8, decode.DecodeConfig(32, 512, 4)),
-    "decode_w16_c1k_s6": (8, decode.DecodeConfig(16, 1024, 6)),
     "decode_w20_c1k_s4": (8, decode.DecodeConfig(20, 1024, 4)),
+    "decode_w12_c1k_s6": (8, decode.DecodeConfig(12, 1024, 6)),
+    "decode_w16_c512_s8": (8, decode.DecodeConfig(16, 512, 8)),
     "staged": (0, DEFAULT),
 }
 
