@@ -13,8 +13,10 @@ environment variable ``CUTE_MOE_DECODE_MAX_TOKENS=0``) turns it off.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -39,13 +41,16 @@ class DecodeConfig:
         return self.warps * self.stages * 2 * self.chunk
 
     def static_smem_bytes(self) -> int:
-        """Upper bound of the kernel's static shared memory (bookkeeping, mbarriers, partial sums)."""
-        return 1024 * self.warps + 4096
+        """Upper bound of the kernel's static shared memory (bookkeeping, mbarriers)."""
+        return 4096
 
 
 # Up to this many tokens the layer runs the one-kernel decode path (perf/sm90/bench_decode_layer.py).
 MAX_TOKENS = int(os.environ.get("CUTE_MOE_DECODE_MAX_TOKENS", "8"))
-CONFIG = DecodeConfig()
+# None: pick_config per shape; a DecodeConfig forces that launch shape (benchmarks, tests)
+CONFIG: DecodeConfig | None = None
+# warps per CTA pick_config chooses from (the first of equally good ones wins)
+WARP_CHOICES = (16, 12, 14, 18, 20, 22, 24)
 
 _SOURCE = "moe_decode.cu"
 _KERNEL = "moe_decode"
@@ -76,6 +81,41 @@ def compile_specializations() -> list[tuple[str, dict]]:
     return [(_SOURCE, dict(_defines(*c, config=cfg))) for c, cfg in zip(cases, configs)]
 
 
+def _imbalance(units: int, workers: int) -> float:
+    """Slowest worker's share over the mean share when ``units`` equal units go round-robin to
+    ``workers`` (1 when there are fewer units than workers: the idle ones cost nothing)."""
+    per = units / workers
+    return math.ceil(per) / per if per > 1 else 1.0
+
+
+@lru_cache(maxsize=256)
+def pick_config(num_sms: int, active: int, hidden: int, inter: int, max_ring: int) -> DecodeConfig | None:
+    """The launch shape for ``active`` experts of an (H, I) layer on ``num_sms`` SMs with ``max_ring``
+    bytes of shared memory for the weight rings (None if none fits). Each warp streams whole units
+    (GEMM1: a gate/up row pair, GEMM2: one output column over the active experts), so a warp with one
+    unit more than the mean finishes late; pick the warp count whose rounding costs the fewest bytes
+    (GPT-OSS-120B: 22 warps give every warp one GEMM2 column, where 16 give 1.36 on average and 2 at
+    most). Ties keep 16, measured best for Qwen3-30B-A3B."""
+    best = None
+    for warps in WARP_CHOICES:
+        cfg = DecodeConfig(warps=warps)
+        if cfg.ring_bytes() > max_ring:
+            continue
+        workers = num_sms * warps
+        cost = 2 * _imbalance(active * inter, workers) + _imbalance(hidden, workers)
+        if best is None or cost < best[0] - 1e-6:
+            best = (cost, cfg)
+    return None if best is None else best[1]
+
+
+def _config(dev: int, num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int, elem: int):
+    if CONFIG is not None:
+        return CONFIG
+    rows = max(num_tokens * hidden, num_tokens * top_k * inter) * elem
+    return pick_config(_nvrtc.device_info(dev)[1], min(num_tokens * top_k, num_experts), hidden, inter,
+                       _limits(dev)[0] - DecodeConfig().static_smem_bytes() - rows)
+
+
 def _tmax(num_tokens: int) -> int:
     return next(t for t in _TMAX if t >= num_tokens)
 
@@ -89,10 +129,9 @@ def _limits(dev: int) -> tuple[int, int]:
     return lim
 
 
-def smem_bytes(num_tokens: int, top_k: int, hidden: int, inter: int, elem: int = 2,
-               config: DecodeConfig | None = None) -> int:
+def smem_bytes(num_tokens: int, top_k: int, hidden: int, inter: int, elem: int, config: DecodeConfig) -> int:
     """Dynamic shared memory of a call: the weight rings, then x's rows, later the activations' rows."""
-    return (config or CONFIG).ring_bytes() + max(num_tokens * hidden, num_tokens * top_k * inter) * elem
+    return config.ring_bytes() + max(num_tokens * hidden, num_tokens * top_k * inter) * elem
 
 
 def unsupported_reason(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, top_k: int, *, topk_ids=None, w1_bias=None,
@@ -102,14 +141,16 @@ def unsupported_reason(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, top_
     inter = w1.shape[1] // 2
     if not 0 < num_tokens <= min(MAX_TOKENS, _TMAX[-1]):
         return f"T = {num_tokens} is outside the decode path's 1..{min(MAX_TOKENS, _TMAX[-1])} tokens"
-    if _tmax(num_tokens) * top_k > min(_MAX_ENTRIES, CONFIG.warps * 32):
-        return f"T * top_k = {num_tokens} * {top_k} rounds past {min(_MAX_ENTRIES, CONFIG.warps * 32)} entries"
+    if _tmax(num_tokens) * top_k > _MAX_ENTRIES:
+        return f"T * top_k = {num_tokens} * {top_k} rounds past {_MAX_ENTRIES} entries"
     if _limits(x.device.index)[1] < 9:
         return "the decode kernel needs sm_90 or newer (bulk copies, mbarrier transaction counts)"
     if x.data_ptr() % 16 or w1.data_ptr() % 16 or w2.data_ptr() % 16:
         return "x, w1 and w2 must be 16-byte aligned"
-    if smem_bytes(num_tokens, top_k, hidden, inter, x.element_size()) > _max_dynamic_smem(x.device.index, CONFIG):
-        return "x's or the activations' rows do not fit in shared memory"
+    cfg = _config(x.device.index, num_tokens, top_k, w1.shape[0], hidden, inter, x.element_size())
+    if cfg is None or smem_bytes(num_tokens, top_k, hidden, inter, x.element_size(), cfg) > _max_dynamic_smem(
+            x.device.index, cfg):
+        return "the weight rings and x's or the activations' rows do not fit in shared memory"
     for name, t in (("shared_output", shared_output), ("out", out), ("topk_ids", topk_ids), ("w1_bias", w1_bias),
                     ("w2_bias", w2_bias)):
         if t is not None and not t.is_contiguous():
@@ -148,12 +189,13 @@ def fused_moe_decode(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_w
     num_experts, two_inter = w1.shape[:2]
     inter, top_k = two_inter // 2, topk_ids.shape[1]
     dev = x.device.index
+    cfg = _config(dev, num_tokens, top_k, num_experts, hidden, inter, x.element_size())
     defines = _defines(DTYPE_CODES[x.dtype], DTYPE_CODES[topk_weights.dtype],
                        -1 if shared_output is None else DTYPE_CODES[shared_output.dtype],
                        None if w1_bias is None else DTYPE_CODES[w1_bias.dtype],
                        None if w2_bias is None else DTYPE_CODES[w2_bias.dtype], topk_ids.dtype == torch.int64,
-                       top_k, _tmax(num_tokens), ACTIVATION_CODES[activation], CONFIG)
-    fn = _function(dev, defines, CONFIG)
+                       top_k, _tmax(num_tokens), ACTIVATION_CODES[activation], cfg)
+    fn = _function(dev, defines, cfg)
     if h is None:
         h = torch.empty(num_tokens * top_k, inter, device=x.device, dtype=x.dtype)
     if out is None:
@@ -164,7 +206,7 @@ def fused_moe_decode(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_w
             0 if shared_output is None else shared_output.data_ptr(), out.data_ptr(), h.data_ptr(),
             np.int32(num_tokens), np.int32(hidden), np.int32(inter), np.int32(num_experts))
     grid = _nvrtc.device_info(dev)[1]
-    smem = smem_bytes(num_tokens, top_k, hidden, inter, x.element_size())
-    if not _nvrtc.launch_cooperative(fn, dev, grid, CONFIG.warps * 32, args, shared_mem=smem):
+    smem = smem_bytes(num_tokens, top_k, hidden, inter, x.element_size(), cfg)
+    if not _nvrtc.launch_cooperative(fn, dev, grid, cfg.warps * 32, args, shared_mem=smem):
         return None
     return out

@@ -185,98 +185,54 @@ __device__ __forceinline__ void group_entries(const IdT* __restrict__ topk_ids,
     __syncthreads();
 }
 
-// ---- Work schedule. Each GEMM is a list of units (GEMM1: (pair p = u * I + j, member group g);
-// GEMM2: output column c) of `nch` weight steps each (GEMM1: CHUNK bytes of the gate and of the up
-// row; GEMM2: STAGE_BYTES of row c of one active expert's w2, experts in turn). CTA b takes the
-// contiguous units [b * units / grid, (b + 1) * units / grid), in rounds of ROUND units; in each
-// round the warps split the round's steps evenly (contiguous ranges, +-1 step), so a unit may be
-// shared by neighbouring warps: each warp writes its partial sums of every unit it touched to
-// shared memory, and after a CTA barrier the round's units are finished from the warps' partials
-// summed in warp order (deterministic). No warp idles while another streams a whole extra unit.
-#define ROUND (64 / TMAX > 8 ? 64 / TMAX : 8)
-
-struct Phase {
-    int unit0, units, nch;  // this CTA's units and steps per unit
-};
-
-__device__ __forceinline__ Phase cta_phase(int total_units, int nch) {
-    const int a = (int)((i64)blockIdx.x * total_units / gridDim.x);
-    const int b = (int)((i64)(blockIdx.x + 1) * total_units / gridDim.x);
-    return Phase{a, b - a, nch};
-}
-
-// this warp's steps [s0, s1) of round r of phase ph
-__device__ __forceinline__ void warp_steps(const Phase& ph, int r, int warp, int& s0, int& s1) {
-    const int n = min(ROUND, ph.units - r * ROUND) * ph.nch;
-    s0 = warp * n / NW;
-    s1 = (warp + 1) * n / NW;
-}
-
-// The issuing lane's cursor: the same steps in the same order as the warp consumes them (GEMM1's,
-// then GEMM2's), STAGES ahead.
+// The weight steps of one warp, in order: GEMM1's units gw, gw + num_warps, ... of (pair p = u * I + j,
+// member group g), each in chunks of CHUNK bytes of the gate row and of the up row; then GEMM2's
+// output columns gw, gw + num_warps, ..., each in chunks of STAGE_BYTES of row c of every active
+// expert's w2. Only lane 0 issues (and tracks this cursor).
 struct Issuer {
-    int n;              // next step (over both phases)
-    int phase, r, s, end;
-    int last;           // GEMM1: unit whose row address is cached
-    const unsigned char* row;
+    int n;                   // next step
+    int k, u, ch;            // GEMM1: unit, -, chunk; GEMM2: column, expert, chunk (of this warp's)
+    const unsigned char* row;  // GEMM1: the unit's gate row
 };
 
-__device__ __forceinline__ void issuer_settle(Issuer& it, const Phase* ph, int warp) {
-    // move to the next non-empty step range (next round, then next phase)
-    while (it.phase < 2 && it.s >= it.end) {
-        if ((++it.r) * ROUND >= ph[it.phase].units) {
-            ++it.phase;
-            it.r = 0;
-            if (it.phase == 2 || ph[it.phase].units == 0) {
-                if (it.phase < 2) ++it.phase;
-                break;
-            }
-        }
-        warp_steps(ph[it.phase], it.r, warp, it.s, it.end);
-    }
-}
-
-__device__ __forceinline__ void issuer_init(Issuer& it, const Phase* ph, int warp) {
-    it.n = 0;
-    it.phase = ph[0].units ? 0 : (ph[1].units ? 1 : 2);
-    it.r = 0;
-    it.last = -1;
-    it.s = it.end = 0;
-    if (it.phase < 2) {
-        warp_steps(ph[it.phase], 0, warp, it.s, it.end);
-        issuer_settle(it, ph, warp);
-    }
-}
-
-__device__ __forceinline__ void issue(Issuer& it, const Phase* ph, int warp, const DecodeShared& S, const XT* w1,
-                                      const XT* w2, int hidden, int inter, int nch2, unsigned char* ring, u64* bars,
-                                      u64 policy) {
-    if (it.phase >= 2) return;
-    unsigned char* stage = ring + (it.n % STAGES) * STAGE_BYTES;
-    u64* bar = bars + it.n % STAGES;
-    const Phase& p = ph[it.phase];
-    const int ul = it.s / p.nch, ch = it.s - ul * p.nch, unit = p.unit0 + it.r * ROUND + ul;
-    if (it.phase == 0) {
+__device__ __forceinline__ void issue(Issuer& it, int steps1, int steps2, const DecodeShared& S, const XT* w1,
+                                      const XT* w2, int gw, int num_warps, int hidden, int inter, unsigned char* ring,
+                                      u64* bars, u64 policy) {
+    const int n = it.n;
+    if (n >= steps1 + steps2) return;
+    unsigned char* stage = ring + (n % STAGES) * STAGE_BYTES;
+    u64* bar = bars + n % STAGES;
+    if (n < steps1) {
         const int row = hidden * EX::SIZE;
-        if (unit != it.last) {
-            const int pair = unit / S.groups, u = pair / inter, j = pair - u * inter;
+        if (it.ch == 0) {
+            const int p = (gw + it.k * num_warps) / S.groups, u = p / inter, j = p - u * inter;
             it.row = (const unsigned char*)(w1 + ((i64)S.expert[u] * 2 * inter + j) * hidden);
-            it.last = unit;
         }
-        const u32 bytes = min(CHUNK, row - ch * CHUNK);
+        const unsigned char* gate = it.row + it.ch * CHUNK;
+        const u32 bytes = min(CHUNK, row - it.ch * CHUNK);
         mbar_expect(bar, 2 * bytes);
-        bulk_load(stage, it.row + ch * CHUNK, bytes, bar, policy);
-        bulk_load(stage + CHUNK, it.row + ch * CHUNK + (i64)inter * row, bytes, bar, policy);
+        bulk_load(stage, gate, bytes, bar, policy);
+        bulk_load(stage + CHUNK, gate + (i64)inter * row, bytes, bar, policy);
+        if (++it.ch * CHUNK >= row) {
+            it.ch = 0;
+            if (++it.k * num_warps + gw >= S.num_u * inter * S.groups) it.k = it.u = 0;  // GEMM2 next
+        }
     } else {
-        const int row = inter * EX::SIZE, u = ch / nch2, c2 = ch - u * nch2;
-        const unsigned char* src = (const unsigned char*)(w2 + ((i64)S.expert[u] * hidden + unit) * inter) + c2 * STAGE_BYTES;
-        const u32 bytes = min(STAGE_BYTES, row - c2 * STAGE_BYTES);
+        const int row = inter * EX::SIZE;
+        const unsigned char* src = (const unsigned char*)(w2 + ((i64)S.expert[it.u] * hidden + gw + it.k * num_warps) * inter)
+                                   + it.ch * STAGE_BYTES;
+        const u32 bytes = min(STAGE_BYTES, row - it.ch * STAGE_BYTES);
         mbar_expect(bar, bytes);
         bulk_load(stage, src, bytes, bar, policy);
+        if (++it.ch * STAGE_BYTES >= row) {
+            it.ch = 0;
+            if (++it.u == S.num_u) {
+                it.u = 0;
+                ++it.k;
+            }
+        }
     }
     ++it.n;
-    ++it.s;
-    issuer_settle(it, ph, warp);
 }
 
 extern "C" __global__ void __launch_bounds__(NT, 1)
@@ -287,9 +243,6 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
            int num_tokens, int hidden, int inter, int num_experts) {
     __shared__ DecodeShared S;
     __shared__ u64 bars_all[NW * STAGES];
-    // partial sums of the current and the previous round: [2][NW][2 (gate, up)][TMAX][ROUND]
-    // (GEMM2 uses [2][NW][TMAX][ROUND] of it)
-    __shared__ float part[2 * NW * 2 * TMAX * ROUND];
     // dynamic shared memory: each warp's ring of STAGES stages, then x's rows [T, H] (GEMM1), later
     // the activations' rows [T*k, I] (GEMM2)
     extern __shared__ __align__(128) unsigned char dsm[];
@@ -299,107 +252,79 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
     uint4* const rows = (uint4*)(dsm + NW * STAGES * STAGE_BYTES);
     if (tid < NW * STAGES) mbar_init(bars_all + tid);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    for (int i = tid; i < 2 * NW * 2 * TMAX * ROUND; i += NT) part[i] = 0.f;
     PDL_ENTER();
     const int num_entries = num_tokens * TOP_K;
     const int v1 = hidden / 8, v2 = inter / 8;  // 16-byte vectors per w1 / w2 row
     for (int i = tid; i < num_tokens * v1; i += NT) rows[i] = ((const uint4*)x)[i];
-    group_entries(topk_ids, topk_w, num_entries, num_experts, S);  // (its barriers publish the inits above)
+    group_entries(topk_ids, topk_w, num_entries, num_experts, S);  // (its barriers publish the mbarrier inits)
 
+    const int gw = blockIdx.x * NW + warp, num_warps = gridDim.x * NW;
     const int num_u = S.num_u, groups = S.groups;
     const int nch1 = ceil_div(hidden * EX::SIZE, CHUNK), nch2 = ceil_div(inter * EX::SIZE, STAGE_BYTES);
-    __shared__ Phase ph[2];  // in shared memory: the issuer indexes it by its current phase
-    if (tid == 0) {
-        ph[0] = cta_phase(num_u * inter * groups, nch1);
-        ph[1] = cta_phase(num_u ? hidden : 0, num_u * nch2);
-    }
-    __syncthreads();
+    const int units1 = num_u * inter * groups;
+    const int steps1 = (units1 > gw ? ceil_div(units1 - gw, num_warps) : 0) * nch1;
+    const int steps2 = (hidden > gw ? ceil_div(hidden - gw, num_warps) : 0) * num_u * nch2;
+    Issuer it{0, 0, 0, 0, nullptr};
     const u64 policy = evict_first_policy();
-    Issuer it;
-    if (lane == 0) {
-        issuer_init(it, ph, warp);
-        for (int i = 0; i < STAGES; ++i) issue(it, ph, warp, S, w1, w2, hidden, inter, nch2, ring, bars, policy);
-    }
-    int n = 0;  // steps consumed
+    if (lane == 0)
+        for (int i = 0; i < STAGES; ++i) issue(it, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
 
     // ---- GEMM1 + activation
-    for (int r = 0; r * ROUND < ph[0].units; ++r) {
-        float* const pr = part + (r & 1) * NW * 2 * TMAX * ROUND;
-        int s0, s1;
-        warp_steps(ph[0], r, warp, s0, s1);
-        float ag[TMAX], au[TMAX];
-        int tok[TMAX];
-        int ul = -1, ch = 0, nm = 0;
-        for (int s = s0; s < s1; ++s, ++n) {
-            if (ul < 0 || ++ch == nch1) {  // a new unit
-                ul = s / nch1;
-                ch = s - ul * nch1;
-                const int unit = ph[0].unit0 + r * ROUND + ul, pair = unit / groups, u = pair / inter;
-                const int first = S.start[u] + (unit - pair * groups) * TMAX;
-                nm = min(TMAX, S.start[u] + S.count[u] - first);  // <= 0: a group past this expert's entries
+    float ag[TMAX], au[TMAX];
+    int tok[TMAX];
+    int k = 0, ch = 0, u = 0, j = 0, nm = 0, first = 0;
+    for (int n = 0; n < steps1; ++n) {
+        if (ch == 0) {
+            const int unit = gw + k * num_warps, p = unit / groups;
+            u = p / inter;
+            j = p - u * inter;
+            first = S.start[u] + (unit - p * groups) * TMAX;  // this member group's first position in order[]
+            nm = min(TMAX, S.start[u] + S.count[u] - first);  // may be <= 0: a group past this expert's members
 #pragma unroll
-                for (int m = 0; m < TMAX; ++m) {
-                    tok[m] = m < nm ? S.order[first + m] / TOP_K : 0;
-                    ag[m] = au[m] = 0.f;
-                }
-            }
-            mbar_wait(bars + n % STAGES, (n / STAGES) & 1);
-            const uint4* stage = (const uint4*)(ring + (n % STAGES) * STAGE_BYTES);
-            const int vb = ch * (CHUNK / 16), nvec = min(CHUNK / 16, v1 - vb);
-#pragma unroll 4
-            for (int i = lane; i < nvec; i += 32) {
-                float fg[8], fu[8];
-                V16::unpack(stage[i], fg);
-                V16::unpack(stage[CHUNK / 16 + i], fu);
-#pragma unroll
-                for (int m = 0; m < TMAX; ++m) {
-                    if (m < nm) {
-                        float fx[8];
-                        V16::unpack(rows[tok[m] * v1 + vb + i], fx);
-                        ag[m] = dot8(fg, fx, ag[m]);
-                        au[m] = dot8(fu, fx, au[m]);
-                    }
-                }
-            }
-            __syncwarp();
-            if (lane == 0) issue(it, ph, warp, S, w1, w2, hidden, inter, nch2, ring, bars, policy);
-            if (ch == nch1 - 1 || s + 1 == s1) {  // the unit's last step here: publish the partial sums
-#pragma unroll
-                for (int m = 0; m < TMAX; ++m) {
-                    if (m < nm) {
-                        const float g = warp_sum(ag[m]), up = warp_sum(au[m]);
-                        if (lane == m) {
-                            pr[((warp * 2 + 0) * TMAX + m) * ROUND + ul] = g;
-                            pr[((warp * 2 + 1) * TMAX + m) * ROUND + ul] = up;
-                        }
-                    }
-                }
-                ch = nch1 - 1;  // the next step starts a new unit
+            for (int m = 0; m < TMAX; ++m) {
+                tok[m] = m < nm ? S.order[first + m] / TOP_K : 0;
+                ag[m] = au[m] = 0.f;
             }
         }
-        __syncthreads();
-        const int units_r = min(ROUND, ph[0].units - r * ROUND);
-        for (int i = tid; i < units_r * TMAX; i += NT) {
-            const int ulf = i / TMAX, m = i - ulf * TMAX;
-            const int unit = ph[0].unit0 + r * ROUND + ulf, pair = unit / groups, u = pair / inter;
-            const int j = pair - u * inter, first = S.start[u] + (unit - pair * groups) * TMAX;
-            float g = 0.f, up = 0.f;
+        mbar_wait(bars + n % STAGES, (n / STAGES) & 1);
+        const uint4* stage = (const uint4*)(ring + (n % STAGES) * STAGE_BYTES);
+        const int vb = ch * (CHUNK / 16), nvec = min(CHUNK / 16, v1 - vb);
 #pragma unroll 4
-            for (int w = 0; w < NW; ++w) {
-                float* pg = pr + ((w * 2 + 0) * TMAX + m) * ROUND + ulf;
-                float* pu = pr + ((w * 2 + 1) * TMAX + m) * ROUND + ulf;
-                g += *pg;
-                up += *pu;
-                *pg = *pu = 0.f;
+        for (int i = lane; i < nvec; i += 32) {
+            float fg[8], fu[8];
+            V16::unpack(stage[i], fg);
+            V16::unpack(stage[CHUNK / 16 + i], fu);
+#pragma unroll
+            for (int m = 0; m < TMAX; ++m) {
+                if (m < nm) {
+                    float fx[8];
+                    V16::unpack(rows[tok[m] * v1 + vb + i], fx);
+                    ag[m] = dot8(fg, fx, ag[m]);
+                    au[m] = dot8(fu, fx, au[m]);
+                }
             }
-            if (m < S.start[u] + S.count[u] - first) {
+        }
+        __syncwarp();
+        if (lane == 0) issue(it, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
+        if (++ch == nch1) {
+#pragma unroll
+            for (int m = 0; m < TMAX; ++m) {
+                if (m < nm) {
+                    ag[m] = warp_sum(ag[m]);
+                    au[m] = warp_sum(au[m]);
+                }
+            }
+            if (lane < nm) {
+                float g = pick(ag, lane), up = pick(au, lane);
 #if HAS_B1
-                const i64 brow = (i64)S.expert[u] * 2 * inter + j;
-                g += Elem<B1_DT>::to_f32(b1[brow]);
-                up += Elem<B1_DT>::to_f32(b1[brow + inter]);
+                const i64 row = (i64)S.expert[u] * 2 * inter + j;
+                g += Elem<B1_DT>::to_f32(b1[row]);
+                up += Elem<B1_DT>::to_f32(b1[row + inter]);
 #endif
-                h[(i64)S.order[first + m] * inter + j] = EX::from_f32(gated_act(g, up));
+                h[(i64)S.order[first + lane] * inter + j] = EX::from_f32(gated_act(g, up));
             }
+            ch = 0;
+            ++k;
         }
     }
 
@@ -409,68 +334,56 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
         if (S.ids[i / v2] >= 0) rows[i] = __ldcg((const uint4*)h + i);
     __syncthreads();
 
-    const int spc = ph[1].nch;  // steps per column: num_u experts x nch2 chunks
-    for (int r = 0; r * ROUND < ph[1].units; ++r) {
-        float* const pr = part + (r & 1) * NW * 2 * TMAX * ROUND;
-        int s0, s1;
-        warp_steps(ph[1], r, warp, s0, s1);
-        float acc[TMAX];
+    float acc[TMAX];
 #pragma unroll
-        for (int t = 0; t < TMAX; ++t) acc[t] = 0.f;
-        for (int s = s0; s < s1; ++s, ++n) {
-            const int ul = s / spc, cs = s - ul * spc, u = cs / nch2, ch = cs - u * nch2;
-            mbar_wait(bars + n % STAGES, (n / STAGES) & 1);
-            const uint4* stage = (const uint4*)(ring + (n % STAGES) * STAGE_BYTES);
-            const int vb = ch * (STAGE_BYTES / 16), nvec = min(STAGE_BYTES / 16, v2 - vb);
-            const int e0 = S.start[u], cnt = S.count[u];
-            for (int m = 0; m < cnt; ++m) {
-                const int entry = S.order[e0 + m];
-                const uint4* hrow = rows + entry * v2 + vb;
-                float d = 0.f;
+    for (int t = 0; t < TMAX; ++t) acc[t] = 0.f;
+    k = ch = u = 0;
+    for (int n = steps1; n < steps1 + steps2; ++n) {
+        mbar_wait(bars + n % STAGES, (n / STAGES) & 1);
+        const uint4* stage = (const uint4*)(ring + (n % STAGES) * STAGE_BYTES);
+        const int vb = ch * (STAGE_BYTES / 16), nvec = min(STAGE_BYTES / 16, v2 - vb);
+        const int s0 = S.start[u], cnt = S.count[u];
+        for (int m = 0; m < cnt; ++m) {
+            const int entry = S.order[s0 + m];
+            const uint4* hrow = rows + entry * v2 + vb;
+            float d = 0.f;
 #pragma unroll 4
-                for (int i = lane; i < nvec; i += 32) {
-                    float fw[8], fh[8];
-                    V16::unpack(stage[i], fw);
-                    V16::unpack(hrow[i], fh);
-                    d = dot8(fw, fh, d);
-                }
-                add_to(acc, entry / TOP_K, S.weight[entry] * d);
+            for (int i = lane; i < nvec; i += 32) {
+                float fw[8], fh[8];
+                V16::unpack(stage[i], fw);
+                V16::unpack(hrow[i], fh);
+                d = dot8(fw, fh, d);
             }
-            __syncwarp();
-            if (lane == 0) issue(it, ph, warp, S, w1, w2, hidden, inter, nch2, ring, bars, policy);
-            if (cs == spc - 1 || s + 1 == s1) {
-#pragma unroll
-                for (int t = 0; t < TMAX; ++t) {
-                    if (t < num_tokens) {
-                        const float v = warp_sum(acc[t]);
-                        if (lane == t) pr[(warp * TMAX + t) * ROUND + ul] = v;
-                    }
-                    acc[t] = 0.f;
-                }
-            }
+            add_to(acc, entry / TOP_K, S.weight[entry] * d);
         }
-        __syncthreads();
-        const int units_r = min(ROUND, ph[1].units - r * ROUND);
-        for (int i = tid; i < units_r * num_tokens; i += NT) {
-            const int ulf = i / num_tokens, t = i - ulf * num_tokens, c = ph[1].unit0 + r * ROUND + ulf;
-            float v = 0.f;
-#pragma unroll 4
-            for (int w = 0; w < NW; ++w) {
-                float* pw = pr + (w * TMAX + t) * ROUND + ulf;
-                v += *pw;
-                *pw = 0.f;
-            }
+        __syncwarp();
+        if (lane == 0) issue(it, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
+        if (++ch == nch2) {
+            ch = 0;
+            if (++u == num_u) {
+                const int c = gw + k * num_warps;
+#pragma unroll
+                for (int t = 0; t < TMAX; ++t)
+                    if (t < num_tokens) acc[t] = warp_sum(acc[t]);
+                if (lane < num_tokens) {
+                    float r = pick(acc, lane);
 #if HAS_B2
 #pragma unroll
-            for (int sl = 0; sl < TOP_K; ++sl) {
-                const int entry = t * TOP_K + sl, e = S.ids[entry];
-                if (e >= 0) v += S.weight[entry] * Elem<B2_DT>::to_f32(b2[(i64)e * hidden + c]);
-            }
+                    for (int sl = 0; sl < TOP_K; ++sl) {
+                        const int entry = lane * TOP_K + sl, e = S.ids[entry];
+                        if (e >= 0) r += S.weight[entry] * Elem<B2_DT>::to_f32(b2[(i64)e * hidden + c]);
+                    }
 #endif
 #if HAS_SHARED
-            v += Elem<SH_DT>::to_f32(shared[(i64)t * hidden + c]);
+                    r += Elem<SH_DT>::to_f32(shared[(i64)lane * hidden + c]);
 #endif
-            out[(i64)t * hidden + c] = EX::from_f32(v);
+                    out[(i64)lane * hidden + c] = EX::from_f32(r);
+                }
+#pragma unroll
+                for (int t = 0; t < TMAX; ++t) acc[t] = 0.f;
+                u = 0;
+                ++k;
+            }
         }
     }
     if (num_u == 0) {  // every id dropped: out = shared_output (or zeros)

@@ -4,8 +4,8 @@
 
 For each reference shape and small T, ``fused_moe`` (bf16) in CUDA graphs, timed in turn for 3
 rounds (medians), each graph cycling through 8 random routings so the touched experts change from
-call to call as in decode: the decode kernel (its default DecodeConfig and a few other launch
-shapes), the staged pipeline (plan, permute, two grouped GEMMs, combine:
+call to call as in decode: the decode kernel (decode.pick_config's launch shape and a few fixed
+ones), the staged pipeline (plan, permute, two grouped GEMMs, combine:
 ``decode.MAX_TOKENS = 0``) and the torch._grouped_mm pipeline of bench_moe. The floor is
 max(FLOPs / dense mm rate, touched weight bytes / read bandwidth), both measured in this run.
 Errors: relative Frobenius vs the float32 reference (cute_moe.reference.experts_reference).
@@ -26,14 +26,13 @@ from perf.common import dense_mm_tflops, expert_weights, interleaved_ms, select_
 from perf.sm90.bench_moe import read_bandwidth_gbs, torch_pipeline
 
 ROUTINGS = 8
-DEFAULT = decode.DecodeConfig()
-VARIANTS = {  # name -> (decode.MAX_TOKENS, decode.CONFIG)
-    "decode": (8, DEFAULT),
-    "decode_w24_c1k_s3": (8, decode.DecodeConfig(24, 1024, 3)),
-    "decode_w20_c1k_s4": (8, decode.DecodeConfig(20, 1024, 4)),
-    "decode_w12_c1k_s6": (8, decode.DecodeConfig(12, 1024, 6)),
-    "decode_w16_c512_s8": (8, decode.DecodeConfig(16, 512, 8)),
-    "staged": (0, DEFAULT),
+VARIANTS = {  # name -> (decode.MAX_TOKENS, decode.CONFIG); None: decode.pick_config per shape
+    "decode": (8, None),
+    "decode_w14": (8, decode.DecodeConfig(14)),
+    "decode_w16": (8, decode.DecodeConfig(16)),
+    "decode_w22": (8, decode.DecodeConfig(22)),
+    "decode_w24": (8, decode.DecodeConfig(24)),
+    "staged": (0, None),
 }
 
 
