@@ -4,8 +4,9 @@ At decode sizes (a handful of tokens) the MoE layer streams each active expert's
 does a few FLOPs per weight, so the staged pipeline (plan, permute, GEMM1, GEMM2, combine: five
 launches, each GEMM with a fixed start-up cost) spends as much time starting kernels as reading
 weights. :func:`fused_moe_decode` runs GEMM1 + activation, GEMM2, the router-weighted combine and the
-shared-output add in one cooperative launch with a grid barrier between the GEMMs (CUDA cores,
-16-byte streaming loads, bitwise-reproducible float32 sums). ``cute_moe.layer`` takes it
+shared-output add in one cooperative launch with a grid barrier between the GEMMs (weights
+streamed by bulk copies into per-warp shared-memory rings, dot products on CUDA cores,
+bitwise-reproducible float32 sums). ``cute_moe.layer`` takes it
 automatically for ``T <= MAX_TOKENS`` bf16/fp16 calls it can run; ``MAX_TOKENS = 0`` (or the
 environment variable ``CUTE_MOE_DECODE_MAX_TOKENS=0``) turns it off.
 """
@@ -45,8 +46,10 @@ class DecodeConfig:
         return 4096
 
 
-# Up to this many tokens the layer runs the one-kernel decode path (perf/sm90/bench_decode_layer.py).
-MAX_TOKENS = int(os.environ.get("CUTE_MOE_DECODE_MAX_TOKENS", "8"))
+# Up to this many tokens the layer runs the one-kernel decode path: at T = 1 and 2 it beat the staged
+# pipeline on every reference shape, at T = 4 the staged pipeline won for Qwen3 and GPT-OSS
+# (perf/sm90/bench_decode_layer.py, H100 and H200). The kernel takes up to 8.
+MAX_TOKENS = int(os.environ.get("CUTE_MOE_DECODE_MAX_TOKENS", "2"))
 # None: pick_config per shape; a DecodeConfig forces that launch shape (benchmarks, tests)
 CONFIG: DecodeConfig | None = None
 # warps per CTA pick_config chooses from (the first of equally good ones wins)
@@ -134,27 +137,40 @@ def smem_bytes(num_tokens: int, top_k: int, hidden: int, inter: int, elem: int, 
     return config.ring_bytes() + max(num_tokens * hidden, num_tokens * top_k * inter) * elem
 
 
+def _dt(t) -> int | None:
+    return None if t is None else DTYPE_CODES[t.dtype]
+
+
 def unsupported_reason(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, top_k: int, *, topk_ids=None, w1_bias=None,
                        w2_bias=None, shared_output=None, out=None) -> str | None:
     """Why the decode kernel cannot take this (validated, bf16/fp16, contiguous x/w1/w2) call, or None."""
-    num_tokens, hidden = x.shape
-    inter = w1.shape[1] // 2
+    num_tokens = x.shape[0]
     if not 0 < num_tokens <= min(MAX_TOKENS, _TMAX[-1]):
         return f"T = {num_tokens} is outside the decode path's 1..{min(MAX_TOKENS, _TMAX[-1])} tokens"
-    if _tmax(num_tokens) * top_k > _MAX_ENTRIES:
-        return f"T * top_k = {num_tokens} * {top_k} rounds past {_MAX_ENTRIES} entries"
-    if _limits(x.device.index)[1] < 9:
-        return "the decode kernel needs sm_90 or newer (bulk copies, mbarrier transaction counts)"
+    reason = _shape_reason(x.device.index, num_tokens, top_k, w1.shape[0], x.shape[1], w1.shape[1] // 2,
+                           x.element_size(), CONFIG)
+    if reason is not None:
+        return reason
     if x.data_ptr() % 16 or w1.data_ptr() % 16 or w2.data_ptr() % 16:
         return "x, w1 and w2 must be 16-byte aligned"
-    cfg = _config(x.device.index, num_tokens, top_k, w1.shape[0], hidden, inter, x.element_size())
-    if cfg is None or smem_bytes(num_tokens, top_k, hidden, inter, x.element_size(), cfg) > _max_dynamic_smem(
-            x.device.index, cfg):
-        return "the weight rings and x's or the activations' rows do not fit in shared memory"
     for name, t in (("shared_output", shared_output), ("out", out), ("topk_ids", topk_ids), ("w1_bias", w1_bias),
                     ("w2_bias", w2_bias)):
         if t is not None and not t.is_contiguous():
             return f"{name} is not contiguous"
+    return None
+
+
+@lru_cache(maxsize=1024)
+def _shape_reason(dev: int, num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int, elem: int,
+                  config: DecodeConfig | None) -> str | None:
+    """The shape-only part of :func:`unsupported_reason` (cached: it runs on every small-T call)."""
+    if _tmax(num_tokens) * top_k > _MAX_ENTRIES:
+        return f"T * top_k = {num_tokens} * {top_k} rounds past {_MAX_ENTRIES} entries"
+    if _limits(dev)[1] < 9:
+        return "the decode kernel needs sm_90 or newer (bulk copies, mbarrier transaction counts)"
+    cfg = _config(dev, num_tokens, top_k, num_experts, hidden, inter, elem)
+    if cfg is None or smem_bytes(num_tokens, top_k, hidden, inter, elem, cfg) > _max_dynamic_smem(dev, cfg):
+        return "the weight rings and x's or the activations' rows do not fit in shared memory"
     return None
 
 
@@ -178,6 +194,20 @@ def _function(dev: int, defines: tuple, config: DecodeConfig):
     return fn
 
 
+@lru_cache(maxsize=1024)
+def _launch(dev: int, dtypes: tuple, num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int,
+            elem: int, act: int, config: DecodeConfig | None) -> tuple:
+    """(kernel, CTA threads, dynamic shared memory, grid, trailing int32 arguments) of a call shape
+    (cached: host time per decode call is part of the layer's latency)."""
+    cfg = _config(dev, num_tokens, top_k, num_experts, hidden, inter, elem)
+    x_dt, tw_dt, sh_dt, b1_dt, b2_dt, ids_i64 = dtypes
+    defines = _defines(x_dt, tw_dt, -1 if sh_dt is None else sh_dt, b1_dt, b2_dt, ids_i64, top_k, _tmax(num_tokens),
+                       act, cfg)
+    return (_function(dev, defines, cfg), cfg.warps * 32, smem_bytes(num_tokens, top_k, hidden, inter, elem, cfg),
+            _nvrtc.device_info(dev)[1],
+            (np.int32(num_tokens), np.int32(hidden), np.int32(inter), np.int32(num_experts)))
+
+
 def fused_moe_decode(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                      topk_ids: torch.Tensor, *, activation: str, w1_bias=None, w2_bias=None, shared_output=None,
                      out=None, h=None) -> torch.Tensor | None:
@@ -187,15 +217,11 @@ def fused_moe_decode(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_w
     launch (the caller then runs the staged pipeline)."""
     num_tokens, hidden = x.shape
     num_experts, two_inter = w1.shape[:2]
-    inter, top_k = two_inter // 2, topk_ids.shape[1]
-    dev = x.device.index
-    cfg = _config(dev, num_tokens, top_k, num_experts, hidden, inter, x.element_size())
-    defines = _defines(DTYPE_CODES[x.dtype], DTYPE_CODES[topk_weights.dtype],
-                       -1 if shared_output is None else DTYPE_CODES[shared_output.dtype],
-                       None if w1_bias is None else DTYPE_CODES[w1_bias.dtype],
-                       None if w2_bias is None else DTYPE_CODES[w2_bias.dtype], topk_ids.dtype == torch.int64,
-                       top_k, _tmax(num_tokens), ACTIVATION_CODES[activation], cfg)
-    fn = _function(dev, defines, cfg)
+    inter, top_k, dev = two_inter // 2, topk_ids.shape[1], x.device.index
+    dtypes = (DTYPE_CODES[x.dtype], DTYPE_CODES[topk_weights.dtype], _dt(shared_output), _dt(w1_bias), _dt(w2_bias),
+              topk_ids.dtype == torch.int64)
+    fn, threads, smem, grid, sizes = _launch(dev, dtypes, num_tokens, top_k, num_experts, hidden, inter,
+                                             x.element_size(), ACTIVATION_CODES[activation], CONFIG)
     if h is None:
         h = torch.empty(num_tokens * top_k, inter, device=x.device, dtype=x.dtype)
     if out is None:
@@ -203,10 +229,7 @@ def fused_moe_decode(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_w
     tw = topk_weights if topk_weights.is_contiguous() else topk_weights.contiguous()
     args = (x.data_ptr(), w1.data_ptr(), w2.data_ptr(), 0 if w1_bias is None else w1_bias.data_ptr(),
             0 if w2_bias is None else w2_bias.data_ptr(), tw.data_ptr(), topk_ids.data_ptr(),
-            0 if shared_output is None else shared_output.data_ptr(), out.data_ptr(), h.data_ptr(),
-            np.int32(num_tokens), np.int32(hidden), np.int32(inter), np.int32(num_experts))
-    grid = _nvrtc.device_info(dev)[1]
-    smem = smem_bytes(num_tokens, top_k, hidden, inter, x.element_size(), cfg)
-    if not _nvrtc.launch_cooperative(fn, dev, grid, cfg.warps * 32, args, shared_mem=smem):
+            0 if shared_output is None else shared_output.data_ptr(), out.data_ptr(), h.data_ptr(), *sizes)
+    if not _nvrtc.launch_cooperative(fn, dev, grid, threads, args, shared_mem=smem):
         return None
     return out

@@ -1,0 +1,51 @@
+"""CPU-only: the decode path's launch-shape choice and shared-memory sizing (cute_moe.decode)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cute_moe import decode
+from cute_moe.shapes import GPT_OSS_120B, QWEN3_30B_A3B, REFERENCE_SHAPES
+
+_SMEM = 227 * 1024
+
+
+def _pick(shape, tokens=1, sms=132):
+    rows = max(tokens * shape.hidden, tokens * shape.top_k * shape.intermediate) * 2
+    return decode.pick_config(sms, min(tokens * shape.top_k, shape.num_experts), shape.hidden, shape.intermediate,
+                              _SMEM - decode.DecodeConfig().static_smem_bytes() - rows)
+
+
+def test_imbalance():
+    assert decode._imbalance(100, 100) == 1.0
+    assert decode._imbalance(50, 100) == 1.0  # idle workers cost nothing
+    assert decode._imbalance(150, 100) == pytest.approx(2 / 1.5)
+
+
+@pytest.mark.parametrize("shape", REFERENCE_SHAPES, ids=lambda s: s.name)
+def test_pick_config_fits_and_keeps_whole_units_even(shape):
+    cfg = _pick(shape)
+    assert cfg is not None and cfg.warps in decode.WARP_CHOICES
+    rows = max(shape.hidden, shape.top_k * shape.intermediate) * 2
+    assert cfg.ring_bytes() + rows + cfg.static_smem_bytes() <= _SMEM
+    workers = 132 * cfg.warps
+    for units in (shape.top_k * shape.intermediate, shape.hidden):  # GEMM1 pairs, GEMM2 columns
+        assert decode._imbalance(units, workers) <= 1.1
+
+
+def test_pick_config_examples():
+    """GPT-OSS: 2880 GEMM2 columns on 132 SMs: 22 warps give each warp at most one (16 give two to
+    some); Qwen3 keeps 16 (equally even, measured faster)."""
+    assert _pick(GPT_OSS_120B).warps == 22
+    assert _pick(QWEN3_30B_A3B).warps == 16
+
+
+def test_pick_config_none_when_rows_do_not_fit():
+    assert decode.pick_config(132, 8, 4096, 14336, 16 * 1024) is None
+
+
+def test_smem_bytes_counts_rings_and_the_larger_row_set():
+    cfg = decode.DecodeConfig(16, 1024, 4)
+    assert cfg.ring_bytes() == 16 * 4 * 2 * 1024
+    assert decode.smem_bytes(1, 8, 2048, 768, 2, cfg) == cfg.ring_bytes() + 8 * 768 * 2
+    assert decode.smem_bytes(2, 2, 4096, 64, 2, cfg) == cfg.ring_bytes() + 2 * 4096 * 2
