@@ -4,7 +4,9 @@ Stages: route (router logits matmul + routing kernel), plan, permute, gemm1 (GEM
 gemm2, combine. Each stage is bracketed by CUDA events; before every timed call the stream is
 held with ``torch.cuda._sleep`` so the host enqueues the whole call before the GPU starts it, and the
 event gaps are GPU execution times, not host launch latency. Times are medians over ``reps`` calls.
-``call`` is the whole call timed the same way without the intermediate events.
+``call`` is the whole call timed the same way without the intermediate events. Calls of up to
+``cute_moe.decode.MAX_TOKENS`` tokens normally run the experts as one kernel (:mod:`cute_moe.decode`),
+which has no stages: profile times the staged pipeline for them (its ``call`` included).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
     python -m perf.sm90.bench_moe [--tokens 1,8,64,256,1024,8192,32768] [--shapes ...] [--no-fp8]
 
 For each reference shape and token count, with random softmax top-k routing: our experts pipeline
-(plan, permute, GEMM1+SwiGLU, GEMM2, combine: ``fused_moe``) eager and replayed from a CUDA graph;
+(plan, permute, GEMM1+SwiGLU, GEMM2, combine: ``fused_moe``; at T <= cute_moe.decode.MAX_TOKENS the
+one-kernel decode path) eager and replayed from a CUDA graph;
 the whole layer with its router too (``moe``: router logits, top-k, then the experts) in a CUDA graph,
 cycling through 8 inputs at T <= 256 (``moe_graph_ms``, ``moe_over_floor``); in the same run
 a torch pipeline doing the same work with torch ops (argsort permute, torch._grouped_mm, silu*up,
