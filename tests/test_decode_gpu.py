@@ -201,3 +201,47 @@ def test_nan_in_x_propagates_to_that_token(calls):
     out = cute_moe.fused_moe(x, w1, w2, weights, ids, activation="swiglu_oai", backend="cute")
     assert calls["n"] == 1
     assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2]]).all()
+
+
+@needs_sm90
+@pytest.mark.parametrize("mode", ["per_tensor", "per_token", "blockwise"])
+@pytest.mark.parametrize("tokens", [1, 2])
+@pytest.mark.parametrize("activation", ["silu", "swiglu_oai"])
+def test_decode_fp8_matches_reference(calls, monkeypatch, mode, tokens, activation):
+    """fp8 weights in every scaling mode; H and I multiples of 16 but not of 128 (ragged blocks)."""
+    from cute_moe import quant
+
+    e, k, h, i = 16, 4, 320, 208
+    w1, w2, b1, b2 = _weights(e, h, i, bias=activation == "swiglu_oai")
+    qw = quant.quantize_weights(w1, w2, mode)
+    x = torch.randn(tokens, h, device="cuda").to(torch.bfloat16)
+    weights, ids = cute_moe.route(torch.randn(tokens, e, device="cuda"), k, renormalize=True)
+    kw = dict(activation=activation, w1_bias=b1, w2_bias=b2, quant=qw, backend="cute")
+    out = torch.full((tokens, h), float("nan"), device="cuda", dtype=torch.bfloat16)
+    cute_moe.fused_moe(x, None, None, weights, ids, out=out, **kw)
+    assert calls["n"] == 1
+    ref = experts_reference(x, None, None, weights, ids, activation=activation, w1_bias=b1, w2_bias=b2, quant=qw)
+    assert rel_err(out, ref) < 2e-2
+    monkeypatch.setattr(decode, "MAX_TOKENS", 0)
+    staged = cute_moe.fused_moe(x, None, None, weights, ids, **kw)
+    assert calls["n"] == 1
+    assert rel_err(out, staged) < 3e-2
+
+
+@needs_sm90
+def test_decode_fp8_blockwise_deepseek_sizes_repeated_ids(calls):
+    """DeepSeek-V3's H and I (E reduced), blockwise, a token with a repeated expert, int64 ids."""
+    from cute_moe import quant
+
+    e, k, h, i = 16, 8, 7168, 2048
+    w1, w2, _, _ = _weights(e, h, i)
+    qw = quant.quantize_weights(w1, w2, "blockwise")
+    del w1, w2
+    x = torch.randn(1, h, device="cuda").to(torch.bfloat16)
+    weights, ids = cute_moe.route(torch.randn(1, e, device="cuda"), k, renormalize=True)
+    ids = ids.long()
+    ids[0, 1] = ids[0, 0]
+    out = cute_moe.fused_moe(x, None, None, weights, ids, quant=qw, backend="cute")
+    assert calls["n"] == 1
+    ref = experts_reference(x, None, None, weights, ids, activation="silu", quant=qw)
+    assert rel_err(out, ref) < 2e-2
