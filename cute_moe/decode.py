@@ -66,15 +66,10 @@ _device_limits: dict[int, tuple[int, int]] = {}  # device -> (opt-in shared memo
 _set_attribute = None
 
 
-QMODES = {None: 0, "per_tensor": 1, "per_token": 2, "blockwise": 3}  # fp8 weight scales (moe_decode.cu QMODE)
-
-
 def _defines(x_dt: int, tw_dt: int, sh_dt: int, b1_dt: int | None, b2_dt: int | None, ids_i64: bool, top_k: int,
-             tmax: int, act: int, config: DecodeConfig = DecodeConfig(), qmode: int = 0) -> tuple:
-    """moe_decode.cu's defines; a None dtype code (bias) or sh_dt < 0 (shared_output) means absent;
-    qmode > 0: fp8 weights with that scale mode."""
+             tmax: int, act: int, config: DecodeConfig = DecodeConfig()) -> tuple:
+    """moe_decode.cu's defines; a None dtype code (bias) or sh_dt < 0 (shared_output) means absent."""
     return tuple(sorted(dict(X_DT=x_dt, TW_DT=tw_dt, SH_DT=max(sh_dt, 0), HAS_SHARED=int(sh_dt >= 0),
-                             W_FP8=int(qmode > 0), QMODE=qmode,
                              B1_DT=b1_dt or 0, HAS_B1=int(b1_dt is not None), B2_DT=b2_dt or 0,
                              HAS_B2=int(b2_dt is not None), IDS_I64=int(ids_i64), TOP_K=top_k, TMAX=tmax, ACT=act,
                              NW=config.warps, CHUNK=config.chunk, STAGES=config.stages).items()))
@@ -86,8 +81,7 @@ def compile_specializations() -> list[tuple[str, dict]]:
              (1, 1, 1, 1, 1, False, 4, 4, 2), (2, 2, -1, None, 2, True, 1, 2, 2), (2, 0, 2, 0, None, False, 8, 8, 0)]
     configs = [DecodeConfig(), DecodeConfig(24, 1024, 3), DecodeConfig(32, 512, 4), DecodeConfig(),
                DecodeConfig(8, 2048, 4)]
-    qmodes = [0, 3, 1, 2, 3]
-    return [(_SOURCE, dict(_defines(*c, config=cfg, qmode=q))) for c, cfg, q in zip(cases, configs, qmodes)]
+    return [(_SOURCE, dict(_defines(*c, config=cfg))) for c, cfg in zip(cases, configs)]
 
 
 def _imbalance(units: int, workers: int) -> float:
@@ -98,19 +92,17 @@ def _imbalance(units: int, workers: int) -> float:
 
 
 @lru_cache(maxsize=256)
-def pick_config(num_sms: int, active: int, hidden: int, inter: int, max_ring: int,
-                max_warps: int = 32) -> DecodeConfig | None:
+def pick_config(num_sms: int, active: int, hidden: int, inter: int, max_ring: int) -> DecodeConfig | None:
     """The launch shape for ``active`` experts of an (H, I) layer on ``num_sms`` SMs with ``max_ring``
     bytes of shared memory for the weight rings (None if none fits). Each warp streams whole units
     (GEMM1: a gate/up row pair, GEMM2: one output column over the active experts), so a warp with one
     unit more than the mean finishes late; pick the warp count whose rounding costs the fewest bytes
     (GPT-OSS-120B: 22 warps give every warp one GEMM2 column, where 16 give 1.36 on average and 2 at
-    most). Ties keep 16, measured best for Qwen3-30B-A3B. ``max_warps``: the fp8 kernels need up to
-    128 registers per thread, so at most 16 warps."""
+    most). Ties keep 16, measured best for Qwen3-30B-A3B."""
     best = None
     for warps in WARP_CHOICES:
         cfg = DecodeConfig(warps=warps)
-        if cfg.ring_bytes() > max_ring or warps > max_warps:
+        if cfg.ring_bytes() > max_ring:
             continue
         workers = num_sms * warps
         cost = 2 * _imbalance(active * inter, workers) + _imbalance(hidden, workers)
@@ -119,13 +111,12 @@ def pick_config(num_sms: int, active: int, hidden: int, inter: int, max_ring: in
     return None if best is None else best[1]
 
 
-def _config(dev: int, num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int, elem: int, fp8: bool):
-    """The launch shape of a call (``elem``: bytes per element of the x / activation rows)."""
+def _config(dev: int, num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int, elem: int):
     if CONFIG is not None:
         return CONFIG
     rows = max(num_tokens * hidden, num_tokens * top_k * inter) * elem
     return pick_config(_nvrtc.device_info(dev)[1], min(num_tokens * top_k, num_experts), hidden, inter,
-                       _limits(dev)[0] - DecodeConfig().static_smem_bytes() - rows, 16 if fp8 else 32)
+                       _limits(dev)[0] - DecodeConfig().static_smem_bytes() - rows)
 
 
 def _tmax(num_tokens: int) -> int:
@@ -151,14 +142,13 @@ def _dt(t) -> int | None:
 
 
 def unsupported_reason(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, top_k: int, *, topk_ids=None, w1_bias=None,
-                       w2_bias=None, shared_output=None, out=None, fp8: bool = False) -> str | None:
-    """Why the decode kernel cannot take this (validated, bf16/fp16, contiguous x/w1/w2) call, or None.
-    ``fp8``: w1 / w2 are fp8 weights (H and I multiples of 16, checked by the layer)."""
+                       w2_bias=None, shared_output=None, out=None) -> str | None:
+    """Why the decode kernel cannot take this (validated, bf16/fp16, contiguous x/w1/w2) call, or None."""
     num_tokens = x.shape[0]
     if not 0 < num_tokens <= min(MAX_TOKENS, _TMAX[-1]):
         return f"T = {num_tokens} is outside the decode path's 1..{min(MAX_TOKENS, _TMAX[-1])} tokens"
     reason = _shape_reason(x.device.index, num_tokens, top_k, w1.shape[0], x.shape[1], w1.shape[1] // 2,
-                           4 if fp8 else x.element_size(), fp8, CONFIG)
+                           x.element_size(), CONFIG)
     if reason is not None:
         return reason
     if x.data_ptr() % 16 or w1.data_ptr() % 16 or w2.data_ptr() % 16:
@@ -172,13 +162,13 @@ def unsupported_reason(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, top_
 
 @lru_cache(maxsize=1024)
 def _shape_reason(dev: int, num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int, elem: int,
-                  fp8: bool, config: DecodeConfig | None) -> str | None:
+                  config: DecodeConfig | None) -> str | None:
     """The shape-only part of :func:`unsupported_reason` (cached: it runs on every small-T call)."""
     if _tmax(num_tokens) * top_k > _MAX_ENTRIES:
         return f"T * top_k = {num_tokens} * {top_k} rounds past {_MAX_ENTRIES} entries"
     if _limits(dev)[1] < 9:
         return "the decode kernel needs sm_90 or newer (bulk copies, mbarrier transaction counts)"
-    cfg = _config(dev, num_tokens, top_k, num_experts, hidden, inter, elem, fp8)
+    cfg = _config(dev, num_tokens, top_k, num_experts, hidden, inter, elem)
     if cfg is None or smem_bytes(num_tokens, top_k, hidden, inter, elem, cfg) > _max_dynamic_smem(dev, cfg):
         return "the weight rings and x's or the activations' rows do not fit in shared memory"
     return None
@@ -206,14 +196,13 @@ def _function(dev: int, defines: tuple, config: DecodeConfig):
 
 @lru_cache(maxsize=1024)
 def _launch(dev: int, dtypes: tuple, num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int,
-            elem: int, act: int, qmode: int, config: DecodeConfig | None) -> tuple:
+            elem: int, act: int, config: DecodeConfig | None) -> tuple:
     """(kernel, CTA threads, dynamic shared memory, grid, trailing int32 arguments) of a call shape
     (cached: host time per decode call is part of the layer's latency)."""
-    elem = 4 if qmode else elem
-    cfg = _config(dev, num_tokens, top_k, num_experts, hidden, inter, elem, qmode > 0)
+    cfg = _config(dev, num_tokens, top_k, num_experts, hidden, inter, elem)
     x_dt, tw_dt, sh_dt, b1_dt, b2_dt, ids_i64 = dtypes
     defines = _defines(x_dt, tw_dt, -1 if sh_dt is None else sh_dt, b1_dt, b2_dt, ids_i64, top_k, _tmax(num_tokens),
-                       act, cfg, qmode)
+                       act, cfg)
     return (_function(dev, defines, cfg), cfg.warps * 32, smem_bytes(num_tokens, top_k, hidden, inter, elem, cfg),
             _nvrtc.device_info(dev)[1],
             (np.int32(num_tokens), np.int32(hidden), np.int32(inter), np.int32(num_experts)))
@@ -221,30 +210,24 @@ def _launch(dev: int, dtypes: tuple, num_tokens: int, top_k: int, num_experts: i
 
 def fused_moe_decode(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                      topk_ids: torch.Tensor, *, activation: str, w1_bias=None, w2_bias=None, shared_output=None,
-                     out=None, h=None, quant_mode: str | None = None, w1_scale=None, w2_scale=None) -> torch.Tensor | None:
+                     out=None, h=None) -> torch.Tensor | None:
     """out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) (+ shared_output[t]) in one
     kernel, for a call :func:`unsupported_reason` accepts. ``h``: scratch [T*k, I] in x's dtype
-    (allocated when None). With ``quant_mode`` (a cute_moe.quant mode) w1 / w2 are fp8 e4m3 weights
-    with scales ``w1_scale`` / ``w2_scale`` in grouped_gemm's b_scale layout (contiguous; see
-    layer.gemm_weight_scale), and x and the activations are quantized in the mode's activation
-    scheme, as :func:`cute_moe.reference.experts_reference` defines the fp8 layer. Returns the
-    output, or None when the driver refuses the cooperative launch (the caller then runs the staged
-    pipeline)."""
+    (allocated when None). Returns the output, or None when the driver refuses the cooperative
+    launch (the caller then runs the staged pipeline)."""
     num_tokens, hidden = x.shape
     num_experts, two_inter = w1.shape[:2]
     inter, top_k, dev = two_inter // 2, topk_ids.shape[1], x.device.index
     dtypes = (DTYPE_CODES[x.dtype], DTYPE_CODES[topk_weights.dtype], _dt(shared_output), _dt(w1_bias), _dt(w2_bias),
               topk_ids.dtype == torch.int64)
     fn, threads, smem, grid, sizes = _launch(dev, dtypes, num_tokens, top_k, num_experts, hidden, inter,
-                                             x.element_size(), ACTIVATION_CODES[activation], QMODES[quant_mode],
-                                             CONFIG)
+                                             x.element_size(), ACTIVATION_CODES[activation], CONFIG)
     if h is None:
         h = torch.empty(num_tokens * top_k, inter, device=x.device, dtype=x.dtype)
     if out is None:
         out = torch.empty(num_tokens, hidden, device=x.device, dtype=x.dtype)
     tw = topk_weights if topk_weights.is_contiguous() else topk_weights.contiguous()
-    args = (x.data_ptr(), w1.data_ptr(), w2.data_ptr(), 0 if w1_scale is None else w1_scale.data_ptr(),
-            0 if w2_scale is None else w2_scale.data_ptr(), 0 if w1_bias is None else w1_bias.data_ptr(),
+    args = (x.data_ptr(), w1.data_ptr(), w2.data_ptr(), 0 if w1_bias is None else w1_bias.data_ptr(),
             0 if w2_bias is None else w2_bias.data_ptr(), tw.data_ptr(), topk_ids.data_ptr(),
             0 if shared_output is None else shared_output.data_ptr(), out.data_ptr(), h.data_ptr(), *sizes)
     if not _nvrtc.launch_cooperative(fn, dev, grid, threads, args, shared_mem=smem):

@@ -131,12 +131,9 @@ def fused_moe(*, x, w1, w2, topk_weights, topk_ids, activation, w1_bias, w2_bias
     if plan is None and stage_hook is None and _decode_reason(
             dict(x=x, w1=w1, w2=w2, quant=quant, w1_bias=w1_bias, w2_bias=w2_bias, shared_output=shared_output, out=out),
             topk_ids.shape[1], topk_ids) is None:
-        fp8 = {} if quant is None else dict(quant_mode=quant.mode, w1_scale=gemm_weight_scale(quant.w1_scale, quant.mode),
-                                            w2_scale=gemm_weight_scale(quant.w2_scale, quant.mode))
-        result = decode.fused_moe_decode(x, w1 if quant is None else quant.w1_q, w2 if quant is None else quant.w2_q,
-                                         topk_weights, topk_ids, activation=activation, w1_bias=w1_bias,
+        result = decode.fused_moe_decode(x, w1, w2, topk_weights, topk_ids, activation=activation, w1_bias=w1_bias,
                                          w2_bias=w2_bias, shared_output=shared_output, out=out,
-                                         h=None if ws is None else ws["h"], **fp8)
+                                         h=None if ws is None else ws["h"])
         if result is not None:
             return result
     if plan is None:
@@ -164,11 +161,10 @@ def _decode_reason(kw: dict, top_k: int, topk_ids=None) -> str | None:
     """Why this call does not take the one-kernel decode path (:mod:`cute_moe.decode`), or None."""
     if kw["x"].shape[0] > decode.MAX_TOKENS:
         return "more tokens than the decode path takes"
-    quant = kw["quant"]
-    w1, w2 = (kw["w1"], kw["w2"]) if quant is None else (quant.w1_q, quant.w2_q)
-    return decode.unsupported_reason(kw["x"], w1, w2, top_k, topk_ids=topk_ids, w1_bias=kw["w1_bias"],
-                                     w2_bias=kw["w2_bias"], shared_output=kw["shared_output"], out=kw["out"],
-                                     fp8=quant is not None)
+    if kw["quant"] is not None:
+        return "fp8 runs the staged pipeline"
+    return decode.unsupported_reason(kw["x"], kw["w1"], kw["w2"], top_k, topk_ids=topk_ids, w1_bias=kw["w1_bias"],
+                                     w2_bias=kw["w2_bias"], shared_output=kw["shared_output"], out=kw["out"])
 
 
 def _fp8_experts(x, quant: QuantizedWeights, plan, activation, w1_bias, w2_bias, hook, ws) -> torch.Tensor:

@@ -19,7 +19,7 @@
 // parallelism does not cost registers. Ids outside [0, E) are dropped (contribute nothing), as in
 // the plan.
 //
-// Defines: X_DT (x, weights unless W_FP8, h, out), W_FP8 + QMODE (fp8 weights, see below), TW_DT (topk weights), B1_DT / B2_DT (biases), SH_DT (shared_output), IDS_I64,
+// Defines: X_DT (x, weights, h, out), TW_DT (topk weights), B1_DT / B2_DT (biases), SH_DT (shared_output), IDS_I64,
 // TOP_K, TMAX (tokens at most), ACT (0 silu, 1 gelu, 2 swiglu_oai), HAS_B1, HAS_B2, HAS_SHARED,
 // NW (warps per CTA), UNROLL (16-byte vectors per row, lane and step), STAGES (ring depth),
 // TMAX * TOP_K <= NW * 32.
@@ -30,15 +30,6 @@
 typedef Elem<X_DT> EX;
 typedef EX::T XT;
 typedef VecIO<X_DT, 16> V16;
-#if W_FP8
-// fp8 e4m3 weights with QMODE scales (1 per expert, 2 per output channel, 3 per 128 x 128 block);
-// x and the activations are fake-quantized in the same mode (cute_moe.quant) into float rows.
-typedef u8 WT;
-#define WSIZE 1
-#else
-typedef XT WT;
-#define WSIZE 2
-#endif
 #if IDS_I64
 typedef i64 IdT;
 #else
@@ -142,73 +133,6 @@ __device__ __forceinline__ float pick(const float (&acc)[TMAX], int t) {
     return r;
 }
 
-#if W_FP8
-// 16 e4m3 codes -> floats
-__device__ __forceinline__ void e4m3x16_to_f32(const uint4& v, float* f) {
-    const u32 w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            u32 h2;
-            asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"((u16)(w[i] >> (16 * half))));
-            f[4 * i + 2 * half] = f16_to_f32((u16)(h2 & 0xffffu));
-            f[4 * i + 2 * half + 1] = f16_to_f32((u16)(h2 >> 16));
-        }
-    }
-}
-
-// v quantized to e4m3 with `scale` (IEEE division, round to nearest even, saturated) and back
-__device__ __forceinline__ float fake_quant(float v, float scale) {
-    u16 b;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(b) : "f"(0.f), "f"(v / scale));
-    u32 h2;
-    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(b));
-    return f16_to_f32((u16)(h2 & 0xffffu)) * scale;
-}
-
-__device__ __forceinline__ float dot16(const float* w, const float* x) {
-    float d = 0.f;
-#pragma unroll
-    for (int i = 0; i < 16; ++i) d = fmaf(w[i], x[i], d);
-    return d;
-}
-
-// dst [rows, cols] floats (shared memory) = src [rows, cols] (global, X_DT) fake-quantized in QMODE's
-// activation scheme: one scale over every used row (1), per row (2), per 1 x 128 group (3). Rows with
-// used(r) false are skipped (and do not count in the per-tensor amax).
-template <typename Used>
-__device__ __forceinline__ void fake_quant_rows(const XT* __restrict__ src, int rows, int cols, float* dst, Used used,
-                                                float* red) {
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-#if QMODE == 1
-    float amax = 0.f;
-    for (int i = tid; i < rows * cols; i += NT)
-        if (used(i / cols)) amax = nanmax(amax, fabsf(EX::to_f32(__ldcg(src + i))));
-    amax = warp_max(amax);
-    if (lane == 0) red[warp] = amax;
-    __syncthreads();
-    amax = 0.f;
-    for (int w = 0; w < NW; ++w) amax = nanmax(amax, red[w]);
-    const float scale = fp8_scale(amax);
-    for (int i = tid; i < rows * cols; i += NT)
-        if (used(i / cols)) dst[i] = fake_quant(EX::to_f32(__ldcg(src + i)), scale);
-#else
-    const int group = QMODE == 2 ? cols : FP8_GROUP, per_row = ceil_div(cols, group);
-    for (int g = warp; g < rows * per_row; g += NW) {
-        const int r = g / per_row, c0 = (g - r * per_row) * group, c1 = min(c0 + group, cols);
-        if (!used(r)) continue;
-        float amax = 0.f;
-        for (int c = c0 + lane; c < c1; c += 32) amax = nanmax(amax, fabsf(EX::to_f32(__ldcg(src + (i64)r * cols + c))));
-        const float scale = fp8_scale(warp_max(amax));
-        for (int c = c0 + lane; c < c1; c += 32)
-            dst[(i64)r * cols + c] = fake_quant(EX::to_f32(__ldcg(src + (i64)r * cols + c)), scale);
-    }
-#endif
-    __syncthreads();
-}
-#endif
-
 // Phase 0: S's expert groups from topk_ids / topk_weights (num_entries <= MAXR <= blockDim.x).
 __device__ __forceinline__ void group_entries(const IdT* __restrict__ topk_ids,
                                               const typename Elem<TW_DT>::T* __restrict__ topk_w,
@@ -271,15 +195,15 @@ struct Issuer {
     const unsigned char* row;  // GEMM1: the unit's gate row
 };
 
-__device__ __forceinline__ void issue(Issuer& it, int steps1, int steps2, const DecodeShared& S, const WT* w1,
-                                      const WT* w2, int gw, int num_warps, int hidden, int inter, unsigned char* ring,
+__device__ __forceinline__ void issue(Issuer& it, int steps1, int steps2, const DecodeShared& S, const XT* w1,
+                                      const XT* w2, int gw, int num_warps, int hidden, int inter, unsigned char* ring,
                                       u64* bars, u64 policy) {
     const int n = it.n;
     if (n >= steps1 + steps2) return;
     unsigned char* stage = ring + (n % STAGES) * STAGE_BYTES;
     u64* bar = bars + n % STAGES;
     if (n < steps1) {
-        const int row = hidden * WSIZE;
+        const int row = hidden * EX::SIZE;
         if (it.ch == 0) {
             const int p = (gw + it.k * num_warps) / S.groups, u = p / inter, j = p - u * inter;
             it.row = (const unsigned char*)(w1 + ((i64)S.expert[u] * 2 * inter + j) * hidden);
@@ -294,7 +218,7 @@ __device__ __forceinline__ void issue(Issuer& it, int steps1, int steps2, const 
             if (++it.k * num_warps + gw >= S.num_u * inter * S.groups) it.k = it.u = 0;  // GEMM2 next
         }
     } else {
-        const int row = inter * WSIZE;
+        const int row = inter * EX::SIZE;
         const unsigned char* src = (const unsigned char*)(w2 + ((i64)S.expert[it.u] * hidden + gw + it.k * num_warps) * inter)
                                    + it.ch * STAGE_BYTES;
         const u32 bytes = min(STAGE_BYTES, row - it.ch * STAGE_BYTES);
@@ -312,15 +236,15 @@ __device__ __forceinline__ void issue(Issuer& it, int steps1, int steps2, const 
 }
 
 extern "C" __global__ void __launch_bounds__(NT, 1)
-moe_decode(const XT* __restrict__ x, const WT* __restrict__ w1, const WT* __restrict__ w2,
-           const float* __restrict__ s1, const float* __restrict__ s2, const typename Elem<B1_DT>::T* __restrict__ b1, const typename Elem<B2_DT>::T* __restrict__ b2,
+moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __restrict__ w2,
+           const typename Elem<B1_DT>::T* __restrict__ b1, const typename Elem<B2_DT>::T* __restrict__ b2,
            const typename Elem<TW_DT>::T* __restrict__ topk_w, const IdT* __restrict__ topk_ids,
            const typename Elem<SH_DT>::T* __restrict__ shared, XT* __restrict__ out, XT* __restrict__ h,
            int num_tokens, int hidden, int inter, int num_experts) {
     __shared__ DecodeShared S;
     __shared__ u64 bars_all[NW * STAGES];
     // dynamic shared memory: each warp's ring of STAGES stages, then x's rows [T, H] (GEMM1), later
-    // the activations' rows [T*k, I] (GEMM2); X_DT, or float (fake-quantized) with W_FP8
+    // the activations' rows [T*k, I] (GEMM2)
     extern __shared__ __align__(128) unsigned char dsm[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     unsigned char* const ring = dsm + warp * STAGES * STAGE_BYTES;
@@ -330,19 +254,13 @@ moe_decode(const XT* __restrict__ x, const WT* __restrict__ w1, const WT* __rest
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     PDL_ENTER();
     const int num_entries = num_tokens * TOP_K;
-    const int v1 = hidden * WSIZE / 16, v2 = inter * WSIZE / 16;  // 16-byte weight vectors per w1 / w2 row
-#if W_FP8
-    __shared__ float red[NW];
-    float* const rowsf = (float*)rows;
-    fake_quant_rows(x, num_tokens, hidden, rowsf, [](int) { return true; }, red);
-#else
+    const int v1 = hidden / 8, v2 = inter / 8;  // 16-byte vectors per w1 / w2 row
     for (int i = tid; i < num_tokens * v1; i += NT) rows[i] = ((const uint4*)x)[i];
-#endif
     group_entries(topk_ids, topk_w, num_entries, num_experts, S);  // (its barriers publish the mbarrier inits)
 
     const int gw = blockIdx.x * NW + warp, num_warps = gridDim.x * NW;
     const int num_u = S.num_u, groups = S.groups;
-    const int nch1 = ceil_div(hidden * WSIZE, CHUNK), nch2 = ceil_div(inter * WSIZE, STAGE_BYTES);
+    const int nch1 = ceil_div(hidden * EX::SIZE, CHUNK), nch2 = ceil_div(inter * EX::SIZE, STAGE_BYTES);
     const int units1 = num_u * inter * groups;
     const int steps1 = (units1 > gw ? ceil_div(units1 - gw, num_warps) : 0) * nch1;
     const int steps2 = (hidden > gw ? ceil_div(hidden - gw, num_warps) : 0) * num_u * nch2;
@@ -371,42 +289,6 @@ moe_decode(const XT* __restrict__ x, const WT* __restrict__ w1, const WT* __rest
         mbar_wait(bars + n % STAGES, (n / STAGES) & 1);
         const uint4* stage = (const uint4*)(ring + (n % STAGES) * STAGE_BYTES);
         const int vb = ch * (CHUNK / 16), nvec = min(CHUNK / 16, v1 - vb);
-#if W_FP8
-#if QMODE == 3
-        const int nbh = ceil_div(hidden, 128), nbi = ceil_div(inter, 128);
-        const float* sgate = s1 + ((i64)S.expert[u] * 2 * nbi + j / 128) * nbh;  // gate, up blocked apart
-        const float* sup = sgate + (i64)nbi * nbh;
-#endif
-#pragma unroll 2
-        for (int i = lane; i < nvec; i += 32) {
-            float fg[16], fu[16];
-            e4m3x16_to_f32(stage[i], fg);
-            e4m3x16_to_f32(stage[CHUNK / 16 + i], fu);
-            const int kk = (vb + i) * 16;
-#if QMODE == 3
-            const float sg = __ldg(sgate + kk / 128), su = __ldg(sup + kk / 128);
-#else
-            const float sg = 1.f, su = 1.f;
-#endif
-#pragma unroll
-            for (int m = 0; m < TMAX; ++m) {
-                if (m < nm) {
-                    float fx[16];
-                    const float4* xr = (const float4*)(rowsf + (i64)tok[m] * hidden + kk);
-#pragma unroll
-                    for (int q = 0; q < 4; ++q) {
-                        const float4 v = xr[q];
-                        fx[4 * q] = v.x;
-                        fx[4 * q + 1] = v.y;
-                        fx[4 * q + 2] = v.z;
-                        fx[4 * q + 3] = v.w;
-                    }
-                    ag[m] = fmaf(sg, dot16(fg, fx), ag[m]);
-                    au[m] = fmaf(su, dot16(fu, fx), au[m]);
-                }
-            }
-        }
-#else
 #pragma unroll 4
         for (int i = lane; i < nvec; i += 32) {
             float fg[8], fu[8];
@@ -422,7 +304,6 @@ moe_decode(const XT* __restrict__ x, const WT* __restrict__ w1, const WT* __rest
                 }
             }
         }
-#endif
         __syncwarp();
         if (lane == 0) issue(it, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
         if (++ch == nch1) {
@@ -435,13 +316,6 @@ moe_decode(const XT* __restrict__ x, const WT* __restrict__ w1, const WT* __rest
             }
             if (lane < nm) {
                 float g = pick(ag, lane), up = pick(au, lane);
-#if W_FP8 && QMODE == 1
-                g *= s1[S.expert[u]];
-                up *= s1[S.expert[u]];
-#elif W_FP8 && QMODE == 2
-                g *= s1[(i64)S.expert[u] * 2 * inter + j];
-                up *= s1[(i64)S.expert[u] * 2 * inter + inter + j];
-#endif
 #if HAS_B1
                 const i64 row = (i64)S.expert[u] * 2 * inter + j;
                 g += Elem<B1_DT>::to_f32(b1[row]);
@@ -456,13 +330,9 @@ moe_decode(const XT* __restrict__ x, const WT* __restrict__ w1, const WT* __rest
 
     // ---- GEMM2 + router weight + combine (its first steps are already loading)
     grid_barrier();
-#if W_FP8
-    fake_quant_rows(h, num_entries, inter, rowsf, [&](int r) { return S.ids[r] >= 0; }, red);
-#else
     for (int i = tid; i < num_entries * v2; i += NT)
         if (S.ids[i / v2] >= 0) rows[i] = __ldcg((const uint4*)h + i);
     __syncthreads();
-#endif
 
     float acc[TMAX];
 #pragma unroll
@@ -473,44 +343,10 @@ moe_decode(const XT* __restrict__ x, const WT* __restrict__ w1, const WT* __rest
         const uint4* stage = (const uint4*)(ring + (n % STAGES) * STAGE_BYTES);
         const int vb = ch * (STAGE_BYTES / 16), nvec = min(STAGE_BYTES / 16, v2 - vb);
         const int s0 = S.start[u], cnt = S.count[u];
-#if W_FP8 && QMODE == 3
-        const float* srow = s2 + ((i64)S.expert[u] * ceil_div(hidden, 128) + (gw + k * num_warps) / 128) *
-                                     ceil_div(inter, 128);
-#elif W_FP8 && QMODE == 2
-        const float sc = s2[(i64)S.expert[u] * hidden + gw + k * num_warps];
-#elif W_FP8
-        const float sc = s2[S.expert[u]];
-#endif
         for (int m = 0; m < cnt; ++m) {
             const int entry = S.order[s0 + m];
-            float d = 0.f;
-#if W_FP8
-            const float* hrow = rowsf + (i64)entry * inter;
-#pragma unroll 2
-            for (int i = lane; i < nvec; i += 32) {
-                float fw[16], fh[16];
-                e4m3x16_to_f32(stage[i], fw);
-                const int kk = (vb + i) * 16;
-                const float4* hr = (const float4*)(hrow + kk);
-#pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                    const float4 v = hr[q];
-                    fh[4 * q] = v.x;
-                    fh[4 * q + 1] = v.y;
-                    fh[4 * q + 2] = v.z;
-                    fh[4 * q + 3] = v.w;
-                }
-#if QMODE == 3
-                d = fmaf(__ldg(srow + kk / 128), dot16(fw, fh), d);
-#else
-                d += dot16(fw, fh);
-#endif
-            }
-#if QMODE != 3
-            d *= sc;
-#endif
-#else
             const uint4* hrow = rows + entry * v2 + vb;
+            float d = 0.f;
 #pragma unroll 4
             for (int i = lane; i < nvec; i += 32) {
                 float fw[8], fh[8];
@@ -518,7 +354,6 @@ moe_decode(const XT* __restrict__ x, const WT* __restrict__ w1, const WT* __rest
                 V16::unpack(hrow[i], fh);
                 d = dot8(fw, fh, d);
             }
-#endif
             add_to(acc, entry / TOP_K, S.weight[entry] * d);
         }
         __syncwarp();

@@ -1,16 +1,14 @@
 """Decode: the one-kernel expert stage (cute_moe.decode) vs the staged pipeline vs torch, per T.
 
-    python -m perf.sm90.bench_decode_layer [--tokens 1,2,4] [--shapes ...] [--sweep] [--no-fp8]
+    python -m perf.sm90.bench_decode_layer [--tokens 1,2,4,8] [--shapes ...]
 
 For each reference shape and small T, ``fused_moe`` (bf16) in CUDA graphs, timed in turn for 3
 rounds (medians), each graph cycling through 8 random routings so the touched experts change from
-call to call as in decode: the decode kernel (decode.pick_config's launch shape; with ``--sweep``
-also fixed warp counts), the staged pipeline (plan, permute, two grouped GEMMs, combine:
-``decode.MAX_TOKENS = 0``) and the torch._grouped_mm pipeline of bench_moe; then the same layer with
-blockwise fp8 weights (DeepSeek-V3's 128 x 128 scales), decode kernel vs staged fp8 pipeline. The
-floor is max(FLOPs / dense mm rate, touched weight bytes / read bandwidth), both measured in this
-run (fp8: half the bytes). Errors: relative Frobenius vs the float32 reference
-(cute_moe.reference.experts_reference, on the dequantized weights for fp8).
+call to call as in decode: the decode kernel (decode.pick_config's launch shape and a few fixed
+ones), the staged pipeline (plan, permute, two grouped GEMMs, combine:
+``decode.MAX_TOKENS = 0``) and the torch._grouped_mm pipeline of bench_moe. The floor is
+max(FLOPs / dense mm rate, touched weight bytes / read bandwidth), both measured in this run.
+Errors: relative Frobenius vs the float32 reference (cute_moe.reference.experts_reference).
 """
 
 from __future__ import annotations
@@ -24,26 +22,27 @@ import torch
 import cute_moe
 from cute_moe import decode
 from cute_moe.reference import experts_reference
-from perf.common import (dense_mm_tflops, expert_weights, interleaved_ms, quantize_experts, select_shapes, speedup_plot,
-                         write_results)
+from perf.common import dense_mm_tflops, expert_weights, interleaved_ms, select_shapes, speedup_plot, write_results
 from perf.sm90.bench_moe import read_bandwidth_gbs, torch_pipeline
 
 ROUTINGS = 8
 VARIANTS = {  # name -> (decode.MAX_TOKENS, decode.CONFIG); None: decode.pick_config per shape
     "decode": (8, None),
+    "decode_w14": (8, decode.DecodeConfig(14)),
+    "decode_w16": (8, decode.DecodeConfig(16)),
+    "decode_w22": (8, decode.DecodeConfig(22)),
+    "decode_w24": (8, decode.DecodeConfig(24)),
     "staged": (0, None),
 }
-SWEEP = {f"decode_w{w}": (8, decode.DecodeConfig(w)) for w in (14, 16, 22, 24)}
 
 
 def _set(variant: str) -> None:
-    decode.MAX_TOKENS, decode.CONFIG = (VARIANTS | SWEEP)[variant.removeprefix("fp8_")]
+    decode.MAX_TOKENS, decode.CONFIG = VARIANTS[variant]
 
 
-def bench_shape(shape, tokens_list, dense_tflops, read_gbs, sweep: bool, fp8: bool) -> list[dict]:
+def bench_shape(shape, tokens_list, dense_tflops, read_gbs) -> list[dict]:
     e, k, h, i = shape.num_experts, shape.top_k, shape.hidden, shape.intermediate
     w1, w2 = expert_weights(shape)
-    qw = quantize_experts(w1, w2, "blockwise") if fp8 else None
     w1t, w2t = w1.transpose(1, 2), w2.transpose(1, 2)
     rows = []
     for t in tokens_list:
@@ -53,13 +52,10 @@ def bench_shape(shape, tokens_list, dense_tflops, read_gbs, sweep: bool, fp8: bo
         out = torch.empty(t, h, device="cuda", dtype=torch.bfloat16)
 
         def ours(variant):
-            quant = qw if variant.startswith("fp8_") else None
-            a, b = (None, None) if quant is not None else (w1, w2)
-
             def call():
                 _set(variant)
                 tw, ti = routings[next(turn) % ROUTINGS]
-                return cute_moe.fused_moe(x, a, b, tw, ti, quant=quant, out=out, backend="cute")
+                return cute_moe.fused_moe(x, w1, w2, tw, ti, out=out, backend="cute")
             return call
 
         def theirs():
@@ -67,17 +63,14 @@ def bench_shape(shape, tokens_list, dense_tflops, read_gbs, sweep: bool, fp8: bo
             return torch_pipeline(x, w1t, w2t, tw, ti, e, i)
 
         tw, ti = routings[0]
-        names = list(VARIANTS) + (list(SWEEP) if sweep else []) + (["fp8_decode", "fp8_staged"] if fp8 else [])
-        refs = {False: experts_reference(x, w1, w2, tw, ti, activation="silu").float()}
-        if fp8:
-            refs[True] = experts_reference(x, None, None, tw, ti, activation="silu", quant=qw).float()
+        ref = experts_reference(x, w1, w2, tw, ti, activation="silu").float()
         errs = {}
-        for variant in names:
-            ref = refs[variant.startswith("fp8_")]
+        for variant in VARIANTS:
+            _set(variant)
             out.fill_(float("nan"))
-            got = ours(variant)().float()
+            got = cute_moe.fused_moe(x, w1, w2, tw, ti, out=out, backend="cute").float()
             errs[variant] = ((got - ref).norm() / ref.norm()).item()
-        fns = {v: ours(v) for v in names} | {"torch": theirs}
+        fns = {v: ours(v) for v in VARIANTS} | {"torch": theirs}
         ms = interleaved_ms(fns, rounds=3, graph=True, warmup=3, rep=20, calls_per_graph=8)
         _set("decode")
         active = sum(int(torch.unique(ids).numel()) for _, ids in routings) / ROUTINGS
@@ -86,29 +79,21 @@ def bench_shape(shape, tokens_list, dense_tflops, read_gbs, sweep: bool, fp8: bo
         row = {"shape": shape.name, "T": t, **{f"{v}_ms": ms[v] for v in fns}, "floor_ms": floor_ms,
                "decode_over_floor": ms["decode"] / floor_ms, "staged_over_floor": ms["staged"] / floor_ms,
                "speedup_vs_staged": ms["staged"] / ms["decode"], "speedup_vs_torch": ms["torch"] / ms["decode"],
-               "decode_err": errs["decode"], "staged_err": errs["staged"], "active_experts": active}
-        if fp8:
-            fp8_floor = max(flops / (dense_tflops * 1e9), active * 3 * i * h / (read_gbs * 1e6))
-            row.update(fp8_floor_ms=fp8_floor, fp8_decode_over_floor=ms["fp8_decode"] / fp8_floor,
-                       fp8_staged_over_floor=ms["fp8_staged"] / fp8_floor,
-                       fp8_speedup_vs_staged=ms["fp8_staged"] / ms["fp8_decode"],
-                       fp8_speedup_vs_bf16_decode=ms["decode"] / ms["fp8_decode"],
-                       fp8_decode_err=errs["fp8_decode"], fp8_staged_err=errs["fp8_staged"])
+               "decode_err": max(v for n, v in errs.items() if n != "staged"), "staged_err": errs["staged"],
+               "active_experts": active}
         rows.append(row)
         print(f"{shape.name:14s} T={t}: " + " ".join(f"{v} {ms[v] * 1e3:.1f}us" for v in fns)
               + f" | floor {floor_ms * 1e3:.1f}us decode {row['decode_over_floor']:.2f}x staged "
-              f"{row['staged_over_floor']:.2f}x | err " + " ".join(f"{v} {err:.1e}" for v, err in errs.items()), flush=True)
-    del w1, w2, w1t, w2t, qw
+              f"{row['staged_over_floor']:.2f}x | err {row['decode_err']:.1e} / {errs['staged']:.1e}", flush=True)
+    del w1, w2, w1t, w2t
     torch.cuda.empty_cache()
     return rows
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", default="1,2,4")
+    ap.add_argument("--tokens", default="1,2,4,8")
     ap.add_argument("--shapes", default="")
-    ap.add_argument("--sweep", action="store_true", help="also time fixed warp counts")
-    ap.add_argument("--no-fp8", action="store_true", help="skip the blockwise fp8 layer")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         print("bench_decode_layer needs a Hopper (sm_90) GPU", file=sys.stderr)
@@ -119,20 +104,17 @@ def main(argv=None) -> int:
     rows = []
     try:
         for shape in select_shapes(args.shapes):
-            rows += bench_shape(shape, [int(t) for t in args.tokens.split(",")], dense, read, args.sweep,
-                                not args.no_fp8)
+            rows += bench_shape(shape, [int(t) for t in args.tokens.split(",")], dense, read)
     finally:
         decode.MAX_TOKENS, decode.CONFIG = saved
     write_results(
         "sm90_decode_layer", rows,
         {"title": "Decode: one-kernel experts (cute_moe.decode) vs staged pipeline vs torch (bf16, CUDA graphs)",
          "dense_mm_tflops": dense, "read_gbs": read},
-        md_columns=["shape", "T", "decode_ms", *[f"{v}_ms" for v in SWEEP if args.sweep], "staged_ms", "torch_ms",
+        md_columns=["shape", "T", "decode_ms", *[f"{v}_ms" for v in VARIANTS if v not in ("decode", "staged")],
+                    "staged_ms", "torch_ms",
                     "floor_ms", "decode_over_floor", "staged_over_floor", "speedup_vs_staged", "speedup_vs_torch",
-                    "decode_err", "staged_err",
-                    *([] if args.no_fp8 else ["fp8_decode_ms", "fp8_staged_ms", "fp8_floor_ms", "fp8_decode_over_floor",
-                                              "fp8_speedup_vs_staged", "fp8_speedup_vs_bf16_decode", "fp8_decode_err",
-                                              "fp8_staged_err"])],
+                    "decode_err", "staged_err"],
         plot=speedup_plot("staged pipeline time / decode kernel", "Decode experts: one kernel vs staged (bf16)",
                           "tab:purple", key="speedup_vs_staged"),
     )
