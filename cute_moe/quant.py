@@ -248,13 +248,18 @@ def dequantize_blockwise_act(q: torch.Tensor, scale: torch.Tensor, group: int = 
     return q.float() * _expand(scale, group, q.shape[-1:])
 
 
-def dequantize_blockwise_weight(q: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
-    """Inverse of :func:`quantize_blockwise_weight` and, told apart by the scale's shape where the
-    layouts differ, of :func:`quantize_blockwise_gated_weight`, in float32."""
+def dequantize_blockwise_weight(q: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK,
+                                gated: bool | None = None) -> torch.Tensor:
+    """Inverse of :func:`quantize_blockwise_weight` and (``gated=True``: w1, its gate and up halves
+    blocked apart) of :func:`quantize_blockwise_gated_weight`, in float32. ``gated=None`` tells the
+    layouts apart by the scale's shape, which only works where their block counts differ: with
+    I % 128 in (64, 128) both have 2*ceil(I/128) rows of scales, so callers that know should say."""
     n = q.shape[-2]
-    if scale_inv.shape[-2] != weight_scale_blocks(n, False, block) and scale_inv.shape[-2] == weight_scale_blocks(
-            n, True, block):
-        return torch.cat([dequantize_blockwise_weight(hq, hs, block)
+    if gated is None:
+        gated = (scale_inv.shape[-2] != weight_scale_blocks(n, False, block)
+                 and scale_inv.shape[-2] == weight_scale_blocks(n, True, block))
+    if gated:
+        return torch.cat([dequantize_blockwise_weight(hq, hs, block, gated=False)
                           for hq, hs in zip(q.chunk(2, dim=-2), scale_inv.chunk(2, dim=-2))], dim=-2)
     return q.float() * _expand(scale_inv, block, q.shape[-2:])
 
@@ -284,8 +289,12 @@ def quantize_weights(w1: torch.Tensor, w2: torch.Tensor, config: QuantConfig | s
     return QuantizedWeights(w1_q, w1_scale, w2_q, w2_scale, mode)
 
 
-def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, mode: str) -> torch.Tensor:
-    """float32 weights [E, N, K] from ``q`` and its ``mode`` weight scale (also for E-slices)."""
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, mode: str, gated: bool | None = None) -> torch.Tensor:
+    """float32 weights [E, N, K] from ``q`` and its ``mode`` weight scale (also for E-slices);
+    ``gated``: whether this is w1 (blockwise scales of w1 block its halves apart, see
+    :func:`dequantize_blockwise_weight`; None: told from the scale's shape)."""
+    if mode == "blockwise":
+        return dequantize_blockwise_weight(q, scale, gated=gated)
     return _WEIGHT_SCHEMES[mode][1](q, scale)
 
 

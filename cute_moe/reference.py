@@ -173,10 +173,10 @@ def _expert_weights(w1, w2, quant) -> tuple[Callable, Callable, Callable]:
     if quant is None:
         return (lambda e: w1[e].float()), (lambda e: w2[e].float()), (lambda t: t)
 
-    def getter(q, scale):
-        return lambda e: dequantize_weight(q[e:e + 1], scale[e:e + 1], quant.mode)[0]
+    def getter(q, scale, gated):
+        return lambda e: dequantize_weight(q[e:e + 1], scale[e:e + 1], quant.mode, gated=gated)[0]
 
-    return (getter(quant.w1_q, quant.w1_scale), getter(quant.w2_q, quant.w2_scale),
+    return (getter(quant.w1_q, quant.w1_scale, True), getter(quant.w2_q, quant.w2_scale, False),
             lambda t: fake_quantize_act(t, quant.mode))
 
 

@@ -94,11 +94,12 @@ def test_blockwise_scales_by_hand():
         torch.testing.assert_close(scale[:, j], x[:, c:c + 128].abs().amax(-1) / FP8_MAX)
 
 
-@pytest.mark.parametrize("inter", [128, 160, 2880])
+@pytest.mark.parametrize("inter", [128, 160, 208, 2880])
 def test_blockwise_gated_weight_blocks_each_half(inter):
     """w1's gate and up halves get their own 128x128 blocks ([E, 2*ceil(I/128), ceil(H/128)]): no block
     straddles the two, the layout equals whole-matrix blocking when I % 128 == 0, and dequantizing
-    (which tells the layouts apart by the scale's shape) inverts it."""
+    with gated=True inverts it (I=208: both layouts have 4 block rows, so the shape cannot tell them
+    apart; the fp8 reference once dequantized such a w1 as one matrix)."""
     from cute_moe.quant import quantize_blockwise_gated_weight, quantize_weights, weight_scale_blocks
 
     hidden = 200
@@ -114,7 +115,9 @@ def test_blockwise_gated_weight_blocks_each_half(inter):
     if inter % 128 == 0:
         q_whole, scale_whole = quantize_blockwise_weight(w1)
         assert torch.equal(scale, scale_whole) and torch.equal(q.view(torch.uint8), q_whole.view(torch.uint8))
-    deq = dequantize_blockwise_weight(q, scale)
+    deq = dequantize_blockwise_weight(q, scale, gated=True)
+    if weight_scale_blocks(2 * inter, False) != weight_scale_blocks(2 * inter, True):
+        torch.testing.assert_close(dequantize_blockwise_weight(q, scale), deq, rtol=0, atol=0)
     for half in range(2):
         rows = slice(half * inter, (half + 1) * inter)
         torch.testing.assert_close(deq[:, rows], dequantize_blockwise_weight(q[:, rows], scale[:, half * nb:(half + 1) * nb]),
@@ -122,7 +125,11 @@ def test_blockwise_gated_weight_blocks_each_half(inter):
     assert ((deq - w1).norm() / w1.norm()).item() < 0.05
     qw = quantize_weights(w1, torch.randn(2, hidden, inter), "blockwise")
     assert torch.equal(qw.w1_scale, scale) and qw.w2_scale.shape == (2, 2, nb)
-    torch.testing.assert_close(dequantize_weight(qw.w1_q, qw.w1_scale, "blockwise"), deq, rtol=0, atol=0)
+    torch.testing.assert_close(dequantize_weight(qw.w1_q, qw.w1_scale, "blockwise", gated=True), deq, rtol=0, atol=0)
+    from cute_moe.reference import _expert_weights
+
+    w1_of, _, _ = _expert_weights(None, None, qw)
+    torch.testing.assert_close(w1_of(1), deq[1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("mode", sorted(ACT))
