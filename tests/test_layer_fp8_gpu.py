@@ -159,12 +159,12 @@ def test_fp8_layer_stages_match_float32_on_kernel_inputs(mode, tokens):
     h = torch.full((tokens * K, I), float("nan"), device=DEV, dtype=torch.bfloat16)
     grouped_gemm(xq, qw.w1_q, cu, activation="silu", bias=b1, a_scale=xs,
                  b_scale=gemm_weight_scale(qw.w1_scale, mode), out=h)
-    check_gemm(h, _dequantize_act(mode, xq, xs), quant.dequantize_weight(qw.w1_q, qw.w1_scale, mode), b1, "silu")
+    check_gemm(h, _dequantize_act(mode, xq, xs), quant.dequantize_weight(qw.w1_q, qw.w1_scale, mode, gated=True), b1, "silu")
     hq, hs = quantize_fp8(h, scaling=scaling, num_rows=cu[E:])
     check_quant(hq, hs, h)
     y = torch.full((tokens * K, H), float("nan"), device=DEV, dtype=torch.bfloat16)
     grouped_gemm(hq, qw.w2_q, cu, bias=b2, a_scale=hs, b_scale=gemm_weight_scale(qw.w2_scale, mode), out=y)
-    check_gemm(y, _dequantize_act(mode, hq, hs), quant.dequantize_weight(qw.w2_q, qw.w2_scale, mode), b2, None)
+    check_gemm(y, _dequantize_act(mode, hq, hs), quant.dequantize_weight(qw.w2_q, qw.w2_scale, mode, gated=False), b2, None)
 
 
 @needs_sm90

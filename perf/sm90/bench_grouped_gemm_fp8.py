@@ -64,13 +64,13 @@ def dequant_act(mode: str, q: torch.Tensor, scale: torch.Tensor, rows: torch.Ten
     return quant.dequantize_blockwise_act(q[rows], scale[:, rows].T.contiguous())
 
 
-def dequant_weight(mode: str, q: torch.Tensor, scale: torch.Tensor, e: int) -> torch.Tensor:
-    """float32 weights of expert ``e`` from :func:`quantize_weights`' (q, kernel-layout scale)."""
+def dequant_weight(mode: str, q: torch.Tensor, scale: torch.Tensor, e: int, gated: bool) -> torch.Tensor:
+    """float32 weights of expert ``e`` from :func:`quantize_weights`' (q, kernel-layout scale); ``gated``: w1."""
     if mode == "tensor":
         return q[e].float() * scale[e]
     if mode == "token":
         return q[e].float() * scale[e][:, None]
-    return quant.dequantize_blockwise_weight(q[e:e + 1], scale[e:e + 1])[0]
+    return quant.dequantize_blockwise_weight(q[e:e + 1], scale[e:e + 1], gated=gated)[0]
 
 
 def sampled_err(mode, xq, sx, q1, s1, aq, sa, q2, s2, out1, out2, cu, experts=4, rows_per_expert=64) -> float:
@@ -83,9 +83,9 @@ def sampled_err(mode, xq, sx, q1, s1, aq, sa, q2, s2, out1, out2, cu, experts=4,
     for e in counts.topk(experts).indices.tolist():
         start, n = int(cu[e]), min(int(counts[e]), rows_per_expert)
         rows = torch.arange(start, start + n, device=cu.device)
-        h = dequant_act(mode, xq, sx, rows) @ dequant_weight(mode, q1, s1, e).T
+        h = dequant_act(mode, xq, sx, rows) @ dequant_weight(mode, q1, s1, e, True).T
         ref1 = gated_activation_reference(h, "silu")
-        ref2 = dequant_act(mode, aq, sa, rows) @ dequant_weight(mode, q2, s2, e).T
+        ref2 = dequant_act(mode, aq, sa, rows) @ dequant_weight(mode, q2, s2, e, False).T
         errs += [(rel_err(out1[rows], ref1), rel_err(out2[rows], ref2))]
     return max(max(p) for p in errs)
 
