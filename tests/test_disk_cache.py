@@ -15,6 +15,7 @@ import cute_moe
 from cute_moe.gemm import disk_cache, interface
 from cute_moe.gemm.config import GemmConfig
 from cute_moe.gemm.interface import KernelKey
+from gpu_checks import needs_sm90
 
 pytest.importorskip("cutlass")
 
@@ -161,9 +162,6 @@ def test_warmup_collects_layers_from_a_model(cache, monkeypatch):
     with pytest.raises(TypeError, match="warmup: expected"):
         cute_moe.warmup(3)
 
-
-needs_sm90 = pytest.mark.skipif(
-    not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9), reason="needs an sm_90 GPU")
 
 _CHILD = textwrap.dedent("""
     import json, sys, time, torch, cute_moe

@@ -8,19 +8,12 @@ import torch
 
 from cute_moe import quant
 from cute_moe.reference import gated_activation_reference
+from gpu_checks import needs_sm90, rel_err
 
 pytestmark = pytest.mark.gpu
 
-needs_sm90 = pytest.mark.skipif(
-    not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9), reason="needs an sm_90 GPU"
-)
 TOL = 2e-2
 RAGGED = [0, 1, 127, 129, 256, 0, 3, 64]
-
-
-def rel_err(out, ref):
-    assert torch.isfinite(out).all(), "NaN/inf in output (unwritten or poisoned elements)"
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def quantized_operands(mode: str, a: torch.Tensor, b: torch.Tensor, gated: bool = False):

@@ -6,22 +6,11 @@ import pytest
 import torch
 
 from cute_moe.reference import gated_activation_reference
+from gpu_checks import needs_sm90, rel_err
 
 pytestmark = pytest.mark.gpu
 
 TOL = 1e-2
-
-
-def _hopper():
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-
-
-needs_sm90 = pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU")
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert torch.isfinite(out).all(), "output has NaN/inf (unwritten or poisoned elements)"
-    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
 
 def _cu(counts: list[int]) -> torch.Tensor:

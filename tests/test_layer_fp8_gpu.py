@@ -21,12 +21,10 @@ from cute_moe.permute import permute_fp8, permute_fp8_per_tensor, quantize_fp8
 from cute_moe.plan import make_plan
 from cute_moe.reference import experts_reference, gated_activation_reference
 from routing_data import random_topk_ids
+from gpu_checks import needs_sm90, rel_err
 
 pytestmark = pytest.mark.gpu
 
-needs_sm90 = pytest.mark.skipif(
-    not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9), reason="needs an sm_90 GPU"
-)
 DEV = "cuda"
 MODES = ("per_tensor", "per_token", "blockwise")
 E, K, H, I = 8, 2, 256, 128
@@ -38,11 +36,6 @@ TOL = 2e-2
 # (H200). Per-token and blockwise scales confine that to one row or group. The stage test below checks
 # the quantization bitwise on the kernel's own GEMM1 output.
 E2E_TOL = {"per_tensor": 4e-2}
-
-
-def rel_err(out, ref):
-    assert torch.isfinite(out.float()).all(), "NaN/inf in the output (unwritten or poisoned elements)"
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def _layer(mode, dtype=torch.bfloat16, seed=0):

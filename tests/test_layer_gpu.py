@@ -7,17 +7,9 @@ import torch
 
 import cute_moe
 from cute_moe.reference import experts_reference
+from gpu_checks import needs_sm90, rel_err
 
 pytestmark = pytest.mark.gpu
-
-needs_sm90 = pytest.mark.skipif(
-    not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9), reason="needs an sm_90 GPU"
-)
-
-
-def rel_err(out, ref):
-    assert torch.isfinite(out).all()
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def _layer(e, h, i, bias=False):

@@ -14,6 +14,7 @@ import cute_moe
 from cute_moe import layer, quant
 from cute_moe.plan import _FUSED_MAX_CTAS, _MIN_CHUNK, _SINGLE_CTA_MAX_ROWS, _warps, plan_buffer_ints
 from cute_moe.workspace import Workspace
+from gpu_checks import needs_sm90
 
 CPU = torch.device("cpu")
 
@@ -80,11 +81,6 @@ def test_workspace_argument_is_checked_and_ignored_by_the_reference():
     assert torch.equal(got, cute_moe.fused_moe(x, w1, w2, weights, ids)) and ws.nbytes == 0
     router = torch.randn(e, h)
     assert torch.equal(cute_moe.moe(x, router, w1, w2, k, workspace=ws), cute_moe.moe(x, router, w1, w2, k))
-
-
-needs_sm90 = pytest.mark.skipif(
-    not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9), reason="needs an sm_90 GPU"
-)
 
 
 @pytest.mark.gpu

@@ -24,7 +24,6 @@ Design:
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import cutlass
