@@ -513,7 +513,10 @@ PROFILE = [
     At T=1 each expert's GEMM reads a whole weight matrix for one token, so the GEMMs are
     bandwidth-bound and the small routing / plan / permute / combine kernels are a visible share of the
     call; at T=4096 the two grouped GEMMs dominate. `call` can differ slightly from `sum`: it is timed
-    without the intermediate events.
+    without the intermediate events. That T=1 breakdown is why a layer call of up to
+    `cute_moe.decode.MAX_TOKENS` (2) tokens runs the experts as one kernel instead (`cute_moe.decode`:
+    GEMM1 + activation, a grid barrier, GEMM2 + combine); it has no stages, so `profile` times the
+    staged pipeline shown here.
     """),
 ]
 
