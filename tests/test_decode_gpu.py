@@ -193,3 +193,20 @@ def test_nan_in_x_propagates_to_that_token(calls):
     out = cute_moe.fused_moe(x, w1, w2, weights, ids, activation="swiglu_oai", backend="cute")
     assert calls["n"] == 1
     assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2]]).all()
+
+
+@needs_sm90
+def test_refused_cooperative_launch_falls_back_to_the_staged_pipeline(calls, monkeypatch):
+    """When the driver refuses the cooperative launch (e.g. another context holds the SMs) the layer
+    runs the staged pipeline instead: same result, no error."""
+    from cute_moe import _nvrtc
+
+    monkeypatch.setattr(_nvrtc, "launch_cooperative", lambda *args, **kwargs: False)
+    e, k, h, i = 8, 2, 256, 128
+    w1, w2, _, _ = _weights(e, h, i)
+    x = torch.randn(1, h, device="cuda").to(torch.bfloat16)
+    weights, ids = cute_moe.route(torch.randn(1, e, device="cuda"), k, renormalize=True)
+    out = torch.full((1, h), float("nan"), device="cuda", dtype=torch.bfloat16)
+    cute_moe.fused_moe(x, w1, w2, weights, ids, out=out, backend="cute")
+    assert calls["n"] == 0 and cute_moe.last_backend() == "cute"
+    assert rel_err(out, experts_reference(x, w1, w2, weights, ids, activation="silu")) < 1e-2
