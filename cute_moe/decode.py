@@ -6,9 +6,9 @@ launches, each GEMM with a fixed start-up cost) spends as much time starting ker
 weights. :func:`fused_moe_decode` runs GEMM1 + activation, GEMM2, the router-weighted combine and the
 shared-output add in one cooperative launch with a grid barrier between the GEMMs (weights
 streamed by bulk copies into per-warp shared-memory rings, dot products on CUDA cores,
-bitwise-reproducible float32 sums). ``cute_moe.layer`` takes it
-automatically for ``T <= MAX_TOKENS`` bf16/fp16 calls it can run; ``MAX_TOKENS = 0`` (or the
-environment variable ``CUTE_MOE_DECODE_MAX_TOKENS=0``) turns it off.
+bitwise-reproducible float32 sums). ``cute_moe.layer`` takes it automatically for
+``T <= MAX_TOKENS`` bf16/fp16 calls it can run; ``MAX_TOKENS = 0`` (or the environment variable
+``CUTE_MOE_DECODE_MAX_TOKENS=0``) turns it off.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import torch
 
 from . import _nvrtc
 from ._nvrtc import DTYPE_CODES
-
 
 
 @dataclass(frozen=True)
@@ -47,8 +46,9 @@ class DecodeConfig:
 
 
 # Up to this many tokens the layer runs the one-kernel decode path: at T = 1 and 2 it beat the staged
-# pipeline on every reference shape, at T = 4 the staged pipeline won for Qwen3 and GPT-OSS
-# (perf/sm90/bench_decode_layer.py, H100 and H200). The kernel takes up to 8.
+# pipeline on every reference shape (perf/sm90/bench_decode_layer.py, H100); at T = 4 it was 3-6%
+# faster for Qwen3 / GPT-OSS on an H100 but 6-21% slower on an H200 (16 warps), and Mixtral's and
+# DeepSeek-V3's rows no longer fit shared memory. The kernel takes up to 8.
 MAX_TOKENS = int(os.environ.get("CUTE_MOE_DECODE_MAX_TOKENS", "2"))
 # None: pick_config per shape; a DecodeConfig forces that launch shape (benchmarks, tests)
 CONFIG: DecodeConfig | None = None
