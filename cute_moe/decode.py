@@ -92,17 +92,18 @@ def _imbalance(units: int, workers: int) -> float:
 
 
 @lru_cache(maxsize=256)
-def pick_config(num_sms: int, active: int, hidden: int, inter: int, max_ring: int) -> DecodeConfig | None:
+def pick_config(num_sms: int, active: int, hidden: int, inter: int, max_ring: int,
+                max_warps: int = 32) -> DecodeConfig | None:
     """The launch shape for ``active`` experts of an (H, I) layer on ``num_sms`` SMs with ``max_ring``
     bytes of shared memory for the weight rings (None if none fits). Each warp streams whole units
     (GEMM1: a gate/up row pair, GEMM2: one output column over the active experts), so a warp with one
     unit more than the mean finishes late; pick the warp count whose rounding costs the fewest bytes
     (GPT-OSS-120B: 22 warps give every warp one GEMM2 column, where 16 give 1.36 on average and 2 at
-    most). Ties keep 16, measured best for Qwen3-30B-A3B."""
+    most). Ties keep 16, measured best for Qwen3-30B-A3B. At most ``max_warps`` warps (registers)."""
     best = None
     for warps in WARP_CHOICES:
         cfg = DecodeConfig(warps=warps)
-        if cfg.ring_bytes() > max_ring:
+        if cfg.ring_bytes() > max_ring or warps > max_warps:
             continue
         workers = num_sms * warps
         cost = 2 * _imbalance(active * inter, workers) + _imbalance(hidden, workers)
@@ -116,7 +117,14 @@ def _config(dev: int, num_tokens: int, top_k: int, num_experts: int, hidden: int
         return CONFIG
     rows = max(num_tokens * hidden, num_tokens * top_k * inter) * elem
     return pick_config(_nvrtc.device_info(dev)[1], min(num_tokens * top_k, num_experts), hidden, inter,
-                       _limits(dev)[0] - DecodeConfig().static_smem_bytes() - rows)
+                       _limits(dev)[0] - DecodeConfig().static_smem_bytes() - rows, max_warps(_tmax(num_tokens)))
+
+
+def max_warps(tmax: int) -> int:
+    """Most warps per CTA whose register budget holds the kernel for ``tmax`` tokens without spills
+    (cross-compiled for sm_90: up to 4 tokens 80-87 registers, 8 tokens 96-106, which spill at 22+
+    warps; tests/test_decode_cpu.py checks the SASS)."""
+    return 20 if tmax > 4 else 32
 
 
 def _tmax(num_tokens: int) -> int:

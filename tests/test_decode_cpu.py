@@ -49,3 +49,31 @@ def test_smem_bytes_counts_rings_and_the_larger_row_set():
     assert cfg.ring_bytes() == 16 * 4 * 2 * 1024
     assert decode.smem_bytes(1, 8, 2048, 768, 2, cfg) == cfg.ring_bytes() + 8 * 768 * 2
     assert decode.smem_bytes(2, 2, 4096, 64, 2, cfg) == cfg.ring_bytes() + 2 * 4096 * 2
+
+
+def test_pick_config_respects_max_warps():
+    assert _pick(GPT_OSS_120B).warps == 22
+    rows = max(GPT_OSS_120B.hidden, GPT_OSS_120B.top_k * GPT_OSS_120B.intermediate) * 2
+    cfg = decode.pick_config(132, 4, GPT_OSS_120B.hidden, GPT_OSS_120B.intermediate, _SMEM - 4096 - rows,
+                             decode.max_warps(8))
+    assert cfg.warps <= 20
+
+
+@pytest.mark.parametrize("warps,tokens", [(24, 4), (20, 8), (16, 8), (12, 1)])
+def test_kernel_does_not_spill_in_the_launch_shapes_pick_config_allows(warps, tokens, tmp_path):
+    """The decode kernel cross-compiled for sm_90 (NVRTC, no GPU) at the edges of what pick_config
+    may choose (max_warps by token count): no local-memory loads or stores in the SASS."""
+    pytest.importorskip("cuda.bindings.nvrtc")
+    import subprocess
+
+    from cute_moe import _nvrtc
+    from cute_moe.inspect import nvdisasm_path
+
+    assert warps <= decode.max_warps(decode._tmax(tokens))
+    defines = decode._defines(2, 0, 2, 2, 2, True, 8, decode._tmax(tokens), 2, decode.DecodeConfig(warps))
+    cubin, _ = _nvrtc.compile_source("moe_decode.cu", "sm_90", dict(defines), cache=False)
+    path = tmp_path / "moe_decode.cubin"
+    path.write_bytes(cubin)
+    sass = subprocess.run([nvdisasm_path(), "-c", str(path)], capture_output=True, text=True, check=True).stdout
+    assert "HFMA2" in sass or "FFMA" in sass  # the disassembly is real
+    assert "LDL" not in sass and "STL" not in sass
