@@ -149,6 +149,23 @@ def _dt(t) -> int | None:
     return None if t is None else DTYPE_CODES[t.dtype]
 
 
+def precompile(device_index: int, dtype: torch.dtype, top_k: int, num_experts: int, hidden: int, inter: int,
+               activation: str, *, w1_bias: torch.dtype | None = None, w2_bias: torch.dtype | None = None,
+               shared_output: torch.dtype | None = None) -> int:
+    """Compile and load the decode kernels a layer's calls of 1..MAX_TOKENS tokens will launch (float32
+    router weights, int32 ids, the given optional dtypes), without launching them (cute_moe.warmup).
+    Returns how many token counts the decode path takes for this layer."""
+    codes = (DTYPE_CODES[dtype], DTYPE_CODES[torch.float32], *(None if d is None else DTYPE_CODES[d]
+                                                              for d in (shared_output, w1_bias, w2_bias)), False)
+    elem, taken = torch.empty((), dtype=dtype).element_size(), 0
+    for num_tokens in range(1, min(MAX_TOKENS, _TMAX[-1]) + 1):
+        if _shape_reason(device_index, num_tokens, top_k, num_experts, hidden, inter, elem, CONFIG) is None:
+            _launch(device_index, codes, num_tokens, top_k, num_experts, hidden, inter, elem,
+                    ACTIVATION_CODES[activation], CONFIG)
+            taken += 1
+    return taken
+
+
 def unsupported_reason(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, top_k: int, *, topk_ids=None, w1_bias=None,
                        w2_bias=None, shared_output=None, out=None) -> str | None:
     """Why the decode kernel cannot take this (validated, bf16/fp16, contiguous x/w1/w2) call, or None."""

@@ -6,7 +6,8 @@ compiled (GEMM1 with the layer's activation and bias, GEMM2), exactly as ``cute_
 request them, and kept in the on-disk cache (``$CUTE_MOE_CACHE_DIR``, see
 :mod:`cute_moe.gemm.disk_cache`), so a restarted process loads them instead of compiling. On a GPU
 the NVRTC routing/plan/permute/combine kernels of each layer are compiled and loaded too (they have
-their own disk cache, see :mod:`cute_moe._nvrtc`) by running them once on a one-token dummy input.
+their own disk cache, see :mod:`cute_moe._nvrtc`) by running them once on a one-token dummy input,
+and so is the one-kernel decode path (:mod:`cute_moe.decode`) for the token counts it takes.
 
 Without a GPU the GEMMs are cross-compiled for ``arch``/``num_sms`` (default sm_90a, 132 SMs as on
 H100/H200 SXM) to fill a cache directory that GPU machines can then use; NVRTC kernels are skipped.
@@ -106,6 +107,7 @@ def _warm_nvrtc(spec: _Layer, device: torch.device, gemms: bool, shared_output: 
     """Run routing (and route_and_plan, plan, permute, combine when the GEMMs run on cute) once on one
     dummy token, as ``cute_moe.moe`` / ``layer.fused_moe`` would: compiles and loads their NVRTC
     specializations."""
+    from . import decode
     from .permute import combine, permute, permute_fp8, permute_fp8_per_tensor, quantize_fp8
     from .plan import make_plan, route_and_plan
     from .routing import route_gpu
@@ -128,6 +130,11 @@ def _warm_nvrtc(spec: _Layer, device: torch.device, gemms: bool, shared_output: 
         y = torch.zeros(xp.shape[0], h, dtype=spec.dtype, device=device)
         addend = torch.zeros(1, h, dtype=spec.dtype, device=device) if shared_output else None
         combine(y, plan, weights, addend=addend)
+        if spec.quant is None:  # the one-kernel decode path of small-T bf16/fp16 calls
+            decode.precompile(device.index if device.index is not None else torch.cuda.current_device(), spec.dtype,
+                              spec.top_k, e, h, spec.inter, spec.activation,
+                              w1_bias=spec.dtype if spec.w1_bias else None, w2_bias=spec.dtype if spec.w2_bias else None,
+                              shared_output=spec.dtype if shared_output else None)
     torch.cuda.synchronize(device)
 
 

@@ -77,3 +77,19 @@ def test_kernel_does_not_spill_in_the_launch_shapes_pick_config_allows(warps, to
     sass = subprocess.run([nvdisasm_path(), "-c", str(path)], capture_output=True, text=True, check=True).stdout
     assert "HFMA2" in sass or "FFMA" in sass  # the disassembly is real
     assert "LDL" not in sass and "STL" not in sass
+
+
+def test_precompile_requests_the_kernels_fused_moe_decode_launches(monkeypatch):
+    """cute_moe.warmup's decode step asks _launch for the same keys a call of each small T would."""
+    import torch
+
+    launched, checked = [], []
+    monkeypatch.setattr(decode, "_launch", lambda *args: launched.append(args))
+    monkeypatch.setattr(decode, "_shape_reason", lambda *args: checked.append(args) or (None if args[1] <= 1 else "x"))
+    monkeypatch.setattr(decode, "MAX_TOKENS", 2)
+    taken = decode.precompile(0, torch.bfloat16, 8, 128, 2048, 768, "swiglu_oai", w1_bias=torch.bfloat16)
+    assert taken == 1 and [c[1] for c in checked] == [1, 2]
+    (args,) = launched
+    bf16, f32 = decode.DTYPE_CODES[torch.bfloat16], decode.DTYPE_CODES[torch.float32]
+    assert args == (0, (bf16, f32, None, bf16, None, False), 1, 8, 128, 2048, 768, 2, decode.ACTIVATION_CODES["swiglu_oai"],
+                    decode.CONFIG)
