@@ -15,13 +15,13 @@
 //    active expert dotted with its members' h rows, times the router weight, summed per token in
 //    float32 in a fixed order (bitwise reproducible), plus w2_bias and shared_output; one rounding.
 //
-// Weights stream through per-thread cp.async rings (STAGES steps in flight), so memory-level
-// parallelism does not cost registers. Ids outside [0, E) are dropped (contribute nothing), as in
-// the plan.
+// Weights stream through per-warp shared-memory rings filled by 1-D bulk copies (STAGES steps in
+// flight per warp), so memory-level parallelism costs neither registers nor per-thread requests.
+// Ids outside [0, E) are dropped (contribute nothing), as in the plan.
 //
 // Defines: X_DT (x, weights, h, out), TW_DT (topk weights), B1_DT / B2_DT (biases), SH_DT (shared_output), IDS_I64,
 // TOP_K, TMAX (tokens at most), ACT (0 silu, 1 gelu, 2 swiglu_oai), HAS_B1, HAS_B2, HAS_SHARED,
-// NW (warps per CTA), UNROLL (16-byte vectors per row, lane and step), STAGES (ring depth),
+// NW (warps per CTA), CHUNK (bytes of a weight row per bulk copy), STAGES (ring depth),
 // TMAX * TOP_K <= NW * 32.
 #include "common.cuh"
 
@@ -50,7 +50,7 @@ struct DecodeShared {
     float weight[MAXR]; // entry -> router weight
 };
 
-// Weights are read once: marked first to evict from L2, fetched in 256-byte L2 sectors.
+// Weights are read once: marked first to evict from L2.
 __device__ __forceinline__ u64 evict_first_policy() {
     u64 p;
     asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
