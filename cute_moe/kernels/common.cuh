@@ -192,6 +192,13 @@ __device__ __forceinline__ float chunk_amax(const float* f) {
     return amax;
 }
 
+// Sum over the 32 lanes of a warp, the same in every lane (butterfly order: bitwise reproducible).
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
 // Max over the 32 lanes of a warp (NaN wins).
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll

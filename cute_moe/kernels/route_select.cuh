@@ -86,8 +86,7 @@ __device__ __forceinline__ int select_generic(const typename LE::T* __restrict__
             sum += score[v];
         }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(FULL_MASK, sum, o);  // commutative: same in all lanes
+    sum = warp_sum(sum);
 #pragma unroll
     for (int v = 0; v < VPT; ++v) score[v] = score[v] / sum;  // == score_of(logit, m, sum)
 #else

@@ -30,7 +30,6 @@ router_logits(const void* __restrict__ x_, const void* __restrict__ w_, i64 w_st
 #pragma unroll
         for (int i = 0; i < V::N; ++i) acc = fmaf(xf[i], wf[i], acc);
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(FULL_MASK, acc, o);
+    acc = warp_sum(acc);
     if (lane == 0) out[e] = acc;
 }
