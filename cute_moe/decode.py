@@ -61,7 +61,6 @@ _TMAX = (1, 2, 4, 8)
 _MAX_ENTRIES = 64  # TMAX * top_k bound of the kernel's shared bookkeeping
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "swiglu_oai": 2}
 _MAX_DYNAMIC_SMEM_ATTR = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-_fn_cache: dict[tuple, object] = {}
 _device_limits: dict[int, tuple[int, int]] = {}  # device -> (opt-in shared memory per block, major)
 _set_attribute = None
 
@@ -204,18 +203,14 @@ def _max_dynamic_smem(dev: int, config: DecodeConfig) -> int:
 
 
 def _function(dev: int, defines: tuple, config: DecodeConfig):
-    """The compiled kernel for ``defines`` on ``dev``, allowed the device's opt-in shared memory."""
+    """The compiled kernel for ``defines`` on ``dev`` (cached by _nvrtc), allowed the device's opt-in
+    shared memory (called once per :func:`_launch` entry)."""
     global _set_attribute
-    key = (dev, defines)
-    fn = _fn_cache.get(key)
-    if fn is None:
-        fn = _nvrtc.get_function(dev, _SOURCE, _KERNEL, defines)
-        if _set_attribute is None:
-            _set_attribute = _nvrtc.driver_function("cuFuncSetAttribute",
-                                                    [ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
-        if _set_attribute is not None:
-            _set_attribute(fn.ptr, _MAX_DYNAMIC_SMEM_ATTR, _max_dynamic_smem(dev, config))
-        _fn_cache[key] = fn
+    fn = _nvrtc.get_function(dev, _SOURCE, _KERNEL, defines)
+    if _set_attribute is None:
+        _set_attribute = _nvrtc.driver_function("cuFuncSetAttribute", [ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
+    if _set_attribute is not None:
+        _set_attribute(fn.ptr, _MAX_DYNAMIC_SMEM_ATTR, _max_dynamic_smem(dev, config))
     return fn
 
 

@@ -95,9 +95,10 @@ def moe(*, router_logits, routing: dict, **experts):
     the tokens fit on the GPU at once), then :func:`fused_moe` on that plan. ``routing``: route_gpu's
     keyword arguments (top_k, scoring, ...); ``experts``: fused_moe's, without the top-k tensors."""
     x, quant, workspace = experts["x"], experts["quant"], experts.get("workspace")
-    if _decode_reason(experts, routing["top_k"]) is None:  # a few tokens: route, then the one-kernel experts
-        topk_weights, topk_ids = route_gpu(router_logits, **routing)
-        return fused_moe(topk_weights=topk_weights, topk_ids=topk_ids, **experts)
+    if _decode_reason(x, experts["w1"], experts["w2"], quant, routing["top_k"], None, experts["w1_bias"],
+                      experts["w2_bias"], experts["shared_output"], experts["out"]) is None:
+        topk_weights, topk_ids = route_gpu(router_logits, **routing)  # a few tokens: the one-kernel experts
+        return fused_moe(topk_weights=topk_weights, topk_ids=topk_ids, decode_ok=True, **experts)
     weights = experts["w1"] if quant is None else quant.w1_q
     num_experts, inter = weights.shape[0], weights.shape[1] // 2
     views = None
@@ -110,11 +111,12 @@ def moe(*, router_logits, routing: dict, **experts):
 
 def fused_moe(*, x, w1, w2, topk_weights, topk_ids, activation, w1_bias, w2_bias, quant,
               apply_router_weight_on_input, shared_output, out, workspace=None, stage_hook=None, plan=None,
-              views=None):
+              views=None, decode_ok=False):
     """Experts of the MoE layer for already-routed tokens; writes ``out`` when given. With a
     :class:`cute_moe.workspace.Workspace` the intermediate tensors are views of its buffer. ``plan``:
     the routing plan of topk_ids when the caller made it (in the workspace's plan buffer, if any);
-    ``views``: the workspace's views when the caller already took them.
+    ``views``: the workspace's views when the caller already took them; ``decode_ok``: the caller
+    found that the one-kernel decode path takes this call (else it is checked here).
 
     ``stage_hook(name)`` (cute_moe.profile) is called after each stage is enqueued: "plan",
     "permute" (with quant: permute + quantize x), "gemm1" (with quant: GEMM1 + quantizing its
@@ -128,9 +130,8 @@ def fused_moe(*, x, w1, w2, topk_weights, topk_ids, activation, w1_bias, w2_bias
     ws = views
     if ws is None and workspace is not None:
         ws = _workspace_views(workspace, x, quant, num_experts, inter, topk_ids.numel())
-    if plan is None and stage_hook is None and _decode_reason(
-            dict(x=x, w1=w1, w2=w2, quant=quant, w1_bias=w1_bias, w2_bias=w2_bias, shared_output=shared_output, out=out),
-            topk_ids.shape[1], topk_ids) is None:
+    if decode_ok or (plan is None and stage_hook is None and _decode_reason(
+            x, w1, w2, quant, topk_ids.shape[1], topk_ids, w1_bias, w2_bias, shared_output, out) is None):
         result = decode.fused_moe_decode(x, w1, w2, topk_weights, topk_ids, activation=activation, w1_bias=w1_bias,
                                          w2_bias=w2_bias, shared_output=shared_output, out=out,
                                          h=None if ws is None else ws["h"])
@@ -157,14 +158,12 @@ def fused_moe(*, x, w1, w2, topk_weights, topk_ids, activation, w1_bias, w2_bias
     return result
 
 
-def _decode_reason(kw: dict, top_k: int, topk_ids=None) -> str | None:
+def _decode_reason(x, w1, w2, quant, top_k: int, topk_ids, w1_bias, w2_bias, shared_output, out) -> str | None:
     """Why this call does not take the one-kernel decode path (:mod:`cute_moe.decode`), or None."""
-    if kw["x"].shape[0] > decode.MAX_TOKENS:
-        return "more tokens than the decode path takes"
-    if kw["quant"] is not None:
+    if quant is not None:
         return "fp8 runs the staged pipeline"
-    return decode.unsupported_reason(kw["x"], kw["w1"], kw["w2"], top_k, topk_ids=topk_ids, w1_bias=kw["w1_bias"],
-                                     w2_bias=kw["w2_bias"], shared_output=kw["shared_output"], out=kw["out"])
+    return decode.unsupported_reason(x, w1, w2, top_k, topk_ids=topk_ids, w1_bias=w1_bias, w2_bias=w2_bias,
+                                     shared_output=shared_output, out=out)
 
 
 def _fp8_experts(x, quant: QuantizedWeights, plan, activation, w1_bias, w2_bias, hook, ws) -> torch.Tensor:
