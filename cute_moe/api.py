@@ -10,6 +10,10 @@ The cute kernel module hook: ``cute_moe.layer`` must provide
 - ``route(**kwargs) -> (topk_weights float32 [T, k], topk_ids int32 [T, k])`` for op ``"route"``;
 - ``fused_moe(**kwargs) -> [T, H] tensor`` for op ``"fused_moe"``, written into ``kwargs["out"]``
   when it is not None;
+- ``moe(router_weight=, routing=, **kwargs) -> [T, H] tensor``: the whole layer, for ``moe`` calls
+  whose experts it runs (``routing``: route's keyword arguments without the logits);
+- ``logits(x, router_weight)``: float32 router logits, for ``moe`` calls it routes but whose experts
+  run on the reference;
 
 where ``kwargs`` are the public function's keyword arguments without ``backend`` (torch tensors,
 already validated). Only non-CPU inputs are offered to it; route/fused_moe are not called for T == 0
@@ -273,16 +277,15 @@ def _moe(kwargs: dict, num_experts: int, router_weight: torch.Tensor, routing: d
     """The checked moe call: route, then the experts (sets this thread's last backend)."""
     layer = None if backend == "reference" else _load_layer()[0]
     x = kwargs["x"]
-    logits = router_logits_reference(x, router_weight) if layer is None else layer.logits(x, router_weight)
-    route_kwargs = dict(router_logits=logits, **routing)
-    if (layer is not None and x.shape[0] and _select("route", backend, route_kwargs) == "cute"
-            and _select("fused_moe", backend, kwargs) == "cute"):
-        result = layer.moe(router_logits=logits, routing=routing, **kwargs)  # route + plan in one kernel
+    if layer is not None and x.shape[0] and _select("fused_moe", backend, kwargs) == "cute":
+        result = layer.moe(router_weight=router_weight, routing=routing, **kwargs)  # router, routing and experts
         _state.backend = "cute"
         out = kwargs["out"]
         if out is not None and result is not out:
             out.copy_(result)
         return result if out is None else out
+    logits = router_logits_reference(x, router_weight) if layer is None else layer.logits(x, router_weight)
+    route_kwargs = dict(router_logits=logits, **routing)
     kwargs["topk_weights"], kwargs["topk_ids"], route_backend = _route(route_kwargs, backend)
     result, experts_backend = _fused_moe(kwargs, num_experts, backend)
     _state.backend = "cute" if route_backend == experts_backend == "cute" else "reference"

@@ -18,11 +18,12 @@ import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from . import _nvrtc
+from . import _nvrtc, routing
 from ._nvrtc import DTYPE_CODES
 
 
@@ -66,12 +67,19 @@ _set_attribute = None
 
 
 def _defines(x_dt: int, tw_dt: int, sh_dt: int, b1_dt: int | None, b2_dt: int | None, ids_i64: bool, top_k: int,
-             tmax: int, act: int, config: DecodeConfig = DecodeConfig()) -> tuple:
-    """moe_decode.cu's defines; a None dtype code (bias) or sh_dt < 0 (shared_output) means absent."""
-    return tuple(sorted(dict(X_DT=x_dt, TW_DT=tw_dt, SH_DT=max(sh_dt, 0), HAS_SHARED=int(sh_dt >= 0),
-                             B1_DT=b1_dt or 0, HAS_B1=int(b1_dt is not None), B2_DT=b2_dt or 0,
-                             HAS_B2=int(b2_dt is not None), IDS_I64=int(ids_i64), TOP_K=top_k, TMAX=tmax, ACT=act,
-                             NW=config.warps, CHUNK=config.chunk, STAGES=config.stages).items()))
+             tmax: int, act: int, config: DecodeConfig = DecodeConfig(), route: tuple | None = None) -> tuple:
+    """moe_decode.cu's defines; a None dtype code (bias) or sh_dt < 0 (shared_output) means absent.
+    ``route``: (E, router weight dtype code, scoring, bias dtype code or None, groups, topk groups,
+    renormalize) when the kernel routes (ROUTE), else None."""
+    d = dict(X_DT=x_dt, TW_DT=tw_dt, SH_DT=max(sh_dt, 0), HAS_SHARED=int(sh_dt >= 0), B1_DT=b1_dt or 0,
+             HAS_B1=int(b1_dt is not None), B2_DT=b2_dt or 0, HAS_B2=int(b2_dt is not None), IDS_I64=int(ids_i64),
+             TOP_K=top_k, TMAX=tmax, ACT=act, NW=config.warps, CHUNK=config.chunk, STAGES=config.stages,
+             ROUTE=int(route is not None))
+    if route is not None:
+        num_experts, rw_dt, scoring, bias_dt, groups, topk_groups, renorm = route
+        d |= dict(routing.defines(num_experts, top_k, DTYPE_CODES[torch.float32], scoring, bias_dt, groups,
+                                  topk_groups, renorm, warps=config.warps), RW_DT=rw_dt)
+    return tuple(sorted(d.items()))
 
 
 def compile_specializations() -> list[tuple[str, dict]]:
@@ -80,7 +88,14 @@ def compile_specializations() -> list[tuple[str, dict]]:
              (1, 1, 1, 1, 1, False, 4, 4, 2), (2, 2, -1, None, 2, True, 1, 2, 2), (2, 0, 2, 0, None, False, 8, 8, 0)]
     configs = [DecodeConfig(), DecodeConfig(24, 1024, 3), DecodeConfig(32, 512, 4), DecodeConfig(),
                DecodeConfig(8, 2048, 4)]
-    return [(_SOURCE, dict(_defines(*c, config=cfg))) for c, cfg in zip(cases, configs)]
+    routed = [  # (case, config, route): DeepSeek-V3, Mixtral, fp32 router weight, groups of 64 and an fp16 one
+        ((2, 0, -1, None, None, False, 8, 2, 0), DecodeConfig(14), (256, 2, "sigmoid", 0, 8, 4, True)),
+        ((2, 0, -1, None, None, False, 2, 1, 0), DecodeConfig(), (8, 2, "softmax", None, 0, 0, True)),
+        ((1, 0, 1, 1, None, False, 4, 8, 2), DecodeConfig(20), (128, 0, "softmax", None, 0, 0, False)),
+        ((2, 0, -1, None, None, False, 6, 2, 1), DecodeConfig(), (128, 1, "sigmoid", 2, 2, 1, False)),
+    ]
+    return ([(_SOURCE, dict(_defines(*c, config=cfg))) for c, cfg in zip(cases, configs)]
+            + [(_SOURCE, dict(_defines(*c, config=cfg, route=r))) for c, cfg, r in routed])
 
 
 def _imbalance(units: int, workers: int) -> float:
@@ -150,17 +165,20 @@ def _dt(t) -> int | None:
 
 def precompile(device_index: int, dtype: torch.dtype, top_k: int, num_experts: int, hidden: int, inter: int,
                activation: str, *, w1_bias: torch.dtype | None = None, w2_bias: torch.dtype | None = None,
-               shared_output: torch.dtype | None = None) -> int:
+               shared_output: torch.dtype | None = None, route: tuple | None = None) -> int:
     """Compile and load the decode kernels a layer's calls of 1..MAX_TOKENS tokens will launch (float32
-    router weights, int32 ids, the given optional dtypes), without launching them (cute_moe.warmup).
-    Returns how many token counts the decode path takes for this layer."""
+    router weights, int32 ids, the given optional dtypes; with ``route``, :func:`route_key`'s tuple,
+    the kernels that also route), without launching them (cute_moe.warmup). Returns how many token
+    counts the decode path takes for this layer."""
     codes = (DTYPE_CODES[dtype], DTYPE_CODES[torch.float32], *(None if d is None else DTYPE_CODES[d]
                                                               for d in (shared_output, w1_bias, w2_bias)), False)
+    if route is not None:
+        codes = (DTYPE_CODES[dtype], 0, *codes[2:5], False)
     elem, taken = torch.empty((), dtype=dtype).element_size(), 0
     for num_tokens in range(1, min(MAX_TOKENS, _TMAX[-1]) + 1):
         if _shape_reason(device_index, num_tokens, top_k, num_experts, hidden, inter, elem, CONFIG) is None:
             _launch(device_index, codes, num_tokens, top_k, num_experts, hidden, inter, elem,
-                    ACTIVATION_CODES[activation], CONFIG)
+                    ACTIVATION_CODES[activation], CONFIG, route)
             taken += 1
     return taken
 
@@ -182,6 +200,31 @@ def unsupported_reason(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, top_
         if t is not None and not t.is_contiguous():
             return f"{name} is not contiguous"
     return None
+
+
+def route_key(router_weight: torch.Tensor, top_k: int, scoring: str, renormalize: bool, num_groups, topk_groups,
+              correction_bias) -> tuple | str:
+    """The routing part of the kernel's specialization when the decode kernel can route these
+    (validated) arguments itself (see :func:`route_spec`); else why not (a str: the layer then routes
+    with its own kernels)."""
+    if not router_weight.is_contiguous() or router_weight.data_ptr() % 16:
+        return "router_weight must be contiguous and 16-byte aligned"
+    if correction_bias is not None and not correction_bias.is_contiguous():
+        return "correction_bias must be contiguous"
+    return route_spec(router_weight.shape[0], router_weight.dtype, top_k, scoring, renormalize, num_groups,
+                      topk_groups, None if correction_bias is None else correction_bias.dtype)
+
+
+def route_spec(num_experts: int, router_dtype: torch.dtype, top_k: int, scoring: str, renormalize: bool, num_groups,
+               topk_groups, bias_dtype: torch.dtype | None) -> tuple | str:
+    """(E, router weight dtype code, scoring, bias dtype code, groups, topk groups, renormalize): the
+    routing part of the kernel's specialization, or why the kernel does not route this configuration."""
+    if num_experts > routing.MAX_EXPERTS or top_k > routing.MAX_TOP_K:  # E <= 1024: T*E logits fit the rings
+        return f"E = {num_experts} / top_k = {top_k} exceed the routing kernel's limits"
+    if num_groups and (num_experts // num_groups) % 32:
+        return "groups of a number of experts that is not a multiple of 32 route in their own kernel"
+    return (num_experts, DTYPE_CODES[router_dtype], scoring, None if bias_dtype is None else DTYPE_CODES[bias_dtype],
+            num_groups or 0, topk_groups or 0, bool(renormalize))
 
 
 @lru_cache(maxsize=1024)
@@ -214,42 +257,105 @@ def _function(dev: int, defines: tuple, config: DecodeConfig):
     return fn
 
 
+def logit_slices(num_warps: int, num_experts: int, hidden: int) -> int:
+    """Slices of H the routing kernel splits each router weight row into (moe_decode.cu's route_tokens)."""
+    return max(1, min(num_warps // num_experts, -(-hidden // 256)))
+
+
+class _Launch(NamedTuple):
+    """A call shape's kernel and launch data (see :func:`_launch`)."""
+
+    fn: object
+    threads: int
+    smem: int
+    grid: int
+    sizes: tuple        # trailing int32 arguments: T, H, I, E
+    scratch: int        # bytes of scratch: h [T*k, I], then (routing) the float32 partial logits
+    parts_at: int       # byte offset of the partial logits in the scratch
+    extra_rows: int     # rows of H elements after out's [T, H] that hold the scratch (one allocation)
+
+
 @lru_cache(maxsize=1024)
 def _launch(dev: int, dtypes: tuple, num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int,
-            elem: int, act: int, config: DecodeConfig | None) -> tuple:
-    """(kernel, CTA threads, dynamic shared memory, grid, trailing int32 arguments) of a call shape
-    (cached: host time per decode call is part of the layer's latency)."""
+            elem: int, act: int, config: DecodeConfig | None, route: tuple | None = None) -> _Launch:
+    """The kernel and launch data of a call shape (cached: host time per decode call is part of the
+    layer's latency). ``route``: :func:`route_key`'s tuple for the kernel that also routes."""
     cfg = _config(dev, num_tokens, top_k, num_experts, hidden, inter, elem)
     x_dt, tw_dt, sh_dt, b1_dt, b2_dt, ids_i64 = dtypes
     defines = _defines(x_dt, tw_dt, -1 if sh_dt is None else sh_dt, b1_dt, b2_dt, ids_i64, top_k, _tmax(num_tokens),
-                       act, cfg)
-    return (_function(dev, defines, cfg), cfg.warps * 32, smem_bytes(num_tokens, top_k, hidden, inter, elem, cfg),
-            _nvrtc.device_info(dev)[1],
-            (np.int32(num_tokens), np.int32(hidden), np.int32(inter), np.int32(num_experts)))
+                       act, cfg, route)
+    grid = _nvrtc.device_info(dev)[1]
+    parts_at = -(-num_tokens * top_k * inter * elem // 16) * 16
+    scratch = parts_at
+    if route is not None:
+        scratch += num_tokens * num_experts * logit_slices(grid * cfg.warps, num_experts, hidden) * 4
+    return _Launch(_function(dev, defines, cfg), cfg.warps * 32, smem_bytes(num_tokens, top_k, hidden, inter, elem, cfg),
+                   grid, (np.int32(num_tokens), np.int32(hidden), np.int32(inter), np.int32(num_experts)), scratch,
+                   parts_at, -(-scratch // (hidden * elem)))
+
+
+def _out_and_scratch(x: torch.Tensor, lc: _Launch, out, workspace) -> tuple[torch.Tensor, int]:
+    """(out, scratch address): out [T, H] and the scratch in one allocation when neither is given."""
+    num_tokens, hidden = x.shape
+    if workspace is not None:
+        scratch = workspace.views(x.device, [((lc.scratch,), torch.uint8)])[0].data_ptr()
+    elif out is not None:
+        scratch = torch.empty(lc.scratch, device=x.device, dtype=torch.uint8).data_ptr()
+    else:
+        buf = torch.empty(num_tokens + lc.extra_rows, hidden, device=x.device, dtype=x.dtype)
+        return buf[:num_tokens], buf.data_ptr() + num_tokens * hidden * x.element_size()
+    if out is None:
+        out = torch.empty(num_tokens, hidden, device=x.device, dtype=x.dtype)
+    return out, scratch
 
 
 def fused_moe_decode(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                      topk_ids: torch.Tensor, *, activation: str, w1_bias=None, w2_bias=None, shared_output=None,
-                     out=None, h=None) -> torch.Tensor | None:
+                     out=None, workspace=None) -> torch.Tensor | None:
     """out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) (+ shared_output[t]) in one
-    kernel, for a call :func:`unsupported_reason` accepts. ``h``: scratch [T*k, I] in x's dtype
-    (allocated when None). Returns the output, or None when the driver refuses the cooperative
-    launch (the caller then runs the staged pipeline)."""
+    kernel, for a call :func:`unsupported_reason` accepts. Scratch comes from ``workspace`` when
+    given. Returns the output, or None when the driver refuses the cooperative launch (the caller
+    then runs the staged pipeline)."""
     num_tokens, hidden = x.shape
     num_experts, two_inter = w1.shape[:2]
-    inter, top_k, dev = two_inter // 2, topk_ids.shape[1], x.device.index
+    dev = x.device.index
     dtypes = (DTYPE_CODES[x.dtype], DTYPE_CODES[topk_weights.dtype], _dt(shared_output), _dt(w1_bias), _dt(w2_bias),
               topk_ids.dtype == torch.int64)
-    fn, threads, smem, grid, sizes = _launch(dev, dtypes, num_tokens, top_k, num_experts, hidden, inter,
-                                             x.element_size(), ACTIVATION_CODES[activation], CONFIG)
-    if h is None:
-        h = torch.empty(num_tokens * top_k, inter, device=x.device, dtype=x.dtype)
-    if out is None:
-        out = torch.empty(num_tokens, hidden, device=x.device, dtype=x.dtype)
+    lc = _launch(dev, dtypes, num_tokens, topk_ids.shape[1], num_experts, hidden, two_inter // 2, x.element_size(),
+                 ACTIVATION_CODES[activation], CONFIG)
+    out, scratch = _out_and_scratch(x, lc, out, workspace)
     tw = topk_weights if topk_weights.is_contiguous() else topk_weights.contiguous()
     args = (x.data_ptr(), w1.data_ptr(), w2.data_ptr(), 0 if w1_bias is None else w1_bias.data_ptr(),
             0 if w2_bias is None else w2_bias.data_ptr(), tw.data_ptr(), topk_ids.data_ptr(),
-            0 if shared_output is None else shared_output.data_ptr(), out.data_ptr(), h.data_ptr(), *sizes)
-    if not _nvrtc.launch_cooperative(fn, dev, grid, threads, args, shared_mem=smem):
+            0 if shared_output is None else shared_output.data_ptr(), out.data_ptr(), scratch, 0, 0, _ZERO, 0,
+            *lc.sizes)
+    if not _nvrtc.launch_cooperative(lc.fn, dev, lc.grid, lc.threads, args, shared_mem=lc.smem):
         return None
     return out
+
+
+def moe_decode(x: torch.Tensor, router_weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, route: tuple, *,
+               top_k: int, correction_bias, routed_scaling_factor: float, activation: str, w1_bias=None, w2_bias=None,
+               shared_output=None, out=None, workspace=None) -> torch.Tensor | None:
+    """The whole layer for a few tokens in one kernel: router logits, top-k routing (``route``:
+    :func:`route_key`'s tuple; the semantics of :func:`cute_moe.routing.route_gpu`) and the experts
+    of :func:`fused_moe_decode`. Returns the output, or None when the driver refuses the cooperative
+    launch."""
+    num_tokens, hidden = x.shape
+    num_experts, two_inter = w1.shape[:2]
+    dev = x.device.index
+    dtypes = (DTYPE_CODES[x.dtype], 0, _dt(shared_output), _dt(w1_bias), _dt(w2_bias), False)
+    lc = _launch(dev, dtypes, num_tokens, top_k, num_experts, hidden, two_inter // 2, x.element_size(),
+                 ACTIVATION_CODES[activation], CONFIG, route)
+    out, scratch = _out_and_scratch(x, lc, out, workspace)
+    args = (x.data_ptr(), w1.data_ptr(), w2.data_ptr(), 0 if w1_bias is None else w1_bias.data_ptr(),
+            0 if w2_bias is None else w2_bias.data_ptr(), 0, 0, 0 if shared_output is None else shared_output.data_ptr(),
+            out.data_ptr(), scratch, router_weight.data_ptr(),
+            0 if correction_bias is None else correction_bias.data_ptr(), np.float32(routed_scaling_factor),
+            scratch + lc.parts_at, *lc.sizes)
+    if not _nvrtc.launch_cooperative(lc.fn, dev, lc.grid, lc.threads, args, shared_mem=lc.smem):
+        return None
+    return out
+
+
+_ZERO = np.float32(0.0)

@@ -3,7 +3,8 @@
 route (CuPy) -> plan (CuPy) -> permute (CuPy) -> GEMM1 + gated activation (CuTe DSL) ->
 GEMM2 (CuTe DSL) -> combine with the router weights (CuPy, deterministic). :func:`moe` routes and
 plans in one kernel (plan.route_and_plan); :func:`fused_moe` plans the ids it is given. Up to
-``decode.MAX_TOKENS`` tokens (bf16/fp16) the experts run in one kernel instead (:mod:`cute_moe.decode`).
+``decode.MAX_TOKENS`` tokens (bf16/fp16) the experts run in one kernel instead, and :func:`moe`'s
+router and routing with them (:mod:`cute_moe.decode`).
 
 With ``quant=`` (fp8 e4m3 weights, :mod:`cute_moe.quant`) both GEMMs run in fp8 with the mode's
 dynamic activation scales, as :func:`cute_moe.reference.experts_reference` defines them: the permute
@@ -90,22 +91,36 @@ def logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
     return router_logits(x, router_weight)
 
 
-def moe(*, router_logits, routing: dict, **experts):
-    """Routing and experts: :func:`cute_moe.plan.route_and_plan` (route + plan in one kernel where
-    the tokens fit on the GPU at once), then :func:`fused_moe` on that plan. ``routing``: route_gpu's
-    keyword arguments (top_k, scoring, ...); ``experts``: fused_moe's, without the top-k tensors."""
+def moe(*, router_weight, routing: dict, **experts):
+    """Router, routing and experts. A few tokens (the decode path): one kernel for all of it
+    (:func:`cute_moe.decode.moe_decode`) when it can route this configuration, else the routing
+    kernel and the one-kernel experts. Otherwise the router logits, then
+    :func:`cute_moe.plan.route_and_plan` (route + plan in one kernel where the tokens fit on the GPU
+    at once) and :func:`fused_moe` on that plan. ``routing``: route_gpu's keyword arguments (top_k,
+    scoring, ...); ``experts``: fused_moe's, without the top-k tensors."""
     x, quant, workspace = experts["x"], experts["quant"], experts.get("workspace")
-    if _decode_reason(x, experts["w1"], experts["w2"], quant, routing["top_k"], None, experts["w1_bias"],
+    top_k = routing["top_k"]
+    if _decode_reason(x, experts["w1"], experts["w2"], quant, top_k, None, experts["w1_bias"],
                       experts["w2_bias"], experts["shared_output"], experts["out"]) is None:
-        topk_weights, topk_ids = route_gpu(router_logits, **routing)  # a few tokens: the one-kernel experts
+        route = decode.route_key(router_weight, top_k, routing["scoring"], routing["renormalize"],
+                                 routing["num_groups"], routing["topk_groups"], routing["correction_bias"])
+        if not isinstance(route, str):
+            result = decode.moe_decode(
+                x, router_weight, experts["w1"], experts["w2"], route, top_k=top_k,
+                correction_bias=routing["correction_bias"], routed_scaling_factor=routing["routed_scaling_factor"],
+                activation=experts["activation"], w1_bias=experts["w1_bias"], w2_bias=experts["w2_bias"],
+                shared_output=experts["shared_output"], out=experts["out"], workspace=workspace)
+            if result is not None:
+                return result
+        topk_weights, topk_ids = route_gpu(router_logits(x, router_weight), **routing)
         return fused_moe(topk_weights=topk_weights, topk_ids=topk_ids, decode_ok=True, **experts)
+    logits = router_logits(x, router_weight)
     weights = experts["w1"] if quant is None else quant.w1_q
     num_experts, inter = weights.shape[0], weights.shape[1] // 2
     views = None
     if workspace is not None:
-        views = _workspace_views(workspace, x, quant, num_experts, inter, x.shape[0] * routing["top_k"])
-    topk_weights, topk_ids, plan = route_and_plan(router_logits, **routing,
-                                                  buffer=None if views is None else views["plan"])
+        views = _workspace_views(workspace, x, quant, num_experts, inter, x.shape[0] * top_k)
+    topk_weights, topk_ids, plan = route_and_plan(logits, **routing, buffer=None if views is None else views["plan"])
     return fused_moe(topk_weights=topk_weights, topk_ids=topk_ids, plan=plan, views=views, **experts)
 
 
@@ -125,18 +140,17 @@ def fused_moe(*, x, w1, w2, topk_weights, topk_ids, activation, w1_bias, w2_bias
         if stage_hook is not None:
             stage_hook(name)
 
+    if decode_ok or (plan is None and stage_hook is None and _decode_reason(
+            x, w1, w2, quant, topk_ids.shape[1], topk_ids, w1_bias, w2_bias, shared_output, out) is None):
+        result = decode.fused_moe_decode(x, w1, w2, topk_weights, topk_ids, activation=activation, w1_bias=w1_bias,
+                                         w2_bias=w2_bias, shared_output=shared_output, out=out, workspace=workspace)
+        if result is not None:
+            return result
     weights = w1 if quant is None else quant.w1_q
     num_experts, inter = weights.shape[0], weights.shape[1] // 2
     ws = views
     if ws is None and workspace is not None:
         ws = _workspace_views(workspace, x, quant, num_experts, inter, topk_ids.numel())
-    if decode_ok or (plan is None and stage_hook is None and _decode_reason(
-            x, w1, w2, quant, topk_ids.shape[1], topk_ids, w1_bias, w2_bias, shared_output, out) is None):
-        result = decode.fused_moe_decode(x, w1, w2, topk_weights, topk_ids, activation=activation, w1_bias=w1_bias,
-                                         w2_bias=w2_bias, shared_output=shared_output, out=out,
-                                         h=None if ws is None else ws["h"])
-        if result is not None:
-            return result
     if plan is None:
         ids = topk_ids.to(torch.int32)
         plan = make_plan(ids, num_experts) if ws is None else make_plan(ids, num_experts, buffer=ws["plan"])

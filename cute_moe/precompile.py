@@ -130,11 +130,17 @@ def _warm_nvrtc(spec: _Layer, device: torch.device, gemms: bool, shared_output: 
         y = torch.zeros(xp.shape[0], h, dtype=spec.dtype, device=device)
         addend = torch.zeros(1, h, dtype=spec.dtype, device=device) if shared_output else None
         combine(y, plan, weights, addend=addend)
-        if spec.quant is None:  # the one-kernel decode path of small-T bf16/fp16 calls
-            decode.precompile(device.index if device.index is not None else torch.cuda.current_device(), spec.dtype,
-                              spec.top_k, e, h, spec.inter, spec.activation,
-                              w1_bias=spec.dtype if spec.w1_bias else None, w2_bias=spec.dtype if spec.w2_bias else None,
-                              shared_output=spec.dtype if shared_output else None)
+        if spec.quant is None:  # the one-kernel decode path of small-T bf16/fp16 calls: experts, and whole layer
+            routing = dict(spec.routing)
+            route = decode.route_spec(e, spec.dtype, spec.top_k, routing.get("scoring", "softmax"),
+                                      routing.get("renormalize", False), routing.get("num_groups"),
+                                      routing.get("topk_groups"), spec.correction_bias)
+            for r in (None, None if isinstance(route, str) else route):
+                decode.precompile(device.index if device.index is not None else torch.cuda.current_device(),
+                                  spec.dtype, spec.top_k, e, h, spec.inter, spec.activation,
+                                  w1_bias=spec.dtype if spec.w1_bias else None,
+                                  w2_bias=spec.dtype if spec.w2_bias else None,
+                                  shared_output=spec.dtype if shared_output else None, route=r)
     torch.cuda.synchronize(device)
 
 

@@ -164,9 +164,8 @@ def test_auto_picks_cute_when_the_layer_takes_the_call(monkeypatch):
     assert cute_moe.last_backend() == "cute"
     experts = sorted(set(FUSED_KWARGS) - {"topk_weights", "topk_ids"})
     routing = sorted(set(ROUTE_KWARGS) - {"router_logits"})
-    assert fake.calls == [("logits",), ("unsupported_reason", "route", ROUTE_KWARGS),
-                          ("unsupported_reason", "fused_moe", experts),
-                          ("moe", sorted(["router_logits", "routing", *experts]), routing)]
+    assert fake.calls == [("unsupported_reason", "fused_moe", experts),
+                          ("moe", sorted(["router_weight", "routing", *experts]), routing)]
 
 
 def test_cute_reason_is_reported(monkeypatch):

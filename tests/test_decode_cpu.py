@@ -59,10 +59,16 @@ def test_pick_config_respects_max_warps():
     assert cfg.warps <= 20
 
 
-@pytest.mark.parametrize("warps,tokens", [(24, 4), (20, 8), (16, 8), (12, 1)])
-def test_kernel_does_not_spill_in_the_launch_shapes_pick_config_allows(warps, tokens, tmp_path):
-    """The decode kernel cross-compiled for sm_90 (NVRTC, no GPU) at the edges of what pick_config
-    may choose (max_warps by token count): no local-memory loads or stores in the SASS."""
+_DEEPSEEK_ROUTE = (256, 2, "sigmoid", 0, 8, 4, True)
+
+
+@pytest.mark.parametrize("warps,tokens,route", [(24, 4, None), (20, 8, None), (16, 8, None), (12, 1, None),
+                                                (24, 4, _DEEPSEEK_ROUTE), (20, 8, _DEEPSEEK_ROUTE),
+                                                (24, 2, (128, 0, "softmax", None, 0, 0, True))])
+def test_kernel_does_not_spill_in_the_launch_shapes_pick_config_allows(warps, tokens, route, tmp_path):
+    """The decode kernel (with and without its routing phase) cross-compiled for sm_90 (NVRTC, no GPU)
+    at the edges of what pick_config may choose (max_warps by token count): no local-memory loads or
+    stores in the SASS."""
     pytest.importorskip("cuda.bindings.nvrtc")
     import subprocess
 
@@ -70,7 +76,7 @@ def test_kernel_does_not_spill_in_the_launch_shapes_pick_config_allows(warps, to
     from cute_moe.inspect import nvdisasm_path
 
     assert warps <= decode.max_warps(decode._tmax(tokens))
-    defines = decode._defines(2, 0, 2, 2, 2, True, 8, decode._tmax(tokens), 2, decode.DecodeConfig(warps))
+    defines = decode._defines(2, 0, 2, 2, 2, True, 8, decode._tmax(tokens), 2, decode.DecodeConfig(warps), route)
     cubin, _ = _nvrtc.compile_source("moe_decode.cu", "sm_90", dict(defines), cache=False)
     path = tmp_path / "moe_decode.cubin"
     path.write_bytes(cubin)
@@ -92,4 +98,4 @@ def test_precompile_requests_the_kernels_fused_moe_decode_launches(monkeypatch):
     (args,) = launched
     bf16, f32 = decode.DTYPE_CODES[torch.bfloat16], decode.DTYPE_CODES[torch.float32]
     assert args == (0, (bf16, f32, None, bf16, None, False), 1, 8, 128, 2048, 768, 2, decode.ACTIVATION_CODES["swiglu_oai"],
-                    decode.CONFIG)
+                    decode.CONFIG, None)

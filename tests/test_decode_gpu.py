@@ -23,16 +23,19 @@ def _weights(e, h, i, bias=False, dtype=torch.bfloat16, bias_dtype=torch.bfloat1
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts launches of the decode kernel (so a test knows which path ran)."""
-    count = {"n": 0}
-    run = decode.fused_moe_decode
+    """Counts launches of the decode kernel (so a test knows which path ran): "n" of the experts
+    kernel (fused_moe_decode), "moe" of the kernel that also routes (moe_decode)."""
+    count = {"n": 0, "moe": 0}
 
-    def counted(*args, **kwargs):
-        result = run(*args, **kwargs)
-        count["n"] += result is not None
-        return result
+    def counter(key, run):
+        def counted(*args, **kwargs):
+            result = run(*args, **kwargs)
+            count[key] += result is not None
+            return result
+        return counted
 
-    monkeypatch.setattr(decode, "fused_moe_decode", counted)
+    monkeypatch.setattr(decode, "fused_moe_decode", counter("n", decode.fused_moe_decode))
+    monkeypatch.setattr(decode, "moe_decode", counter("moe", decode.moe_decode))
     monkeypatch.setattr(decode, "MAX_TOKENS", 8)
     return count
 
@@ -170,7 +173,7 @@ def test_decode_cuda_graph_replay_with_new_routing(calls):
 
 
 @needs_sm90
-def test_moe_decode_routes_then_one_kernel_cupy(calls):
+def test_moe_decode_one_kernel_cupy(calls):
     cp = pytest.importorskip("cupy")
     e, k, h, i = 16, 2, 256, 128
     w1, w2, _, _ = _weights(e, h, i)
@@ -178,7 +181,7 @@ def test_moe_decode_routes_then_one_kernel_cupy(calls):
     x = torch.randn(1, h, device="cuda").to(torch.bfloat16)
     out = cute_moe.moe(cp.from_dlpack(x), cp.from_dlpack(router), cp.from_dlpack(w1), cp.from_dlpack(w2), k,
                        renormalize=True, backend="cute")
-    assert isinstance(out, cp.ndarray) and calls["n"] == 1
+    assert isinstance(out, cp.ndarray) and calls["moe"] == 1 and calls["n"] == 0
     ref = cute_moe.moe(x, router, w1, w2, k, renormalize=True, backend="reference")
     assert rel_err(torch.from_dlpack(out), ref) < 1e-2
 
@@ -210,3 +213,128 @@ def test_refused_cooperative_launch_falls_back_to_the_staged_pipeline(calls, mon
     cute_moe.fused_moe(x, w1, w2, weights, ids, out=out, backend="cute")
     assert calls["n"] == 0 and cute_moe.last_backend() == "cute"
     assert rel_err(out, experts_reference(x, w1, w2, weights, ids, activation="silu")) < 1e-2
+
+
+# (E, k, routing options, router weight dtype): the routing configurations the decode kernel routes
+ROUTED = {
+    "softmax_renorm": (16, 4, dict(renormalize=True), torch.bfloat16),
+    "softmax_e60_fp32_router": (60, 4, dict(), torch.float32),
+    "deepseek_v3": (256, 8, dict(scoring="sigmoid", num_groups=8, topk_groups=4, renormalize=True,
+                                 routed_scaling_factor=2.5, correction_bias=torch.float32), torch.bfloat16),
+    "groups_of_64_bf16_bias": (128, 6, dict(scoring="sigmoid", num_groups=2, topk_groups=1,
+                                            correction_bias=torch.bfloat16), torch.float16),
+    "sigmoid_top1": (32, 1, dict(scoring="sigmoid"), torch.bfloat16),
+}
+
+
+def _routing(name):
+    e, k, opts, rdt = ROUTED[name]
+    opts = dict(opts)
+    if "correction_bias" in opts:
+        opts["correction_bias"] = (torch.rand(e, device="cuda") * 0.1).to(opts["correction_bias"])
+    return e, k, opts, rdt
+
+
+@needs_sm90
+@pytest.mark.parametrize("tokens", [1, 2, 5, 8])
+@pytest.mark.parametrize("name", list(ROUTED))
+def test_moe_decode_routes_in_kernel_and_matches_reference(calls, name, tokens):
+    """moe at decode sizes: router, routing and experts in one kernel, vs the reference layer."""
+    e, k, opts, rdt = _routing(name)
+    h, i = 264, 80  # not multiples of the routing slices
+    w1, w2, _, _ = _weights(e, h, i)
+    for _ in range(2):  # fresh inputs each check
+        router = torch.randn(e, h, device="cuda").to(rdt)
+        x = torch.randn(tokens, h, device="cuda").to(torch.bfloat16)
+        shared = torch.randn(tokens, h, device="cuda").to(torch.bfloat16)
+        out = torch.full((tokens, h), float("nan"), device="cuda", dtype=torch.bfloat16)
+        cute_moe.moe(x, router, w1, w2, k, **opts, shared_output=shared, out=out, backend="cute")
+        ref = cute_moe.moe(x, router, w1, w2, k, **opts, shared_output=shared, backend="reference")
+        assert rel_err(out, ref) < 1e-2
+    assert calls["moe"] == 2 and calls["n"] == 0
+
+
+@needs_sm90
+def test_moe_decode_hot_expert_and_tied_logits(calls):
+    """One expert's router row dominates and every other logit ties at 0: ties go to the lower ids,
+    as in the reference; the result is bitwise the same on every call."""
+    e, k, h, i, t = 64, 4, 512, 128, 3
+    w1, w2, _, _ = _weights(e, h, i)
+    router = torch.zeros(e, h, device="cuda", dtype=torch.bfloat16)
+    x = torch.rand(t, h, device="cuda").to(torch.bfloat16)
+    router[37] = 1.0
+    a = cute_moe.moe(x, router, w1, w2, k, renormalize=True, backend="cute")
+    b = cute_moe.moe(x, router, w1, w2, k, renormalize=True, backend="cute")
+    ref = cute_moe.moe(x, router, w1, w2, k, renormalize=True, backend="reference")
+    assert calls["moe"] == 2 and torch.equal(a, b)
+    assert rel_err(a, ref) < 1e-2
+
+
+@needs_sm90
+def test_moe_decode_reference_shapes_at_t1(calls):
+    """DeepSeek-V3's and GPT-OSS-120B's router and expert sizes at T=1 (E and I reduced)."""
+    for e, k, h, i, opts, act in [
+            (256, 8, 7168, 256, dict(scoring="sigmoid", num_groups=8, topk_groups=4, renormalize=True,
+                                     routed_scaling_factor=2.5), "silu"),
+            (128, 4, 2880, 360, dict(renormalize=True), "swiglu_oai")]:
+        w1, w2, b1, b2 = _weights(e, h, i, bias=act == "swiglu_oai")
+        router = (torch.randn(e, h, device="cuda") * h**-0.5).to(torch.bfloat16)
+        if "num_groups" in opts:
+            opts["correction_bias"] = torch.rand(e, device="cuda") * 0.1
+        x = torch.randn(1, h, device="cuda").to(torch.bfloat16)
+        out = cute_moe.moe(x, router, w1, w2, k, **opts, activation=act, w1_bias=b1, w2_bias=b2, backend="cute")
+        ref = cute_moe.moe(x, router, w1, w2, k, **opts, activation=act, w1_bias=b1, w2_bias=b2, backend="reference")
+        assert rel_err(out, ref) < 1e-2
+    assert calls["moe"] == 2
+
+
+@needs_sm90
+def test_moe_decode_routing_it_cannot_fuse_takes_the_routing_kernel(calls):
+    """Groups of 8 experts (not a multiple of 32) route in their own kernel, then the experts kernel."""
+    e, k, h, i = 64, 4, 256, 128
+    w1, w2, _, _ = _weights(e, h, i)
+    router = torch.randn(e, h, device="cuda").to(torch.bfloat16)
+    x = torch.randn(2, h, device="cuda").to(torch.bfloat16)
+    opts = dict(scoring="sigmoid", num_groups=8, topk_groups=3, renormalize=True)
+    out = cute_moe.moe(x, router, w1, w2, k, **opts, backend="cute")
+    assert calls["moe"] == 0 and calls["n"] == 1
+    assert rel_err(out, cute_moe.moe(x, router, w1, w2, k, **opts, backend="reference")) < 1e-2
+
+
+@needs_sm90
+def test_moe_decode_cuda_graph_replay_with_new_inputs(calls):
+    """A captured moe call routes each replay's new x itself (workspace scratch, poisoned)."""
+    e, k, h, i, t = 64, 8, 1024, 192, 2
+    w1, w2, _, _ = _weights(e, h, i)
+    router = torch.randn(e, h, device="cuda").to(torch.bfloat16)
+    x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
+    out = torch.empty(t, h, device="cuda", dtype=torch.bfloat16)
+    ws = cute_moe.Workspace()
+    kw = dict(renormalize=True, out=out, workspace=ws, backend="cute")
+    cute_moe.moe(x, router, w1, w2, k, **kw)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        cute_moe.moe(x, router, w1, w2, k, **kw)
+    assert calls["moe"] == 2
+    for _ in range(3):
+        x.copy_(torch.randn(t, h, device="cuda"))
+        out.fill_(float("nan"))
+        ws._buf.fill_(255)
+        g.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, cute_moe.moe(x, router, w1, w2, k, renormalize=True, backend="reference")) < 1e-2
+
+
+@needs_sm90
+def test_moe_decode_refused_cooperative_launch_falls_back(calls, monkeypatch):
+    from cute_moe import _nvrtc
+
+    monkeypatch.setattr(_nvrtc, "launch_cooperative", lambda *args, **kwargs: False)
+    e, k, h, i = 8, 2, 256, 128
+    w1, w2, _, _ = _weights(e, h, i)
+    router = torch.randn(e, h, device="cuda").to(torch.bfloat16)
+    x = torch.randn(1, h, device="cuda").to(torch.bfloat16)
+    out = cute_moe.moe(x, router, w1, w2, k, renormalize=True, backend="cute")
+    assert calls["moe"] == 0 and calls["n"] == 0 and cute_moe.last_backend() == "cute"
+    assert rel_err(out, cute_moe.moe(x, router, w1, w2, k, renormalize=True, backend="reference")) < 1e-2

@@ -5,6 +5,10 @@
 // HBM and what matters is reading every byte once at full bandwidth, with as few launches and
 // fixed costs as possible. One cooperative launch (one CTA per SM, all resident) does:
 //
+// R. (ROUTE only: the whole layer from x) router logits x @ router_weight.T in float32, warp-strided
+//    over (expert, slice of H) into per-slice partial sums; grid barrier; every CTA adds the slices in
+//    order into shared memory and routes each token with one warp (route_select.cuh): the same ids
+//    and weights in every CTA, and no routing kernels or top-k tensors between router and experts.
 // 0. every CTA: the distinct valid experts of topk_ids in order of first appearance ("u") and the
 //    flat entries t*k+j grouped by u; x's rows into shared memory.
 // 1. GEMM1 + gated activation, warp-strided over (u, j): gate row j and up row I+j of w1[e] dotted
@@ -22,8 +26,13 @@
 // Defines: X_DT (x, weights, h, out), TW_DT (topk weights), B1_DT / B2_DT (biases), SH_DT (shared_output), IDS_I64,
 // TOP_K, TMAX (tokens at most), ACT (0 silu, 1 gelu, 2 swiglu_oai), HAS_B1, HAS_B2, HAS_SHARED,
 // NW (warps per CTA), CHUNK (bytes of a weight row per bulk copy), STAGES (ring depth),
-// TMAX * TOP_K <= NW * 32.
+// TMAX * TOP_K <= NW * 32. ROUTE (0/1), and with it RW_DT (router weight) and route_select.cuh's
+// defines (LOGIT_DT = fp32, WARPS = NW; groups, if any, of a multiple of 32 experts).
 #include "common.cuh"
+#if ROUTE
+#define ROUTE_ROW_LOAD16(p) (*(p))  // the logits rows are in shared memory
+#include "route_select.cuh"
+#endif
 
 #define MAXR (TMAX * TOP_K)
 
@@ -127,19 +136,13 @@ __device__ __forceinline__ float pick(const float (&acc)[TMAX], int t) {
     return r;
 }
 
-// Phase 0: S's expert groups from topk_ids / topk_weights (num_entries <= MAXR <= blockDim.x).
-__device__ __forceinline__ void group_entries(const IdT* __restrict__ topk_ids,
-                                              const typename Elem<TW_DT>::T* __restrict__ topk_w,
-                                              int num_entries, int num_experts, DecodeShared& S) {
+// Phase 0: S's expert groups from S.ids / S.weight, written before the call by this CTA's threads
+// (num_entries <= MAXR <= blockDim.x).
+__device__ __forceinline__ void group_entries(int num_entries, DecodeShared& S) {
     const int tid = threadIdx.x;
     if (tid == 0) {
         S.num_u = 0;
         S.groups = 1;
-    }
-    if (tid < num_entries) {
-        const i64 e = (i64)topk_ids[tid];
-        S.ids[tid] = (e >= 0 && e < num_experts) ? (int)e : -1;
-        S.weight[tid] = Elem<TW_DT>::to_f32(topk_w[tid]);
     }
     __syncthreads();
     const int e = tid < num_entries ? S.ids[tid] : -1;
@@ -178,6 +181,58 @@ __device__ __forceinline__ void group_entries(const IdT* __restrict__ topk_ids,
     }
     __syncthreads();
 }
+
+#if ROUTE
+// Phase R: router logits and top-k of every token, into S.ids / S.weight (the same in every CTA).
+// Warp gw computes the partial logits of the units gw, gw + num_warps, ... of (expert, slice of H):
+// its slice of the router weight row dotted with every token's x row (float32, lanes then the warp
+// tree), into parts[(t * NUM_E + e) * slices + s]. After the grid barrier each CTA adds an expert's
+// slices in order into lg [T, NUM_E] (shared memory, in the idle weight rings) and warp t routes
+// token t. Slices: enough (expert, slice) units for every warp, each at least 256 elements of H.
+__device__ __forceinline__ void route_tokens(const void* __restrict__ router_w, const void* __restrict__ bias,
+                                             float scaling, float* __restrict__ parts, const uint4* rows, float* lg,
+                                             int num_tokens, int hidden, int gw, int num_warps, DecodeShared& S) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, v1 = hidden / 8;
+    const int slices = max(1, min(num_warps / NUM_E, ceil_div(hidden, 256)));
+    const int slice_v = ceil_div(v1, slices);  // 16-byte x vectors per slice
+    typedef typename Elem<RW_DT>::T RT;
+    typedef VecIO<RW_DT, 16> RV;
+    for (int unit = gw; unit < NUM_E * slices; unit += num_warps) {
+        const int e = unit / slices, sl = unit - e * slices;
+        const int vend = min(v1, (sl + 1) * slice_v);
+        const uint4* w = (const uint4*)((const RT*)router_w + (i64)e * hidden);
+        float acc[TMAX];
+#pragma unroll
+        for (int m = 0; m < TMAX; ++m) acc[m] = 0.f;
+#pragma unroll 2
+        for (int v = sl * slice_v + lane; v < vend; v += 32) {
+            float fw[8];
+#pragma unroll
+            for (int i = 0; i < 8 / RV::N; ++i) RV::unpack(__ldg(w + v * (8 / RV::N) + i), fw + i * RV::N);
+#pragma unroll
+            for (int m = 0; m < TMAX; ++m) {
+                if (m < num_tokens) {
+                    float fx[8];
+                    V16::unpack(rows[m * v1 + v], fx);
+                    acc[m] = dot8(fw, fx, acc[m]);
+                }
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < TMAX; ++m)
+            if (m < num_tokens) acc[m] = warp_sum(acc[m]);
+        if (lane < num_tokens) parts[((i64)lane * NUM_E + e) * slices + sl] = pick(acc, lane);
+    }
+    grid_barrier();
+    for (int i = threadIdx.x; i < num_tokens * NUM_E; i += NT) {
+        float r = 0.f;
+        for (int sl = 0; sl < slices; ++sl) r += __ldcg(parts + (i64)i * slices + sl);
+        lg[i] = r;
+    }
+    __syncthreads();
+    if (warp < num_tokens) route_token(lg, NUM_E, bias, scaling, S.weight, S.ids, warp, lane, warp);
+}
+#endif
 
 // The weight steps of one warp, in order: GEMM1's units gw, gw + num_warps, ... of (pair p = u * I + j,
 // member group g), each in chunks of CHUNK bytes of the gate row and of the up row; then GEMM2's
@@ -234,7 +289,8 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
            const typename Elem<B1_DT>::T* __restrict__ b1, const typename Elem<B2_DT>::T* __restrict__ b2,
            const typename Elem<TW_DT>::T* __restrict__ topk_w, const IdT* __restrict__ topk_ids,
            const typename Elem<SH_DT>::T* __restrict__ shared, XT* __restrict__ out, XT* __restrict__ h,
-           int num_tokens, int hidden, int inter, int num_experts) {
+           const void* __restrict__ router_w, const void* __restrict__ route_bias, float route_scaling,
+           float* __restrict__ logit_parts, int num_tokens, int hidden, int inter, int num_experts) {
     __shared__ DecodeShared S;
     __shared__ u64 bars_all[NW * STAGES];
     // dynamic shared memory: each warp's ring of STAGES stages, then x's rows [T, H] (GEMM1), later
@@ -250,9 +306,20 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
     const int num_entries = num_tokens * TOP_K;
     const int v1 = hidden / 8, v2 = inter / 8;  // 16-byte vectors per w1 / w2 row
     for (int i = tid; i < num_tokens * v1; i += NT) rows[i] = ((const uint4*)x)[i];
-    group_entries(topk_ids, topk_w, num_entries, num_experts, S);  // (its barriers publish the mbarrier inits)
-
     const int gw = blockIdx.x * NW + warp, num_warps = gridDim.x * NW;
+#if ROUTE
+    __syncthreads();
+    route_tokens(router_w, route_bias, route_scaling, logit_parts, rows, (float*)dsm, num_tokens, hidden, gw,
+                 num_warps, S);
+#else
+    if (tid < num_entries) {
+        const i64 e = (i64)topk_ids[tid];
+        S.ids[tid] = (e >= 0 && e < num_experts) ? (int)e : -1;
+        S.weight[tid] = Elem<TW_DT>::to_f32(topk_w[tid]);
+    }
+#endif
+    group_entries(num_entries, S);  // (its barriers publish the mbarrier inits)
+
     const int num_u = S.num_u, groups = S.groups;
     const int nch1 = ceil_div(hidden * EX::SIZE, CHUNK), nch2 = ceil_div(inter * EX::SIZE, STAGE_BYTES);
     const int units1 = num_u * inter * groups;

@@ -16,6 +16,12 @@
 
 #define GROUPED256 (NUM_E == 256 && NUM_GROUPS == 8 && SCORING == 1)
 
+// 16-byte load of a logits row: read-only global memory by default; a kernel that routes logits it
+// keeps in shared memory (moe_decode.cu) defines it as a plain load.
+#ifndef ROUTE_ROW_LOAD16
+#define ROUTE_ROW_LOAD16(p) __ldg(p)
+#endif
+
 #define VPT ((NUM_E + 31) / 32)  // experts per lane: expert v*32 + lane lives in slot v of that lane
 #define NP2 (VPT <= 1 ? 1 : VPT <= 2 ? 2 : VPT <= 4 ? 4 : VPT <= 8 ? 8 : VPT <= 16 ? 16 : 32)
 #define LOG2_NP2 (NP2 == 1 ? 0 : NP2 == 2 ? 1 : NP2 == 4 ? 2 : NP2 == 8 ? 3 : NP2 == 16 ? 4 : 5)
@@ -265,7 +271,7 @@ __device__ __forceinline__ int select_grouped256(const typename LE::T* __restric
     float x[8];
     typedef VecIO<LOGIT_DT, 16> LV;
 #pragma unroll
-    for (int i = 0; i < 8 / LV::N; ++i) LV::unpack(__ldg((const uint4*)(row + e0) + i), x + i * LV::N);
+    for (int i = 0; i < 8 / LV::N; ++i) LV::unpack(ROUTE_ROW_LOAD16((const uint4*)(row + e0) + i), x + i * LV::N);
 #if HAS_BIAS
     float b[8];
     typedef VecIO<BIAS_DT, 16> BV;
