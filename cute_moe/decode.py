@@ -51,6 +51,9 @@ class DecodeConfig:
 # faster for Qwen3 / GPT-OSS on an H100 but 6-21% slower on an H200 (16 warps), and Mixtral's and
 # DeepSeek-V3's rows no longer fit shared memory. The kernel takes up to 8.
 MAX_TOKENS = int(os.environ.get("CUTE_MOE_DECODE_MAX_TOKENS", "2"))
+# moe's router and routing inside the decode kernel where route_key allows (False: the routing kernels,
+# then the experts kernel; for A/B benchmarks; environment variable CUTE_MOE_DECODE_ROUTE=0)
+ROUTE_IN_KERNEL = os.environ.get("CUTE_MOE_DECODE_ROUTE", "1") != "0"
 # None: pick_config per shape; a DecodeConfig forces that launch shape (benchmarks, tests)
 CONFIG: DecodeConfig | None = None
 # warps per CTA pick_config chooses from (the first of equally good ones wins)
@@ -207,6 +210,8 @@ def route_key(router_weight: torch.Tensor, top_k: int, scoring: str, renormalize
     """The routing part of the kernel's specialization when the decode kernel can route these
     (validated) arguments itself (see :func:`route_spec`); else why not (a str: the layer then routes
     with its own kernels)."""
+    if not ROUTE_IN_KERNEL:
+        return "routing inside the decode kernel is off (decode.ROUTE_IN_KERNEL)"
     if not router_weight.is_contiguous() or router_weight.data_ptr() % 16:
         return "router_weight must be contiguous and 16-byte aligned"
     if correction_bias is not None and not correction_bias.is_contiguous():
