@@ -14,6 +14,8 @@ The cute kernel module hook: ``cute_moe.layer`` must provide
   whose experts it runs (``routing``: route's keyword arguments without the logits);
 - ``logits(x, router_weight)``: float32 router logits, for ``moe`` calls it routes but whose experts
   run on the reference;
+- optionally ``decode_launch(op, **kwargs)``: launch data the API may memoize per call signature and
+  later hand to ``decode.run_moe`` / ``decode.run_experts`` directly (see ``_FAST``);
 
 where ``kwargs`` are the public function's keyword arguments without ``backend`` (torch tensors,
 already validated). Only non-CPU inputs are offered to it; route/fused_moe are not called for T == 0
@@ -39,6 +41,50 @@ from .validate import (BACKENDS, check_choice, check_experts, check_ids_in_range
 _LAYER = f"{__package__}.layer"
 _layer_missing: str | None = None
 _state = threading.local()
+
+
+# Decode-path memo: the layer's launch data per call signature (every tensor argument's shape, strides,
+# dtype, device and 16-byte alignment, every option, decode's switches), or False for signatures that
+# take the full path. A signature whose call passed the checks and took the one-kernel decode path
+# passes them again and takes the same kernel, so a repeated call skips straight to the launch: at
+# decode sizes host time per call is part of the layer's latency.
+_FAST: dict = {}
+_FAST_MAX = 4096
+_DECODE = f"{__package__}.decode"
+
+
+def _sig(t):
+    """What the checks and the path choice read of a tensor argument (None passes through)."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15)
+
+
+def _decode_switches(x, quant, backend: str):
+    """decode's switches when the decode path may take a call on ``x`` (a torch tensor), else None."""
+    d = sys.modules.get(_DECODE)
+    if (d is None or quant is not None or backend == "reference" or not isinstance(x, torch.Tensor)
+            or not 0 < x.shape[0] <= d.MAX_TOKENS or debug_checks_enabled()):
+        return None
+    return d.MAX_TOKENS, d.CONFIG, d.ROUTE_IN_KERNEL
+
+
+def _fast_lookup(key_fn):
+    """(key, memo entry) for the signature ``key_fn()`` builds; (None, None) for arguments it cannot
+    describe (cupy arrays, unhashable options)."""
+    try:
+        key = key_fn()
+        return key, _FAST.get(key)
+    except (AttributeError, TypeError):
+        return None, None
+
+
+def _remember(key, op: str, **kw) -> None:
+    """After a full-path call that ran on cute: memoize the signature's decode launch (or False)."""
+    if _state.backend != "cute":
+        return
+    launch = getattr(sys.modules.get(_LAYER), "decode_launch", None)
+    if len(_FAST) >= _FAST_MAX:
+        _FAST.clear()
+    _FAST[key] = (launch(op, **kw) if launch is not None else None) or False
 
 
 def last_backend() -> str | None:
@@ -188,12 +234,26 @@ def fused_moe(x, w1, w2, topk_weights, topk_ids, *, activation: str = "silu", w1
                                               *_quant_tensors(quant), apply_router_weight_on_input,
                                               shared_output, backend)
         return result if out is None else out.copy_(result)
+    key = entry = None
+    if (switches := _decode_switches(x, quant, backend)) is not None:
+        key, entry = _fast_lookup(lambda: (
+            "fused_moe", _sig(x), _sig(w1), _sig(w2), _sig(topk_weights), _sig(topk_ids), activation, _sig(w1_bias),
+            _sig(w2_bias), apply_router_weight_on_input, _sig(shared_output), _sig(out), type(workspace), backend,
+            switches))
+        if entry:
+            result = sys.modules[_LAYER].decode.run_experts(entry, x, w1, w2, topk_weights, topk_ids, w1_bias,
+                                                            w2_bias, shared_output, out, workspace)
+            if result is not None:
+                _state.backend = "cute"
+                return result
     kind = array_kind(x)
     kwargs, num_experts = _check_fused_moe_args(
         x, w1, w2, topk_weights, topk_ids, activation=activation, w1_bias=w1_bias, w2_bias=w2_bias, quant=quant,
         apply_router_weight_on_input=apply_router_weight_on_input, shared_output=shared_output, out=out,
         backend=backend, workspace=workspace)
     result, _state.backend = _fused_moe(kwargs, num_experts, backend)
+    if key is not None and entry is None:
+        _remember(key, "fused_moe", **kwargs)
     return out if out is not None else to_kind(result, kind)
 
 
@@ -239,6 +299,19 @@ def moe(x, router_weight, w1, w2, top_k: int, *, scoring: str = "softmax", renor
                                         w1_bias, w2_bias, *_quant_tensors(quant), apply_router_weight_on_input,
                                         shared_output, backend)
         return result if out is None else out.copy_(result)
+    key = entry = None
+    if (switches := _decode_switches(x, quant, backend)) is not None:
+        key, entry = _fast_lookup(lambda: (
+            "moe", _sig(x), _sig(router_weight), _sig(w1), _sig(w2), top_k, scoring, renormalize, num_groups,
+            topk_groups, _sig(correction_bias), activation, _sig(w1_bias), _sig(w2_bias), apply_router_weight_on_input,
+            _sig(shared_output), _sig(out), type(workspace), backend, switches))
+        if entry:
+            result = sys.modules[_LAYER].decode.run_moe(entry, x, router_weight, w1, w2, correction_bias,
+                                                        routed_scaling_factor, w1_bias, w2_bias, shared_output, out,
+                                                        workspace)
+            if result is not None:
+                _state.backend = "cute"
+                return result
     kind = array_kind(x)
     kwargs, num_experts, router_weight, routing = _check_moe_args(
         x, router_weight, w1, w2, top_k, scoring=scoring, renormalize=renormalize, num_groups=num_groups,
@@ -247,6 +320,8 @@ def moe(x, router_weight, w1, w2, top_k: int, *, scoring: str = "softmax", renor
         apply_router_weight_on_input=apply_router_weight_on_input, shared_output=shared_output, out=out,
         backend=backend, workspace=workspace)
     result = _moe(kwargs, num_experts, router_weight, routing, backend)
+    if key is not None and entry is None:
+        _remember(key, "moe", router_weight=router_weight, routing=routing, **kwargs)
     return out if out is not None else to_kind(result, kind)
 
 

@@ -314,6 +314,30 @@ def _out_and_scratch(x: torch.Tensor, lc: _Launch, out, workspace) -> tuple[torc
     return out, scratch
 
 
+def experts_launch(x: torch.Tensor, w1: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
+                   activation: str, w1_bias=None, w2_bias=None, shared_output=None) -> _Launch:
+    """The launch data of :func:`fused_moe_decode` for these arguments (a pure function of their
+    shapes and dtypes: callers may keep it for later calls of the same signature)."""
+    num_experts, two_inter = w1.shape[:2]
+    dtypes = (DTYPE_CODES[x.dtype], DTYPE_CODES[topk_weights.dtype], _dt(shared_output), _dt(w1_bias), _dt(w2_bias),
+              topk_ids.dtype == torch.int64)
+    return _launch(x.device.index, dtypes, x.shape[0], topk_ids.shape[1], num_experts, x.shape[1], two_inter // 2,
+                   x.element_size(), ACTIVATION_CODES[activation], CONFIG)
+
+
+def run_experts(lc: _Launch, x, w1, w2, topk_weights, topk_ids, w1_bias, w2_bias, shared_output, out,
+                workspace) -> torch.Tensor | None:
+    """Launch the experts kernel of :func:`experts_launch`'s ``lc``: the output, or None when the
+    driver refuses the cooperative launch."""
+    out, scratch = _out_and_scratch(x, lc, out, workspace)
+    tw = topk_weights if topk_weights.is_contiguous() else topk_weights.contiguous()
+    args = (x.data_ptr(), w1.data_ptr(), w2.data_ptr(), 0 if w1_bias is None else w1_bias.data_ptr(),
+            0 if w2_bias is None else w2_bias.data_ptr(), tw.data_ptr(), topk_ids.data_ptr(),
+            0 if shared_output is None else shared_output.data_ptr(), out.data_ptr(), scratch, 0, 0, _ZERO, 0,
+            *lc.sizes)
+    return out if _nvrtc.launch_cooperative(lc.fn, x.device.index, lc.grid, lc.threads, args, lc.smem) else None
+
+
 def fused_moe_decode(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                      topk_ids: torch.Tensor, *, activation: str, w1_bias=None, w2_bias=None, shared_output=None,
                      out=None, workspace=None) -> torch.Tensor | None:
@@ -321,22 +345,31 @@ def fused_moe_decode(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_w
     kernel, for a call :func:`unsupported_reason` accepts. Scratch comes from ``workspace`` when
     given. Returns the output, or None when the driver refuses the cooperative launch (the caller
     then runs the staged pipeline)."""
-    num_tokens, hidden = x.shape
+    lc = experts_launch(x, w1, topk_weights, topk_ids, activation=activation, w1_bias=w1_bias, w2_bias=w2_bias,
+                        shared_output=shared_output)
+    return run_experts(lc, x, w1, w2, topk_weights, topk_ids, w1_bias, w2_bias, shared_output, out, workspace)
+
+
+def moe_launch(x: torch.Tensor, w1: torch.Tensor, route: tuple, *, top_k: int, activation: str, w1_bias=None,
+               w2_bias=None, shared_output=None) -> _Launch:
+    """The launch data of :func:`moe_decode` (a pure function of the arguments' shapes and dtypes)."""
     num_experts, two_inter = w1.shape[:2]
-    dev = x.device.index
-    dtypes = (DTYPE_CODES[x.dtype], DTYPE_CODES[topk_weights.dtype], _dt(shared_output), _dt(w1_bias), _dt(w2_bias),
-              topk_ids.dtype == torch.int64)
-    lc = _launch(dev, dtypes, num_tokens, topk_ids.shape[1], num_experts, hidden, two_inter // 2, x.element_size(),
-                 ACTIVATION_CODES[activation], CONFIG)
+    dtypes = (DTYPE_CODES[x.dtype], 0, _dt(shared_output), _dt(w1_bias), _dt(w2_bias), False)
+    return _launch(x.device.index, dtypes, x.shape[0], top_k, num_experts, x.shape[1], two_inter // 2,
+                   x.element_size(), ACTIVATION_CODES[activation], CONFIG, route)
+
+
+def run_moe(lc: _Launch, x, router_weight, w1, w2, correction_bias, routed_scaling_factor, w1_bias, w2_bias,
+            shared_output, out, workspace) -> torch.Tensor | None:
+    """Launch the whole-layer kernel of :func:`moe_launch`'s ``lc``: the output, or None when the
+    driver refuses the cooperative launch."""
     out, scratch = _out_and_scratch(x, lc, out, workspace)
-    tw = topk_weights if topk_weights.is_contiguous() else topk_weights.contiguous()
     args = (x.data_ptr(), w1.data_ptr(), w2.data_ptr(), 0 if w1_bias is None else w1_bias.data_ptr(),
-            0 if w2_bias is None else w2_bias.data_ptr(), tw.data_ptr(), topk_ids.data_ptr(),
-            0 if shared_output is None else shared_output.data_ptr(), out.data_ptr(), scratch, 0, 0, _ZERO, 0,
-            *lc.sizes)
-    if not _nvrtc.launch_cooperative(lc.fn, dev, lc.grid, lc.threads, args, shared_mem=lc.smem):
-        return None
-    return out
+            0 if w2_bias is None else w2_bias.data_ptr(), 0, 0, 0 if shared_output is None else shared_output.data_ptr(),
+            out.data_ptr(), scratch, router_weight.data_ptr(),
+            0 if correction_bias is None else correction_bias.data_ptr(), np.float32(routed_scaling_factor),
+            scratch + lc.parts_at, *lc.sizes)
+    return out if _nvrtc.launch_cooperative(lc.fn, x.device.index, lc.grid, lc.threads, args, lc.smem) else None
 
 
 def moe_decode(x: torch.Tensor, router_weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, route: tuple, *,
@@ -346,21 +379,10 @@ def moe_decode(x: torch.Tensor, router_weight: torch.Tensor, w1: torch.Tensor, w
     :func:`route_key`'s tuple; the semantics of :func:`cute_moe.routing.route_gpu`) and the experts
     of :func:`fused_moe_decode`. Returns the output, or None when the driver refuses the cooperative
     launch."""
-    num_tokens, hidden = x.shape
-    num_experts, two_inter = w1.shape[:2]
-    dev = x.device.index
-    dtypes = (DTYPE_CODES[x.dtype], 0, _dt(shared_output), _dt(w1_bias), _dt(w2_bias), False)
-    lc = _launch(dev, dtypes, num_tokens, top_k, num_experts, hidden, two_inter // 2, x.element_size(),
-                 ACTIVATION_CODES[activation], CONFIG, route)
-    out, scratch = _out_and_scratch(x, lc, out, workspace)
-    args = (x.data_ptr(), w1.data_ptr(), w2.data_ptr(), 0 if w1_bias is None else w1_bias.data_ptr(),
-            0 if w2_bias is None else w2_bias.data_ptr(), 0, 0, 0 if shared_output is None else shared_output.data_ptr(),
-            out.data_ptr(), scratch, router_weight.data_ptr(),
-            0 if correction_bias is None else correction_bias.data_ptr(), np.float32(routed_scaling_factor),
-            scratch + lc.parts_at, *lc.sizes)
-    if not _nvrtc.launch_cooperative(lc.fn, dev, lc.grid, lc.threads, args, shared_mem=lc.smem):
-        return None
-    return out
+    lc = moe_launch(x, w1, route, top_k=top_k, activation=activation, w1_bias=w1_bias, w2_bias=w2_bias,
+                    shared_output=shared_output)
+    return run_moe(lc, x, router_weight, w1, w2, correction_bias, routed_scaling_factor, w1_bias, w2_bias,
+                   shared_output, out, workspace)
 
 
 _ZERO = np.float32(0.0)

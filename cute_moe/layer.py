@@ -102,14 +102,11 @@ def moe(*, router_weight, routing: dict, **experts):
     top_k = routing["top_k"]
     if _decode_reason(x, experts["w1"], experts["w2"], quant, top_k, None, experts["w1_bias"],
                       experts["w2_bias"], experts["shared_output"], experts["out"]) is None:
-        route = decode.route_key(router_weight, top_k, routing["scoring"], routing["renormalize"],
-                                 routing["num_groups"], routing["topk_groups"], routing["correction_bias"])
-        if not isinstance(route, str):
-            result = decode.moe_decode(
-                x, router_weight, experts["w1"], experts["w2"], route, top_k=top_k,
-                correction_bias=routing["correction_bias"], routed_scaling_factor=routing["routed_scaling_factor"],
-                activation=experts["activation"], w1_bias=experts["w1_bias"], w2_bias=experts["w2_bias"],
-                shared_output=experts["shared_output"], out=experts["out"], workspace=workspace)
+        lc = _routed_launch(router_weight, routing, experts)
+        if lc is not None:
+            result = decode.run_moe(lc, x, router_weight, experts["w1"], experts["w2"], routing["correction_bias"],
+                                    routing["routed_scaling_factor"], experts["w1_bias"], experts["w2_bias"],
+                                    experts["shared_output"], experts["out"], workspace)
             if result is not None:
                 return result
         topk_weights, topk_ids = route_gpu(router_logits(x, router_weight), **routing)
@@ -122,6 +119,34 @@ def moe(*, router_weight, routing: dict, **experts):
         views = _workspace_views(workspace, x, quant, num_experts, inter, x.shape[0] * top_k)
     topk_weights, topk_ids, plan = route_and_plan(logits, **routing, buffer=None if views is None else views["plan"])
     return fused_moe(topk_weights=topk_weights, topk_ids=topk_ids, plan=plan, views=views, **experts)
+
+
+def _routed_launch(router_weight, routing: dict, experts: dict):
+    """The launch data of the one-kernel layer (decode.moe_launch) for a decode-path call, or None
+    when the kernel does not route this configuration."""
+    route = decode.route_key(router_weight, routing["top_k"], routing["scoring"], routing["renormalize"],
+                             routing["num_groups"], routing["topk_groups"], routing["correction_bias"])
+    if isinstance(route, str):
+        return None
+    return decode.moe_launch(experts["x"], experts["w1"], route, top_k=routing["top_k"],
+                             activation=experts["activation"], w1_bias=experts["w1_bias"],
+                             w2_bias=experts["w2_bias"], shared_output=experts["shared_output"])
+
+
+def decode_launch(op: str, **kw):
+    """For the API's per-signature memo: the launch data the decode path uses for this validated
+    ``op`` call ("moe": moe's keyword arguments; "fused_moe": fused_moe's), or None when the call
+    takes another path. A pure function of the arguments' shapes, strides, dtypes, devices,
+    alignment and options, so a later call with the same signature may launch it directly
+    (decode.run_moe / decode.run_experts)."""
+    x, top_k = kw["x"], (kw["routing"]["top_k"] if op == "moe" else kw["topk_ids"].shape[1])
+    if _decode_reason(x, kw["w1"], kw["w2"], kw["quant"], top_k, kw.get("topk_ids"), kw["w1_bias"], kw["w2_bias"],
+                      kw["shared_output"], kw["out"]) is not None:
+        return None
+    if op == "moe":
+        return _routed_launch(kw["router_weight"], kw["routing"], kw)
+    return decode.experts_launch(x, kw["w1"], kw["topk_weights"], kw["topk_ids"], activation=kw["activation"],
+                                 w1_bias=kw["w1_bias"], w2_bias=kw["w2_bias"], shared_output=kw["shared_output"])
 
 
 def fused_moe(*, x, w1, w2, topk_weights, topk_ids, activation, w1_bias, w2_bias, quant,

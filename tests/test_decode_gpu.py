@@ -24,7 +24,8 @@ def _weights(e, h, i, bias=False, dtype=torch.bfloat16, bias_dtype=torch.bfloat1
 @pytest.fixture
 def calls(monkeypatch):
     """Counts launches of the decode kernel (so a test knows which path ran): "n" of the experts
-    kernel (fused_moe_decode), "moe" of the kernel that also routes (moe_decode)."""
+    kernel (decode.run_experts), "moe" of the kernel that also routes (decode.run_moe), whether the
+    call came through the checks or the API's per-signature memo."""
     count = {"n": 0, "moe": 0}
 
     def counter(key, run):
@@ -34,8 +35,8 @@ def calls(monkeypatch):
             return result
         return counted
 
-    monkeypatch.setattr(decode, "fused_moe_decode", counter("n", decode.fused_moe_decode))
-    monkeypatch.setattr(decode, "moe_decode", counter("moe", decode.moe_decode))
+    monkeypatch.setattr(decode, "run_experts", counter("n", decode.run_experts))
+    monkeypatch.setattr(decode, "run_moe", counter("moe", decode.run_moe))
     monkeypatch.setattr(decode, "MAX_TOKENS", 8)
     return count
 

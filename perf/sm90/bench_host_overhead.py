@@ -3,8 +3,10 @@
     python -m perf.sm90.bench_host_overhead [--tokens 1] [--calls 300] [--profile PATH]
 
 For each reference shape: the CPU time of enqueuing one call (median over bursts of 10 calls, each
-burst timed from an empty launch queue; see :func:`host_us`), for ``cute_moe.moe`` (router GEMM, route, plan,
-permute, GEMM1, GEMM2, combine), ``fused_moe`` on given routing, ``route``, ``make_plan``, ``permute``,
+burst timed from an empty launch queue; see :func:`host_us`), for ``cute_moe.moe`` (at T <= decode.MAX_TOKENS
+one kernel: router, routing and experts; ``moe_us`` with ``out=``, ``moe_alloc_us`` allocating its
+output), ``nn.MoE`` eager, the decode kernel's cooperative launch alone (``decode_launch_us``: the
+driver call with packed arguments, our floor), ``fused_moe`` on given routing, ``route``, ``make_plan``, ``permute``,
 ``grouped_gemm`` and ``combine``, and ``nn.MoE`` with :meth:`cute_moe.nn.MoE.cuda_graphs` (input copy,
 graph replay, output copy; ``nocopy``: ``copy_output=False``, no output copy; ``graph_replay`` in the JSON
 rows says whether replays went through the driver or ``graph.replay()``; ``graph_launch_us`` and
@@ -22,10 +24,11 @@ import pstats
 import sys
 import time
 
+import numpy as np
 import torch
 
 import cute_moe
-from cute_moe import _nvrtc
+from cute_moe import _nvrtc, decode
 from cute_moe.gemm import grouped_gemm
 from cute_moe.permute import combine, permute
 from cute_moe.plan import make_plan
@@ -70,9 +73,19 @@ def bench_shape(shape, tokens: int, calls: int, profile: list) -> dict:
     nocopy = cute_moe.nn.MoE.from_weights(rw, w1, w2, k, renormalize=True, backend="cute").cuda_graphs(
         64, copy_output=False)
     assert torch.equal(nocopy(x), graphed._eager(x, None))
+    eager = cute_moe.nn.MoE.from_weights(rw, w1, w2, k, renormalize=True, backend="cute")
+    route = decode.route_key(rw, k, "softmax", True, None, None, None)
+    lc = decode.moe_launch(x, w1, route, top_k=k, activation="silu")
+    scratch = torch.empty(lc.scratch, device="cuda", dtype=torch.uint8).data_ptr()
+    launch_args = (x.data_ptr(), w1.data_ptr(), w2.data_ptr(), 0, 0, 0, 0, 0, out.data_ptr(), scratch, rw.data_ptr(),
+                   0, np.float32(1.0), scratch + lc.parts_at, *lc.sizes)
     row = {
         "shape": shape.name, "T": tokens,
         "moe_us": host_us(moe, calls),
+        "moe_alloc_us": host_us(lambda: cute_moe.moe(x, rw, w1, w2, k, renormalize=True, backend="cute"), calls),
+        "nn_moe_eager_us": host_us(lambda: eager(x), calls),
+        "decode_launch_us": host_us(lambda: _nvrtc.launch_cooperative(lc.fn, x.device.index, lc.grid, lc.threads,
+                                                                      launch_args, lc.smem), calls),
         "nn_moe_cuda_graphs_us": host_us(lambda: graphed(x), calls),
         "nn_moe_cuda_graphs_nocopy_us": host_us(lambda: nocopy(x), calls),
         "graph_replay": "driver" if all(g.exec_handle for g in graphed._graphs.values()) else "torch",
@@ -126,7 +139,7 @@ def main(argv=None) -> int:
         "sm90_host_overhead", rows,
         {"title": f"CPU time per eager call (microseconds, T={args.tokens}): whole layer and each op",
          "target": "moe host overhead <= 20 us per call"},
-        md_columns=["shape", "T", "moe_us", "nn_moe_cuda_graphs_us", "nn_moe_cuda_graphs_nocopy_us", "fused_moe_us",
+        md_columns=["shape", "T", "moe_us", "moe_alloc_us", "nn_moe_eager_us", "decode_launch_us", "nn_moe_cuda_graphs_us", "nn_moe_cuda_graphs_nocopy_us", "fused_moe_us",
                     "route_us", "plan_us", "permute_us", "gemm1_us", "gemm2_us", "combine_us", "torch_grouped_mm_us",
                     "torch_empty_us", "graph_launch_us", "memcpy_us"],
     )
