@@ -219,7 +219,7 @@ def launch(fn, device_index: int, grid: int, block: int, args: tuple, shared_mem
 
     ``args`` are kernel parameters: Python ints (64-bit: pointers, sizes), numpy scalars
     (np.int32, np.float32, ...) or Python floats (double)."""
-    if _driver_launch is not None and torch.cuda.current_device() == device_index:
+    if _driver_launch is not None and _current_device() == device_index:
         packed = _pack(args)
         if packed is not None:
             buf, params = packed
@@ -237,6 +237,9 @@ def launch(fn, device_index: int, grid: int, block: int, args: tuple, shared_mem
         fn((grid, 1, 1), (block, 1, 1), args, shared_mem=shared_mem, stream=current_stream(device_index))
 
 
+# torch's current CUDA device index without torch.cuda.current_device()'s Python wrapper (launches
+# only happen with CUDA tensors at hand, so CUDA is initialized)
+_current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 _COOPERATIVE = 2  # CUlaunchAttributeID
 _coop_pdl: dict[int, bool] = {}  # device -> whether cooperative launches also take the PDL attribute
 
@@ -246,7 +249,7 @@ def launch_cooperative(fn, device_index: int, grid: int, block: int, args: tuple
     current stream, with PDL where the driver accepts both. False if it could not be launched
     (no driver entry point, or the driver refused, e.g. a grid larger than fits at once): the
     caller then takes another path. Grids of one CTA need no cooperative launch."""
-    if _driver_launch_ex is None or torch.cuda.current_device() != device_index:
+    if _driver_launch_ex is None or _current_device() != device_index:
         return False
     packed = _pack(args)
     if packed is None:

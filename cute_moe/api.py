@@ -67,16 +67,6 @@ def _decode_switches(x, quant, backend: str):
     return d.MAX_TOKENS, d.CONFIG, d.ROUTE_IN_KERNEL
 
 
-def _fast_lookup(key_fn):
-    """(key, memo entry) for the signature ``key_fn()`` builds; (None, None) for arguments it cannot
-    describe (cupy arrays, unhashable options)."""
-    try:
-        key = key_fn()
-        return key, _FAST.get(key)
-    except (AttributeError, TypeError):
-        return None, None
-
-
 def _remember(key, op: str, **kw) -> None:
     """After a full-path call that ran on cute: memoize the signature's decode launch (or False)."""
     if _state.backend != "cute":
@@ -236,10 +226,13 @@ def fused_moe(x, w1, w2, topk_weights, topk_ids, *, activation: str = "silu", w1
         return result if out is None else out.copy_(result)
     key = entry = None
     if (switches := _decode_switches(x, quant, backend)) is not None:
-        key, entry = _fast_lookup(lambda: (
-            "fused_moe", _sig(x), _sig(w1), _sig(w2), _sig(topk_weights), _sig(topk_ids), activation, _sig(w1_bias),
-            _sig(w2_bias), apply_router_weight_on_input, _sig(shared_output), _sig(out), type(workspace), backend,
-            switches))
+        try:  # (cupy arrays and unhashable options have no signature: the full path takes them)
+            key = ("fused_moe", _sig(x), _sig(w1), _sig(w2), _sig(topk_weights), _sig(topk_ids), activation,
+                   _sig(w1_bias), _sig(w2_bias), apply_router_weight_on_input, _sig(shared_output), _sig(out),
+                   type(workspace), backend, switches)
+            entry = _FAST.get(key)
+        except (AttributeError, TypeError):
+            key = None
         if entry:
             result = sys.modules[_LAYER].decode.run_experts(entry, x, w1, w2, topk_weights, topk_ids, w1_bias,
                                                             w2_bias, shared_output, out, workspace)
@@ -301,10 +294,13 @@ def moe(x, router_weight, w1, w2, top_k: int, *, scoring: str = "softmax", renor
         return result if out is None else out.copy_(result)
     key = entry = None
     if (switches := _decode_switches(x, quant, backend)) is not None:
-        key, entry = _fast_lookup(lambda: (
-            "moe", _sig(x), _sig(router_weight), _sig(w1), _sig(w2), top_k, scoring, renormalize, num_groups,
-            topk_groups, _sig(correction_bias), activation, _sig(w1_bias), _sig(w2_bias), apply_router_weight_on_input,
-            _sig(shared_output), _sig(out), type(workspace), backend, switches))
+        try:  # (cupy arrays and unhashable options have no signature: the full path takes them)
+            key = ("moe", _sig(x), _sig(router_weight), _sig(w1), _sig(w2), top_k, scoring, renormalize, num_groups,
+                   topk_groups, _sig(correction_bias), activation, _sig(w1_bias), _sig(w2_bias),
+                   apply_router_weight_on_input, _sig(shared_output), _sig(out), type(workspace), backend, switches)
+            entry = _FAST.get(key)
+        except (AttributeError, TypeError):
+            key = None
         if entry:
             result = sys.modules[_LAYER].decode.run_moe(entry, x, router_weight, w1, w2, correction_bias,
                                                         routed_scaling_factor, w1_bias, w2_bias, shared_output, out,

@@ -271,6 +271,7 @@ class _Launch(NamedTuple):
     """A call shape's kernel and launch data (see :func:`_launch`)."""
 
     fn: object
+    dev: int
     threads: int
     smem: int
     grid: int
@@ -294,7 +295,7 @@ def _launch(dev: int, dtypes: tuple, num_tokens: int, top_k: int, num_experts: i
     scratch = parts_at
     if route is not None:
         scratch += num_tokens * num_experts * logit_slices(grid * cfg.warps, num_experts, hidden) * 4
-    return _Launch(_function(dev, defines, cfg), cfg.warps * 32, smem_bytes(num_tokens, top_k, hidden, inter, elem, cfg),
+    return _Launch(_function(dev, defines, cfg), dev, cfg.warps * 32, smem_bytes(num_tokens, top_k, hidden, inter, elem, cfg),
                    grid, (np.int32(num_tokens), np.int32(hidden), np.int32(inter), np.int32(num_experts)), scratch,
                    parts_at, -(-scratch // (hidden * elem)))
 
@@ -333,9 +334,9 @@ def run_experts(lc: _Launch, x, w1, w2, topk_weights, topk_ids, w1_bias, w2_bias
     tw = topk_weights if topk_weights.is_contiguous() else topk_weights.contiguous()
     args = (x.data_ptr(), w1.data_ptr(), w2.data_ptr(), 0 if w1_bias is None else w1_bias.data_ptr(),
             0 if w2_bias is None else w2_bias.data_ptr(), tw.data_ptr(), topk_ids.data_ptr(),
-            0 if shared_output is None else shared_output.data_ptr(), out.data_ptr(), scratch, 0, 0, _ZERO, 0,
+            0 if shared_output is None else shared_output.data_ptr(), out.data_ptr(), scratch, 0, 0, 0.0, 0,
             *lc.sizes)
-    return out if _nvrtc.launch_cooperative(lc.fn, x.device.index, lc.grid, lc.threads, args, lc.smem) else None
+    return out if _nvrtc.launch_cooperative(lc.fn, lc.dev, lc.grid, lc.threads, args, lc.smem) else None
 
 
 def fused_moe_decode(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -367,9 +368,9 @@ def run_moe(lc: _Launch, x, router_weight, w1, w2, correction_bias, routed_scali
     args = (x.data_ptr(), w1.data_ptr(), w2.data_ptr(), 0 if w1_bias is None else w1_bias.data_ptr(),
             0 if w2_bias is None else w2_bias.data_ptr(), 0, 0, 0 if shared_output is None else shared_output.data_ptr(),
             out.data_ptr(), scratch, router_weight.data_ptr(),
-            0 if correction_bias is None else correction_bias.data_ptr(), np.float32(routed_scaling_factor),
+            0 if correction_bias is None else correction_bias.data_ptr(), float(routed_scaling_factor),
             scratch + lc.parts_at, *lc.sizes)
-    return out if _nvrtc.launch_cooperative(lc.fn, x.device.index, lc.grid, lc.threads, args, lc.smem) else None
+    return out if _nvrtc.launch_cooperative(lc.fn, lc.dev, lc.grid, lc.threads, args, lc.smem) else None
 
 
 def moe_decode(x: torch.Tensor, router_weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, route: tuple, *,
@@ -385,4 +386,3 @@ def moe_decode(x: torch.Tensor, router_weight: torch.Tensor, w1: torch.Tensor, w
                    shared_output, out, workspace)
 
 
-_ZERO = np.float32(0.0)

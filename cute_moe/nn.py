@@ -16,6 +16,9 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
     lambda index: torch.cuda.current_stream(index).cuda_stream)
 
 
+_UNSET = object()
+
+
 class MoE(torch.nn.Module):
     """A routed-experts MoE layer: router weight [E, H] (kept in float32), w1 [E, 2I, H] ([gate | up]
     rows), w2 [E, H, I], optional biases and DeepSeek-style correction bias, a routing config and
@@ -143,11 +146,21 @@ class MoE(torch.nn.Module):
         return out if x.ndim == 2 else out.reshape(x.shape)
 
     def _eager(self, flat: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
-        return moe(flat, self.router_weight, self.w1, self.w2, self.top_k, **self.routing,
-                   correction_bias=self.correction_bias, activation=self.activation,
-                   w1_bias=self.w1_bias, w2_bias=self.w2_bias, quant=self.quantized_weights(),
+        w = self._weight
+        return moe(flat, w("router_weight"), w("w1"), w("w2"), self.top_k, **self.routing,
+                   correction_bias=w("correction_bias"), activation=self.activation, w1_bias=w("w1_bias"),
+                   w2_bias=w("w2_bias"),
+                   quant=None if self.quant_mode is None else self.quantized_weights(),
                    apply_router_weight_on_input=self.apply_router_weight_on_input,
                    shared_output=shared, backend=self.backend)
+
+    def _weight(self, name: str):
+        """Weight ``name`` from the module's parameter / buffer dicts (nn.Module.__getattr__ costs host
+        time on every call), else the plain attribute (e.g. a bias left None)."""
+        t = self._parameters.get(name, _UNSET)
+        if t is _UNSET:
+            t = self._buffers.get(name, _UNSET)
+        return getattr(self, name) if t is _UNSET else t
 
     def _weight_ptrs(self) -> list:
         """Addresses of every weight tensor (read from the module's dicts: attribute lookup through

@@ -289,7 +289,7 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
            const typename Elem<B1_DT>::T* __restrict__ b1, const typename Elem<B2_DT>::T* __restrict__ b2,
            const typename Elem<TW_DT>::T* __restrict__ topk_w, const IdT* __restrict__ topk_ids,
            const typename Elem<SH_DT>::T* __restrict__ shared, XT* __restrict__ out, XT* __restrict__ h,
-           const void* __restrict__ router_w, const void* __restrict__ route_bias, float route_scaling,
+           const void* __restrict__ router_w, const void* __restrict__ route_bias, double route_scaling,
            float* __restrict__ logit_parts, int num_tokens, int hidden, int inter, int num_experts) {
     __shared__ DecodeShared S;
     __shared__ u64 bars_all[NW * STAGES];
@@ -309,7 +309,7 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
     const int gw = blockIdx.x * NW + warp, num_warps = gridDim.x * NW;
 #if ROUTE
     __syncthreads();
-    route_tokens(router_w, route_bias, route_scaling, logit_parts, rows, (float*)dsm, num_tokens, hidden, gw,
+    route_tokens(router_w, route_bias, (float)route_scaling, logit_parts, rows, (float*)dsm, num_tokens, hidden, gw,
                  num_warps, S);
 #else
     if (tid < num_entries) {
