@@ -266,6 +266,54 @@ def launch_cooperative(fn, device_index: int, grid: int, block: int, args: tuple
     return False
 
 
+class CooperativeLaunch:
+    """One kernel's cooperative launch with a fixed grid, block, dynamic shared memory and parameter
+    layout (``codes``: struct format characters, e.g. "qqdi"), for launches on the host's hot path:
+    a call packs the parameters into this thread's buffer, reads torch's current stream and calls
+    cuLaunchKernelEx (with PDL where the driver accepts it, as :func:`launch_cooperative`). Returns
+    False when it could not launch (the caller takes another path)."""
+
+    def __init__(self, fn, device_index: int, grid: int, block: int, shared_mem: int, codes: str):
+        self.fn, self.dev, self.grid, self.block, self.shared_mem = fn, device_index, grid, block, shared_mem
+        self._struct = struct.Struct("@" + codes)
+        self._offsets = [struct.calcsize("@" + codes[:i + 1]) - struct.calcsize("@" + codes[i])
+                         for i in range(len(codes))]
+        self._local = threading.local()
+
+    def _state(self, with_pdl: bool) -> tuple:
+        """This thread's (config address, parameter buffer, void*[] address) for the launch."""
+        states = getattr(self._local, "states", None)
+        if states is None:
+            states = self._local.states = {}
+        st = states.get(with_pdl)
+        if st is None:
+            attrs = (_LaunchAttribute * 2)(_LaunchAttribute(id=_COOPERATIVE, value=1),
+                                           _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1))
+            cfg = _LaunchConfig(gridDimX=self.grid, gridDimY=1, gridDimZ=1, blockDimX=self.block, blockDimY=1,
+                                blockDimZ=1, sharedMemBytes=self.shared_mem, attrs=attrs,
+                                numAttrs=2 if with_pdl else 1)
+            buf = ctypes.create_string_buffer(max(self._struct.size, 1))
+            params = (ctypes.c_void_p * len(self._offsets))(*[ctypes.addressof(buf) + o for o in self._offsets])
+            st = states[with_pdl] = (cfg, buf, params, attrs, ctypes.addressof(cfg), ctypes.addressof(params))
+        return st
+
+    def __call__(self, *args) -> bool:
+        if _driver_launch_ex is None or _current_device() != self.dev:
+            return False
+        pdl = _coop_pdl.get(self.dev)
+        if pdl is None:
+            pdl = _pdl_on(self.dev)
+        for with_pdl in ((True, False) if pdl else (False,)):
+            cfg, buf, _, _, cfg_addr, params_addr = self._state(with_pdl)
+            self._struct.pack_into(buf, 0, *args)
+            cfg.hStream = torch._C._cuda_getCurrentRawStream(self.dev)
+            if _driver_launch_ex(cfg_addr, self.fn.ptr, params_addr, None) == 0:
+                if not with_pdl:
+                    _coop_pdl[self.dev] = False
+                return True
+        return False
+
+
 def _coop_config(with_pdl: bool) -> _LaunchConfig:
     """This thread's reusable cooperative launch config (with or without the PDL attribute)."""
     configs = getattr(_tls, "coop_configs", None)

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from . import _nvrtc, routing
@@ -270,11 +269,7 @@ def logit_slices(num_warps: int, num_experts: int, hidden: int) -> int:
 class _Launch(NamedTuple):
     """A call shape's kernel and launch data (see :func:`_launch`)."""
 
-    fn: object
-    dev: int
-    threads: int
-    smem: int
-    grid: int
+    launch: _nvrtc.CooperativeLaunch  # the kernel's launch (grid, block, shared memory, parameter layout)
     sizes: tuple        # trailing int32 arguments: T, H, I, E
     scratch: int        # bytes of scratch: h [T*k, I], then (routing) the float32 partial logits
     parts_at: int       # byte offset of the partial logits in the scratch
@@ -295,9 +290,13 @@ def _launch(dev: int, dtypes: tuple, num_tokens: int, top_k: int, num_experts: i
     scratch = parts_at
     if route is not None:
         scratch += num_tokens * num_experts * logit_slices(grid * cfg.warps, num_experts, hidden) * 4
-    return _Launch(_function(dev, defines, cfg), dev, cfg.warps * 32, smem_bytes(num_tokens, top_k, hidden, inter, elem, cfg),
-                   grid, (np.int32(num_tokens), np.int32(hidden), np.int32(inter), np.int32(num_experts)), scratch,
-                   parts_at, -(-scratch // (hidden * elem)))
+    launch = _nvrtc.CooperativeLaunch(_function(dev, defines, cfg), dev, grid, cfg.warps * 32,
+                                      smem_bytes(num_tokens, top_k, hidden, inter, elem, cfg), _ARG_CODES)
+    return _Launch(launch, (num_tokens, hidden, inter, num_experts), scratch, parts_at, -(-scratch // (hidden * elem)))
+
+
+# moe_decode's parameters: 14 pointers with the routing scale (a double) 13th, then T, H, I, E (int32)
+_ARG_CODES = "q" * 12 + "dq" + "i" * 4
 
 
 def _out_and_scratch(x: torch.Tensor, lc: _Launch, out, workspace) -> tuple[torch.Tensor, int]:
@@ -336,7 +335,7 @@ def run_experts(lc: _Launch, x, w1, w2, topk_weights, topk_ids, w1_bias, w2_bias
             0 if w2_bias is None else w2_bias.data_ptr(), tw.data_ptr(), topk_ids.data_ptr(),
             0 if shared_output is None else shared_output.data_ptr(), out.data_ptr(), scratch, 0, 0, 0.0, 0,
             *lc.sizes)
-    return out if _nvrtc.launch_cooperative(lc.fn, lc.dev, lc.grid, lc.threads, args, lc.smem) else None
+    return out if lc.launch(*args) else None
 
 
 def fused_moe_decode(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -370,7 +369,7 @@ def run_moe(lc: _Launch, x, router_weight, w1, w2, correction_bias, routed_scali
             out.data_ptr(), scratch, router_weight.data_ptr(),
             0 if correction_bias is None else correction_bias.data_ptr(), float(routed_scaling_factor),
             scratch + lc.parts_at, *lc.sizes)
-    return out if _nvrtc.launch_cooperative(lc.fn, lc.dev, lc.grid, lc.threads, args, lc.smem) else None
+    return out if lc.launch(*args) else None
 
 
 def moe_decode(x: torch.Tensor, router_weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, route: tuple, *,

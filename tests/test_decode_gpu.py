@@ -205,7 +205,7 @@ def test_refused_cooperative_launch_falls_back_to_the_staged_pipeline(calls, mon
     runs the staged pipeline instead: same result, no error."""
     from cute_moe import _nvrtc
 
-    monkeypatch.setattr(_nvrtc, "launch_cooperative", lambda *args, **kwargs: False)
+    monkeypatch.setattr(_nvrtc.CooperativeLaunch, "__call__", lambda self, *args: False)
     e, k, h, i = 8, 2, 256, 128
     w1, w2, _, _ = _weights(e, h, i)
     x = torch.randn(1, h, device="cuda").to(torch.bfloat16)
@@ -331,7 +331,7 @@ def test_moe_decode_cuda_graph_replay_with_new_inputs(calls):
 def test_moe_decode_refused_cooperative_launch_falls_back(calls, monkeypatch):
     from cute_moe import _nvrtc
 
-    monkeypatch.setattr(_nvrtc, "launch_cooperative", lambda *args, **kwargs: False)
+    monkeypatch.setattr(_nvrtc.CooperativeLaunch, "__call__", lambda self, *args: False)
     e, k, h, i = 8, 2, 256, 128
     w1, w2, _, _ = _weights(e, h, i)
     router = torch.randn(e, h, device="cuda").to(torch.bfloat16)

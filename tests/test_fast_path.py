@@ -27,11 +27,11 @@ def gpu(monkeypatch):
     decode._launch.cache_clear()
     decode._shape_reason.cache_clear()
 
-    def launch(fn, dev, grid, block, args, shared_mem=0):
-        launches.append((fn.defines, args))
+    def launch(self, *args):
+        launches.append((self.fn.defines, args))
         return True
 
-    monkeypatch.setattr(_nvrtc, "launch_cooperative", launch)
+    monkeypatch.setattr(_nvrtc.CooperativeLaunch, "__call__", launch)
     check_experts = validate.check_experts
 
     def counted(*args, **kwargs):
@@ -117,7 +117,7 @@ def test_refused_launch_falls_back_to_the_full_path(gpu, monkeypatch):
     x, rw, w1, w2 = _layer()
     out = torch.empty_like(x)
     cute_moe.moe(x, rw, w1, w2, K, out=out, backend="cute")
-    monkeypatch.setattr(_nvrtc, "launch_cooperative", lambda *args, **kwargs: False)
+    monkeypatch.setattr(_nvrtc.CooperativeLaunch, "__call__", lambda self, *args: False)
     with pytest.raises(Exception):  # the fallback's routing kernels need a real GPU
         cute_moe.moe(x, rw, w1, w2, K, out=out, backend="cute")
     assert len(gpu.checks) == 2

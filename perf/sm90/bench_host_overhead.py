@@ -11,7 +11,8 @@ driver call with packed arguments, our floor), ``fused_moe`` on given routing, `
 graph replay, output copy; ``nocopy``: ``copy_output=False``, no output copy; ``graph_replay`` in the JSON
 rows says whether replays went through the driver or ``graph.replay()``; ``graph_launch_us`` and
 ``memcpy_us``: the driver calls a graphed call makes, alone). A torch reference point in the same run:
-the CPU time of one ``torch._grouped_mm`` call. ``--profile`` writes a cProfile breakdown (by
+the CPU time of one ``torch._grouped_mm`` call. ``*_cpu_us``: the same calls timed by this thread's CPU
+time instead of the wall clock. ``--profile`` writes a cProfile breakdown (by
 own time) of the moe calls.
 """
 
@@ -24,7 +25,6 @@ import pstats
 import sys
 import time
 
-import numpy as np
 import torch
 
 import cute_moe
@@ -35,20 +35,23 @@ from cute_moe.plan import make_plan
 from perf.common import expert_weights, select_shapes, write_results
 
 
-def host_us(fn, calls: int, burst: int = 10) -> float:
-    """Median CPU microseconds per enqueued call of ``fn`` over bursts of ``burst`` calls, each burst
-    timed from an empty launch queue (after a synchronize). Bursts, not one long loop: a long loop of
+def host_us(fn, calls: int, burst: int = 10, cpu: bool = False) -> float:
+    """Median microseconds per enqueued call of ``fn`` over bursts of ``burst`` calls, each burst
+    timed from an empty launch queue (after a synchronize): wall time, or with ``cpu`` this thread's
+    CPU time (time.thread_time: time the host spends descheduled on a shared machine, which moves
+    wall times by 2x from run to run, does not count). Bursts, not one long loop: a long loop of
     graph replays fills the launch queue and then times the GPU; single calls after a synchronize add
     the host's wake-up from the wait to every sample."""
+    clock = time.thread_time if cpu else time.perf_counter
     for _ in range(20):
         fn()
     samples = []
     for _ in range(max(1, calls // burst)):
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(burst):
             fn()
-        samples.append((time.perf_counter() - t0) / burst * 1e6)
+        samples.append((clock() - t0) / burst * 1e6)
     torch.cuda.synchronize()
     return sorted(samples)[len(samples) // 2]
 
@@ -78,14 +81,16 @@ def bench_shape(shape, tokens: int, calls: int, profile: list) -> dict:
     lc = decode.moe_launch(x, w1, route, top_k=k, activation="silu")
     scratch = torch.empty(lc.scratch, device="cuda", dtype=torch.uint8).data_ptr()
     launch_args = (x.data_ptr(), w1.data_ptr(), w2.data_ptr(), 0, 0, 0, 0, 0, out.data_ptr(), scratch, rw.data_ptr(),
-                   0, np.float32(1.0), scratch + lc.parts_at, *lc.sizes)
+                   0, 1.0, scratch + lc.parts_at, *lc.sizes)
     row = {
         "shape": shape.name, "T": tokens,
         "moe_us": host_us(moe, calls),
+        "moe_cpu_us": host_us(moe, calls, cpu=True),
+        "torch_grouped_mm_cpu_us": host_us(lambda: torch._grouped_mm(xp, w1t, offs=offs), calls, cpu=True),
         "moe_alloc_us": host_us(lambda: cute_moe.moe(x, rw, w1, w2, k, renormalize=True, backend="cute"), calls),
         "nn_moe_eager_us": host_us(lambda: eager(x), calls),
-        "decode_launch_us": host_us(lambda: _nvrtc.launch_cooperative(lc.fn, x.device.index, lc.grid, lc.threads,
-                                                                      launch_args, lc.smem), calls),
+        "nn_moe_eager_cpu_us": host_us(lambda: eager(x), calls, cpu=True),
+        "decode_launch_us": host_us(lambda: lc.launch(*launch_args), calls),
         "nn_moe_cuda_graphs_us": host_us(lambda: graphed(x), calls),
         "nn_moe_cuda_graphs_nocopy_us": host_us(lambda: nocopy(x), calls),
         "graph_replay": "driver" if all(g.exec_handle for g in graphed._graphs.values()) else "torch",
@@ -139,7 +144,8 @@ def main(argv=None) -> int:
         "sm90_host_overhead", rows,
         {"title": f"CPU time per eager call (microseconds, T={args.tokens}): whole layer and each op",
          "target": "moe host overhead <= 20 us per call"},
-        md_columns=["shape", "T", "moe_us", "moe_alloc_us", "nn_moe_eager_us", "decode_launch_us", "nn_moe_cuda_graphs_us", "nn_moe_cuda_graphs_nocopy_us", "fused_moe_us",
+        md_columns=["shape", "T", "moe_us", "moe_cpu_us", "torch_grouped_mm_cpu_us", "moe_alloc_us", "nn_moe_eager_us",
+                    "nn_moe_eager_cpu_us", "decode_launch_us", "nn_moe_cuda_graphs_us", "nn_moe_cuda_graphs_nocopy_us", "fused_moe_us",
                     "route_us", "plan_us", "permute_us", "gemm1_us", "gemm2_us", "combine_us", "torch_grouped_mm_us",
                     "torch_empty_us", "graph_launch_us", "memcpy_us"],
     )
