@@ -225,8 +225,15 @@ __device__ __forceinline__ void route_tokens(const void* __restrict__ router_w, 
     }
     grid_barrier();
     for (int i = threadIdx.x; i < num_tokens * NUM_E; i += NT) {
+        const float* p = parts + (i64)i * slices;
         float r = 0.f;
-        for (int sl = 0; sl < slices; ++sl) r += __ldcg(parts + (i64)i * slices + sl);
+        for (int s0 = 0; s0 < slices; s0 += 16) {  // 16 loads in flight, then the sums in slice order
+            float v[16];
+#pragma unroll
+            for (int j = 0; j < 16; ++j) v[j] = s0 + j < slices ? __ldcg(p + s0 + j) : 0.f;
+#pragma unroll
+            for (int j = 0; j < 16; ++j) r += v[j];
+        }
         lg[i] = r;
     }
     __syncthreads();
