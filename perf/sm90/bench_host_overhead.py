@@ -12,7 +12,8 @@ graph replay, output copy; ``nocopy``: ``copy_output=False``, no output copy; ``
 rows says whether replays went through the driver or ``graph.replay()``; ``graph_launch_us`` and
 ``memcpy_us``: the driver calls a graphed call makes, alone). A torch reference point in the same run:
 the CPU time of one ``torch._grouped_mm`` call. ``*_cpu_us``: the same calls timed by this thread's CPU
-time instead of the wall clock. ``--profile`` writes a cProfile breakdown (by
+time instead of the wall clock, ours and torch's timed in turn for 5 rounds (medians);
+``moe_over_torch_op``: eager moe's CPU time over one torch._grouped_mm call's. ``--profile`` writes a cProfile breakdown (by
 own time) of the moe calls.
 """
 
@@ -56,6 +57,16 @@ def host_us(fn, calls: int, burst: int = 10, cpu: bool = False) -> float:
     return sorted(samples)[len(samples) // 2]
 
 
+def interleaved_cpu_us(fns: dict, calls: int, rounds: int = 5) -> dict:
+    """Median over ``rounds`` of :func:`host_us` (CPU time) for each of ``fns``, timed in turn, so a
+    shared host's slow phases fall on ours and on the torch reference alike."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(host_us(fn, calls, cpu=True))
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
 def bench_shape(shape, tokens: int, calls: int, profile: list) -> dict:
     e, k, h = shape.num_experts, shape.top_k, shape.hidden
     w1, w2 = expert_weights(shape)
@@ -85,11 +96,10 @@ def bench_shape(shape, tokens: int, calls: int, profile: list) -> dict:
     row = {
         "shape": shape.name, "T": tokens,
         "moe_us": host_us(moe, calls),
-        "moe_cpu_us": host_us(moe, calls, cpu=True),
-        "torch_grouped_mm_cpu_us": host_us(lambda: torch._grouped_mm(xp, w1t, offs=offs), calls, cpu=True),
+        **interleaved_cpu_us({"moe_cpu_us": moe, "nn_moe_eager_cpu_us": lambda: eager(x),
+                              "torch_grouped_mm_cpu_us": lambda: torch._grouped_mm(xp, w1t, offs=offs)}, calls),
         "moe_alloc_us": host_us(lambda: cute_moe.moe(x, rw, w1, w2, k, renormalize=True, backend="cute"), calls),
         "nn_moe_eager_us": host_us(lambda: eager(x), calls),
-        "nn_moe_eager_cpu_us": host_us(lambda: eager(x), calls, cpu=True),
         "decode_launch_us": host_us(lambda: lc.launch(*launch_args), calls),
         "nn_moe_cuda_graphs_us": host_us(lambda: graphed(x), calls),
         "nn_moe_cuda_graphs_nocopy_us": host_us(lambda: nocopy(x), calls),
@@ -105,6 +115,7 @@ def bench_shape(shape, tokens: int, calls: int, profile: list) -> dict:
         "torch_grouped_mm_us": host_us(lambda: torch._grouped_mm(xp, w1t, offs=offs), calls),
         "torch_empty_us": host_us(lambda: torch.empty(tokens, h, device="cuda", dtype=torch.bfloat16), calls),
     }
+    row["moe_over_torch_op"] = row["moe_cpu_us"] / row["torch_grouped_mm_cpu_us"]
     g = next(iter(nocopy._graphs.values()))
     if g.exec_handle:
         stream = torch.cuda.current_stream().cuda_stream
@@ -144,7 +155,7 @@ def main(argv=None) -> int:
         "sm90_host_overhead", rows,
         {"title": f"CPU time per eager call (microseconds, T={args.tokens}): whole layer and each op",
          "target": "moe host overhead <= 20 us per call"},
-        md_columns=["shape", "T", "moe_us", "moe_cpu_us", "torch_grouped_mm_cpu_us", "moe_alloc_us", "nn_moe_eager_us",
+        md_columns=["shape", "T", "moe_us", "moe_cpu_us", "torch_grouped_mm_cpu_us", "moe_over_torch_op", "moe_alloc_us", "nn_moe_eager_us",
                     "nn_moe_eager_cpu_us", "decode_launch_us", "nn_moe_cuda_graphs_us", "nn_moe_cuda_graphs_nocopy_us", "fused_moe_us",
                     "route_us", "plan_us", "permute_us", "gemm1_us", "gemm2_us", "combine_us", "torch_grouped_mm_us",
                     "torch_empty_us", "graph_launch_us", "memcpy_us"],
