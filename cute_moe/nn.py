@@ -16,8 +16,6 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
     lambda index: torch.cuda.current_stream(index).cuda_stream)
 
 
-_UNSET = object()
-
 
 class MoE(torch.nn.Module):
     """A routed-experts MoE layer: router weight [E, H] (kept in float32), w1 [E, 2I, H] ([gate | up]
@@ -78,12 +76,10 @@ class MoE(torch.nn.Module):
         return module
 
     def _set_weights(self, router_weight, w1, w2, w1_bias, w2_bias, correction_bias) -> None:
-        def param(t):
-            return None if t is None else torch.nn.Parameter(t, requires_grad=False)
-
-        self.router_weight = param(router_weight)
-        self.w1, self.w2 = param(w1), param(w2)
-        self.w1_bias, self.w2_bias = param(w1_bias), param(w2_bias)
+        # registered even when None (a missing bias): forward reads them straight from the dicts
+        for name, t in (("router_weight", router_weight), ("w1", w1), ("w2", w2), ("w1_bias", w1_bias),
+                        ("w2_bias", w2_bias)):
+            self.register_parameter(name, None if t is None else torch.nn.Parameter(t, requires_grad=False))
         self.register_buffer("correction_bias", correction_bias)
 
     def quantize_(self, mode: QuantConfig | str) -> "MoE":
@@ -146,21 +142,14 @@ class MoE(torch.nn.Module):
         return out if x.ndim == 2 else out.reshape(x.shape)
 
     def _eager(self, flat: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
-        w = self._weight
-        return moe(flat, w("router_weight"), w("w1"), w("w2"), self.top_k, **self.routing,
-                   correction_bias=w("correction_bias"), activation=self.activation, w1_bias=w("w1_bias"),
-                   w2_bias=w("w2_bias"),
+        # weights read from the module's dicts: nn.Module.__getattr__ costs host time on every call
+        p = self._parameters
+        return moe(flat, p["router_weight"], p["w1"], p["w2"], self.top_k, **self.routing,
+                   correction_bias=self._buffers["correction_bias"], activation=self.activation,
+                   w1_bias=p["w1_bias"], w2_bias=p["w2_bias"],
                    quant=None if self.quant_mode is None else self.quantized_weights(),
                    apply_router_weight_on_input=self.apply_router_weight_on_input,
                    shared_output=shared, backend=self.backend)
-
-    def _weight(self, name: str):
-        """Weight ``name`` from the module's parameter / buffer dicts (nn.Module.__getattr__ costs host
-        time on every call), else the plain attribute (e.g. a bias left None)."""
-        t = self._parameters.get(name, _UNSET)
-        if t is _UNSET:
-            t = self._buffers.get(name, _UNSET)
-        return getattr(self, name) if t is _UNSET else t
 
     def _weight_ptrs(self) -> list:
         """Addresses of every weight tensor (read from the module's dicts: attribute lookup through
