@@ -102,6 +102,14 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, u32 bytes,
                  :: "r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(policy) : "memory");
 }
 
+// 16 bytes from global src to shared dst without a register round trip (cp.async; waited for by
+// cp_async_wait_all before the rows are read)
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(dst)), "l"(src) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
 __device__ __forceinline__ float dot8(const float* a, const float* b, float acc) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc = fmaf(a[i], b[i], acc);
@@ -222,12 +230,14 @@ __device__ __forceinline__ void group_entries(int num_entries, DecodeShared& S) 
 #if ROUTE
 // Phase R: router logits and top-k of every token, into S.ids / S.weight (the same in every CTA).
 // Warp gw computes the partial logits of the units gw, gw + num_warps, ... of (expert, slice of H):
-// its slice of the router weight row dotted with every token's x row (float32, lanes then the warp
-// tree), into parts[(t * NUM_E + e) * slices + s]. After the grid barrier each CTA adds an expert's
+// its slice of the router weight row dotted with every token's x row (both read from global memory,
+// in flight together, while x's rows copy into shared memory for GEMM1; float32, lanes then the
+// warp tree), into parts[(t * NUM_E + e) * slices + s]. After the grid barrier each CTA adds an expert's
 // slices in order into lg [T, NUM_E] (shared memory, in the idle weight rings) and warp t routes
 // token t. Slices: enough (expert, slice) units for every warp, each at least 256 elements of H.
 __device__ __forceinline__ void route_tokens(const void* __restrict__ router_w, const void* __restrict__ bias,
-                                             float scaling, float* __restrict__ parts, const uint4* rows, float* lg,
+                                             float scaling, float* __restrict__ parts, const uint4* __restrict__ xv,
+                                             float* lg,
                                              int num_tokens, int hidden, int gw, int num_warps, DecodeShared& S) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, v1 = hidden / 8;
     const int slices = max(1, min(num_warps / NUM_E, ceil_div(hidden, 256)));
@@ -250,7 +260,7 @@ __device__ __forceinline__ void route_tokens(const void* __restrict__ router_w, 
             for (int m = 0; m < TMAX; ++m) {
                 if (m < num_tokens) {
                     float fx[8];
-                    V16::unpack(rows[m * v1 + v], fx);
+                    V16::unpack(__ldg(xv + m * v1 + v), fx);
                     acc[m] = dot8(fw, fx, acc[m]);
                 }
             }
@@ -349,12 +359,11 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
     PDL_ENTER();
     const int num_entries = num_tokens * TOP_K;
     const int v1 = hidden / 8, v2 = inter / 8;  // 16-byte vectors per w1 / w2 row
-    for (int i = tid; i < num_tokens * v1; i += NT) rows[i] = ((const uint4*)x)[i];
+    for (int i = tid; i < num_tokens * v1; i += NT) cp_async16(rows + i, (const uint4*)x + i);  // x's rows, for GEMM1
     const int gw = blockIdx.x * NW + warp, num_warps = gridDim.x * NW;
 #if ROUTE
-    __syncthreads();
-    route_tokens(router_w, route_bias, (float)route_scaling, logit_parts, rows, (float*)dsm, num_tokens, hidden, gw,
-                 num_warps, S);
+    route_tokens(router_w, route_bias, (float)route_scaling, logit_parts, (const uint4*)x, (float*)dsm, num_tokens,
+                 hidden, gw, num_warps, S);
 #else
     if (tid < num_entries) {
         const i64 e = (i64)topk_ids[tid];
@@ -362,7 +371,8 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
         S.weight[tid] = Elem<TW_DT>::to_f32(topk_w[tid]);
     }
 #endif
-    group_entries(num_entries, S);  // (its barriers publish the mbarrier inits)
+    cp_async_wait_all();
+    group_entries(num_entries, S);  // (its barriers publish the mbarrier inits and x's rows)
 
     const int num_u = S.num_u, groups = S.groups;
     const int nch1 = ceil_div(hidden * EX::SIZE, CHUNK), nch2 = ceil_div(inter * EX::SIZE, STAGE_BYTES);
