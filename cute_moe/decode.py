@@ -41,9 +41,8 @@ class DecodeConfig:
         return self.warps * self.stages * 2 * self.chunk
 
     def static_smem_bytes(self) -> int:
-        """Upper bound of the kernel's static shared memory (bookkeeping; an mbarrier and a step record
-        per stage; the kernel asserts it)."""
-        return 3072 + self.warps * self.stages * 24
+        """Upper bound of the kernel's static shared memory (bookkeeping, mbarriers)."""
+        return 4096
 
 
 # Up to this many tokens the layer runs the one-kernel decode path: at T = 1 and 2 it beat the staged
@@ -77,7 +76,7 @@ def _defines(x_dt: int, tw_dt: int, sh_dt: int, b1_dt: int | None, b2_dt: int | 
     d = dict(X_DT=x_dt, TW_DT=tw_dt, SH_DT=max(sh_dt, 0), HAS_SHARED=int(sh_dt >= 0), B1_DT=b1_dt or 0,
              HAS_B1=int(b1_dt is not None), B2_DT=b2_dt or 0, HAS_B2=int(b2_dt is not None), IDS_I64=int(ids_i64),
              TOP_K=top_k, TMAX=tmax, ACT=act, NW=config.warps, CHUNK=config.chunk, STAGES=config.stages,
-             STATIC_SMEM=config.static_smem_bytes(), ROUTE=int(route is not None))
+             ROUTE=int(route is not None))
     if route is not None:
         num_experts, rw_dt, scoring, bias_dt, groups, topk_groups, renorm = route
         d |= dict(routing.defines(num_experts, top_k, DTYPE_CODES[torch.float32], scoring, bias_dt, groups,
@@ -139,9 +138,9 @@ def _config(dev: int, num_tokens: int, top_k: int, num_experts: int, hidden: int
 
 def max_warps(tmax: int) -> int:
     """Most warps per CTA whose register budget holds the kernel for ``tmax`` tokens without spills
-    (cross-compiled for sm_90: the 8-token kernel spills at 20+ warps; tests/test_decode_cpu.py checks
-    the SASS)."""
-    return 18 if tmax > 4 else 32
+    (cross-compiled for sm_90: up to 4 tokens 80-87 registers, 8 tokens 96-106, which spill at 22+
+    warps; tests/test_decode_cpu.py checks the SASS)."""
+    return 20 if tmax > 4 else 32
 
 
 def _tmax(num_tokens: int) -> int:
@@ -272,9 +271,8 @@ class _Launch(NamedTuple):
 
     launch: _nvrtc.CooperativeLaunch  # the kernel's launch (grid, block, shared memory, parameter layout)
     sizes: tuple        # trailing int32 arguments: T, H, I, E
-    scratch: int        # bytes of scratch: h [T*k, I], then two int32 work counters (16 bytes), then
-                        # (routing) the float32 partial logits
-    parts_at: int       # byte offset of the counters in the scratch
+    scratch: int        # bytes of scratch: h [T*k, I], then (routing) the float32 partial logits
+    parts_at: int       # byte offset of the partial logits in the scratch
     extra_rows: int     # rows of H elements after out's [T, H] that hold the scratch (one allocation)
 
 
@@ -289,7 +287,7 @@ def _launch(dev: int, dtypes: tuple, num_tokens: int, top_k: int, num_experts: i
                        act, cfg, route)
     grid = _nvrtc.device_info(dev)[1]
     parts_at = -(-num_tokens * top_k * inter * elem // 16) * 16
-    scratch = parts_at + 16  # the kernel's two work counters
+    scratch = parts_at
     if route is not None:
         scratch += num_tokens * num_experts * logit_slices(grid * cfg.warps, num_experts, hidden) * 4
     launch = _nvrtc.CooperativeLaunch(_function(dev, defines, cfg), dev, grid, cfg.warps * 32,
@@ -335,8 +333,8 @@ def run_experts(lc: _Launch, x, w1, w2, topk_weights, topk_ids, w1_bias, w2_bias
     tw = topk_weights if topk_weights.is_contiguous() else topk_weights.contiguous()
     args = (x.data_ptr(), w1.data_ptr(), w2.data_ptr(), 0 if w1_bias is None else w1_bias.data_ptr(),
             0 if w2_bias is None else w2_bias.data_ptr(), tw.data_ptr(), topk_ids.data_ptr(),
-            0 if shared_output is None else shared_output.data_ptr(), out.data_ptr(), scratch, 0, 0, 0.0,
-            scratch + lc.parts_at, *lc.sizes)
+            0 if shared_output is None else shared_output.data_ptr(), out.data_ptr(), scratch, 0, 0, 0.0, 0,
+            *lc.sizes)
     return out if lc.launch(*args) else None
 
 

@@ -26,7 +26,7 @@
 // Defines: X_DT (x, weights, h, out), TW_DT (topk weights), B1_DT / B2_DT (biases), SH_DT (shared_output), IDS_I64,
 // TOP_K, TMAX (tokens at most), ACT (0 silu, 1 gelu, 2 swiglu_oai), HAS_B1, HAS_B2, HAS_SHARED,
 // NW (warps per CTA), CHUNK (bytes of a weight row per bulk copy), STAGES (ring depth),
-// TMAX * TOP_K <= NW * 32, STATIC_SMEM (the static shared memory bound). ROUTE (0/1), and with it RW_DT (router weight) and route_select.cuh's
+// TMAX * TOP_K <= NW * 32. ROUTE (0/1), and with it RW_DT (router weight) and route_select.cuh's
 // defines (LOGIT_DT = fp32, WARPS = NW; groups, if any, of a multiple of 32 experts).
 #include "common.cuh"
 #if ROUTE
@@ -288,116 +288,54 @@ __device__ __forceinline__ void route_tokens(const void* __restrict__ router_w, 
 }
 #endif
 
-// Work distribution: SMs draw HBM bandwidth unevenly (at Qwen3-30B-A3B T=1 on an H100 the last SM
-// finished its share of GEMM1 10 us after the first), so the last, partial round of units is handed
-// out dynamically. A warp takes the whole rounds statically (GEMM1: units gw + r * num_warps for
-// r < rounds1, at least enough to fill its ring before a counter may be read; GEMM2: columns
-// gw + r * num_warps for r < rounds2), then draws further units from a global counter (ctr[0] for
-// GEMM1, ctr[1] for GEMM2; zeroed by CTA 0 behind a grid barrier), one unit ahead of need. (Drawing
-// every unit after the first from the counter was slower: 2112 warps queued on one address.)
-// GEMM1's units are (pair p = u * I + j, member group g), each in chunks of CHUNK bytes of the gate
-// row and of the up row; GEMM2's are output columns c, each in chunks of STAGE_BYTES of row c of
-// every active expert's w2. Only lane 0 issues (and tracks this cursor); each step's record (kind 1:
-// GEMM1, 2: GEMM2, 0: no more steps; unit; expert; chunk) goes into the warp's record slot of the
-// step's stage for the whole warp to read.
+// The weight steps of one warp, in order: GEMM1's units gw, gw + num_warps, ... of (pair p = u * I + j,
+// member group g), each in chunks of CHUNK bytes of the gate row and of the up row; then GEMM2's
+// output columns gw, gw + num_warps, ..., each in chunks of STAGE_BYTES of row c of every active
+// expert's w2. Only lane 0 issues (and tracks this cursor).
 struct Issuer {
-    int n;                     // next step
-    int kind;                  // 1: GEMM1, 2: GEMM2, 0: done
-    int unit, u, ch;           // current unit (-1: to be drawn), GEMM2 expert index, chunk
-    int round;                 // units taken so far in this GEMM
-    int next;                  // the next unit drawn ahead (-1: none)
+    int n;                   // next step
+    int k, u, ch;            // GEMM1: unit, -, chunk; GEMM2: column, expert, chunk (of this warp's)
     const unsigned char* row;  // GEMM1: the unit's gate row
 };
 
-struct IssueCtx {
-    const XT* w1;
-    const XT* w2;
-    int* ctr;
-    int gw, num_warps, hidden, inter, units1, rounds1, rounds2, nch1, nch2;
-    unsigned char* ring;
-    u64* bars;
-    int4* recs;
-    u64 policy;
-};
-
-// The unit after `round` taken ones: static while round < rounds, else the one drawn ahead or a fresh
-// draw from the counter.
-__device__ __forceinline__ int draw(Issuer& it, int rounds, int* ctr, const IssueCtx& c) {
-    if (it.round < rounds) return c.gw + it.round * c.num_warps;
-    if (it.next >= 0) {
-        const int v = it.next;
-        it.next = -1;
-        return v;
-    }
-    return rounds * c.num_warps + atomicAdd(ctr, 1);
-}
-
-// Issue the warp's next step (lane 0) and write its record. `may_draw`: the counters may be read
-// (they are published by a grid barrier); false if the step needs a drawn unit before that (the
-// caller issues it after the barrier).
-__device__ __forceinline__ bool issue(Issuer& it, const DecodeShared& S, const IssueCtx& c, bool may_draw) {
-    if (it.kind == 1 && it.unit < 0) {
-        if (it.round >= c.rounds1 && it.next < 0 && !may_draw) return false;
-        it.unit = draw(it, c.rounds1, c.ctr, c);
-        ++it.round;
-        if (it.unit >= c.units1) {  // GEMM1 done: GEMM2's first column next
-            it.kind = 2;
-            it.unit = -1;
-            it.round = 0;
-        }
-    }
-    if (it.kind == 2 && it.unit < 0) {
-        if (it.round >= c.rounds2 && it.next < 0 && !may_draw) return false;
-        it.unit = draw(it, c.rounds2, c.ctr + 1, c);
-        ++it.round;
-        it.u = it.ch = 0;
-        if (it.unit >= c.hidden || S.num_u == 0) it.kind = 0;
-    }
-    const int n = it.n++;
-    int4* const rec = c.recs + n % STAGES;
-    if (it.kind == 0) {
-        *rec = make_int4(0, 0, 0, 0);
-        return true;
-    }
-    unsigned char* stage = c.ring + (n % STAGES) * STAGE_BYTES;
-    u64* bar = c.bars + n % STAGES;
-    if (it.kind == 1) {
-        const int row = c.hidden * EX::SIZE;
+__device__ __forceinline__ void issue(Issuer& it, int steps1, int steps2, const DecodeShared& S, const XT* w1,
+                                      const XT* w2, int gw, int num_warps, int hidden, int inter, unsigned char* ring,
+                                      u64* bars, u64 policy) {
+    const int n = it.n;
+    if (n >= steps1 + steps2) return;
+    unsigned char* stage = ring + (n % STAGES) * STAGE_BYTES;
+    u64* bar = bars + n % STAGES;
+    if (n < steps1) {
+        const int row = hidden * EX::SIZE;
         if (it.ch == 0) {
-            const int p = it.unit / S.groups, u = p / c.inter, j = p - u * c.inter;
-            it.row = (const unsigned char*)(c.w1 + ((i64)S.expert[u] * 2 * c.inter + j) * c.hidden);
-            if (may_draw && it.round >= c.rounds1 && it.next < 0)  // draw ahead
-                it.next = c.rounds1 * c.num_warps + atomicAdd(c.ctr, 1);
+            const int p = (gw + it.k * num_warps) / S.groups, u = p / inter, j = p - u * inter;
+            it.row = (const unsigned char*)(w1 + ((i64)S.expert[u] * 2 * inter + j) * hidden);
         }
         const unsigned char* gate = it.row + it.ch * CHUNK;
         const u32 bytes = min(CHUNK, row - it.ch * CHUNK);
         mbar_expect(bar, 2 * bytes);
-        bulk_load(stage, gate, bytes, bar, c.policy);
-        bulk_load(stage + CHUNK, gate + (i64)c.inter * row, bytes, bar, c.policy);
-        *rec = make_int4(1, it.unit, 0, it.ch);
-        if (++it.ch == c.nch1) {
+        bulk_load(stage, gate, bytes, bar, policy);
+        bulk_load(stage + CHUNK, gate + (i64)inter * row, bytes, bar, policy);
+        if (++it.ch * CHUNK >= row) {
             it.ch = 0;
-            it.unit = -1;
+            if (++it.k * num_warps + gw >= S.num_u * inter * S.groups) it.k = it.u = 0;  // GEMM2 next
         }
     } else {
-        const int row = c.inter * EX::SIZE;
-        if (may_draw && it.round >= c.rounds2 && it.u == 0 && it.ch == 0 && it.next < 0)  // draw ahead
-            it.next = c.rounds2 * c.num_warps + atomicAdd(c.ctr + 1, 1);
-        const unsigned char* src = (const unsigned char*)(c.w2 + ((i64)S.expert[it.u] * c.hidden + it.unit) * c.inter)
+        const int row = inter * EX::SIZE;
+        const unsigned char* src = (const unsigned char*)(w2 + ((i64)S.expert[it.u] * hidden + gw + it.k * num_warps) * inter)
                                    + it.ch * STAGE_BYTES;
         const u32 bytes = min(STAGE_BYTES, row - it.ch * STAGE_BYTES);
         mbar_expect(bar, bytes);
-        bulk_load(stage, src, bytes, bar, c.policy);
-        *rec = make_int4(2, it.unit, it.u, it.ch);
-        if (++it.ch == c.nch2) {
+        bulk_load(stage, src, bytes, bar, policy);
+        if (++it.ch * STAGE_BYTES >= row) {
             it.ch = 0;
             if (++it.u == S.num_u) {
                 it.u = 0;
-                it.unit = -1;
+                ++it.k;
             }
         }
     }
-    return true;
+    ++it.n;
 }
 
 extern "C" __global__ void __launch_bounds__(NT, 1)
@@ -406,12 +344,9 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
            const typename Elem<TW_DT>::T* __restrict__ topk_w, const IdT* __restrict__ topk_ids,
            const typename Elem<SH_DT>::T* __restrict__ shared, XT* __restrict__ out, XT* __restrict__ h,
            const void* __restrict__ router_w, const void* __restrict__ route_bias, double route_scaling,
-           void* __restrict__ scratch_tail, int num_tokens, int hidden, int inter, int num_experts) {
+           float* __restrict__ logit_parts, int num_tokens, int hidden, int inter, int num_experts) {
     __shared__ DecodeShared S;
     __shared__ u64 bars_all[NW * STAGES];
-    __shared__ int4 recs_all[NW * STAGES];  // each warp's step records, by stage
-    static_assert(sizeof(DecodeShared) + NW * STAGES * (sizeof(u64) + sizeof(int4)) <= STATIC_SMEM,
-                  "static shared memory past the bound decode.DecodeConfig.static_smem_bytes() reserves");
     // dynamic shared memory: each warp's ring of STAGES stages, then x's rows [T, H] (GEMM1), later
     // the activations' rows [T*k, I] (GEMM2)
     extern __shared__ __align__(128) unsigned char dsm[];
@@ -426,11 +361,8 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
     const int v1 = hidden / 8, v2 = inter / 8;  // 16-byte vectors per w1 / w2 row
     for (int i = tid; i < num_tokens * v1; i += NT) cp_async16(rows + i, (const uint4*)x + i);  // x's rows, for GEMM1
     const int gw = blockIdx.x * NW + warp, num_warps = gridDim.x * NW;
-    int* const ctr = (int*)scratch_tail;  // the work counters, then (ROUTE) the partial logits
-    if (blockIdx.x == 0 && tid == 0) ctr[0] = ctr[1] = 0;  // units drawn past the static rounds
 #if ROUTE
-    route_tokens(router_w, route_bias, (float)route_scaling, (float*)scratch_tail + 4, (const uint4*)x, (float*)dsm,
-                 num_tokens,
+    route_tokens(router_w, route_bias, (float)route_scaling, logit_parts, (const uint4*)x, (float*)dsm, num_tokens,
                  hidden, gw, num_warps, S);
 #else
     if (tid < num_entries) {
@@ -445,34 +377,23 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
     const int num_u = S.num_u, groups = S.groups;
     const int nch1 = ceil_div(hidden * EX::SIZE, CHUNK), nch2 = ceil_div(inter * EX::SIZE, STAGE_BYTES);
     const int units1 = num_u * inter * groups;
-    // static rounds: every whole round of units (the counters only balance the last, partial one;
-    // 2112 warps drawing every unit from one counter queue behind each other), and enough to fill the ring
-    const IssueCtx ctx{w1, w2, ctr, gw, num_warps, hidden, inter, units1,
-                       max(ceil_div(STAGES, nch1), units1 / num_warps), max(1, hidden / num_warps), nch1, nch2, ring,
-                       bars, recs_all + warp * STAGES, evict_first_policy()};
-    Issuer it{0, 1, -1, 0, 0, 0, -1, nullptr};
+    const int steps1 = (units1 > gw ? ceil_div(units1 - gw, num_warps) : 0) * nch1;
+    const int steps2 = (hidden > gw ? ceil_div(hidden - gw, num_warps) : 0) * num_u * nch2;
+    Issuer it{0, 0, 0, 0, nullptr};
+    const u64 policy = evict_first_policy();
     if (lane == 0)
-        for (int i = 0; i < STAGES && issue(it, S, ctx, ROUTE); ++i) {}
-#if !ROUTE
-    grid_barrier();  // publishes CTA 0's counters (the first ring is loading meanwhile)
-    if (lane == 0)
-        while (it.n < STAGES) issue(it, S, ctx, true);
-#endif
-    __syncwarp();
+        for (int i = 0; i < STAGES; ++i) issue(it, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
 
     // ---- GEMM1 + activation
     float ag[TMAX], au[TMAX];
     int tok[TMAX];
-    int n = 0, u = 0, j = 0, nm = 0, first = 0;
-    for (;; ++n) {
-        const int4 r = ctx.recs[n % STAGES];  // (kind, unit, -, chunk)
-        if (r.x != 1) break;
-        const int ch = r.w;
+    int k = 0, ch = 0, u = 0, j = 0, nm = 0, first = 0;
+    for (int n = 0; n < steps1; ++n) {
         if (ch == 0) {
-            const int p = r.y / groups;
+            const int unit = gw + k * num_warps, p = unit / groups;
             u = p / inter;
             j = p - u * inter;
-            first = S.start[u] + (r.y - p * groups) * TMAX;  // this member group's first position in order[]
+            first = S.start[u] + (unit - p * groups) * TMAX;  // this member group's first position in order[]
             nm = min(TMAX, S.start[u] + S.count[u] - first);  // may be <= 0: a group past this expert's members
 #pragma unroll
             for (int m = 0; m < TMAX; ++m) {
@@ -499,9 +420,8 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
             }
         }
         __syncwarp();
-        if (lane == 0) issue(it, S, ctx, true);
-        __syncwarp();
-        if (ch == nch1 - 1) {
+        if (lane == 0) issue(it, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
+        if (++ch == nch1) {
 #pragma unroll
             for (int m = 0; m < TMAX; ++m) {
                 if (m < nm) {
@@ -518,6 +438,8 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
 #endif
                 h[(i64)S.order[first + lane] * inter + j] = EX::from_f32(gated_act(g, up));
             }
+            ch = 0;
+            ++k;
         }
     }
 
@@ -530,11 +452,8 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
     float acc[TMAX];
 #pragma unroll
     for (int t = 0; t < TMAX; ++t) acc[t] = 0.f;
-    for (;; ++n) {
-        const int4 r = ctx.recs[n % STAGES];  // (kind, column, expert index, chunk)
-        if (r.x != 2) break;
-        const int ch = r.w;
-        u = r.z;
+    k = ch = u = 0;
+    for (int n = steps1; n < steps1 + steps2; ++n) {
         mbar_wait(bars + n % STAGES, (n / STAGES) & 1);
         const uint4* stage = (const uint4*)(ring + (n % STAGES) * STAGE_BYTES);
         const int vb = ch * (STAGE_BYTES / 16), nvec = min(STAGE_BYTES / 16, v2 - vb);
@@ -553,29 +472,33 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
             add_to(acc, entry / TOP_K, S.weight[entry] * d);
         }
         __syncwarp();
-        if (lane == 0) issue(it, S, ctx, true);
-        __syncwarp();
-        if (ch == nch2 - 1 && u == num_u - 1) {
-            const int c = r.y;
+        if (lane == 0) issue(it, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
+        if (++ch == nch2) {
+            ch = 0;
+            if (++u == num_u) {
+                const int c = gw + k * num_warps;
 #pragma unroll
-            for (int t = 0; t < TMAX; ++t)
-                if (t < num_tokens) acc[t] = warp_sum(acc[t]);
-            if (lane < num_tokens) {
-                float res = pick(acc, lane);
+                for (int t = 0; t < TMAX; ++t)
+                    if (t < num_tokens) acc[t] = warp_sum(acc[t]);
+                if (lane < num_tokens) {
+                    float r = pick(acc, lane);
 #if HAS_B2
 #pragma unroll
-                for (int sl = 0; sl < TOP_K; ++sl) {
-                    const int entry = lane * TOP_K + sl, e = S.ids[entry];
-                    if (e >= 0) res += S.weight[entry] * Elem<B2_DT>::to_f32(b2[(i64)e * hidden + c]);
-                }
+                    for (int sl = 0; sl < TOP_K; ++sl) {
+                        const int entry = lane * TOP_K + sl, e = S.ids[entry];
+                        if (e >= 0) r += S.weight[entry] * Elem<B2_DT>::to_f32(b2[(i64)e * hidden + c]);
+                    }
 #endif
 #if HAS_SHARED
-                res += Elem<SH_DT>::to_f32(shared[(i64)lane * hidden + c]);
+                    r += Elem<SH_DT>::to_f32(shared[(i64)lane * hidden + c]);
 #endif
-                out[(i64)lane * hidden + c] = EX::from_f32(res);
-            }
+                    out[(i64)lane * hidden + c] = EX::from_f32(r);
+                }
 #pragma unroll
-            for (int t = 0; t < TMAX; ++t) acc[t] = 0.f;
+                for (int t = 0; t < TMAX; ++t) acc[t] = 0.f;
+                u = 0;
+                ++k;
+            }
         }
     }
     if (num_u == 0) {  // every id dropped: out = shared_output (or zeros)
