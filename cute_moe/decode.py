@@ -1,4 +1,4 @@
-"""The expert stage for a few tokens in one kernel (``kernels/moe_decode.cu``): the decode path.
+"""The MoE layer (or its expert stage) for a few tokens in one kernel (``kernels/moe_decode.cu``): the decode path.
 
 At decode sizes (a handful of tokens) the MoE layer streams each active expert's weights once and
 does a few FLOPs per weight, so the staged pipeline (plan, permute, GEMM1, GEMM2, combine: five
@@ -6,9 +6,13 @@ launches, each GEMM with a fixed start-up cost) spends as much time starting ker
 weights. :func:`fused_moe_decode` runs GEMM1 + activation, GEMM2, the router-weighted combine and the
 shared-output add in one cooperative launch with a grid barrier between the GEMMs (weights
 streamed by bulk copies into per-warp shared-memory rings, dot products on CUDA cores,
-bitwise-reproducible float32 sums). ``cute_moe.layer`` takes it automatically for
-``T <= MAX_TOKENS`` bf16/fp16 calls it can run; ``MAX_TOKENS = 0`` (or the environment variable
-``CUTE_MOE_DECODE_MAX_TOKENS=0``) turns it off.
+bitwise-reproducible float32 sums). :func:`moe_decode` also computes the router logits and the
+top-k routing in that launch (a second grid barrier), so ``moe`` at decode sizes is one kernel.
+``cute_moe.layer`` takes it automatically for ``T <= MAX_TOKENS`` bf16/fp16 calls it can run;
+``MAX_TOKENS = 0`` (or the environment variable ``CUTE_MOE_DECODE_MAX_TOKENS=0``) turns it off.
+:func:`experts_launch` / :func:`moe_launch` return a call shape's launch data (a pure function of
+shapes, dtypes and options), which the API memoizes per call signature and hands to
+:func:`run_experts` / :func:`run_moe`.
 """
 
 from __future__ import annotations

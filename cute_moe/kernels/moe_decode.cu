@@ -1,4 +1,4 @@
-// The expert stage of the MoE layer for a few tokens, in one kernel (decode).
+// The MoE layer (ROUTE) or its expert stage for a few tokens, in one kernel (decode).
 //
 // At decode sizes the layer is a stream of weights: each active expert's 3*I*H weights are read
 // once and each weight does 2 FLOPs per token that chose the expert, so CUDA cores keep up with
@@ -10,7 +10,7 @@
 //    order into shared memory and routes each token with one warp (route_select.cuh): the same ids
 //    and weights in every CTA, and no routing kernels or top-k tensors between router and experts.
 // 0. every CTA: the distinct valid experts of topk_ids in order of first appearance ("u") and the
-//    flat entries t*k+j grouped by u; x's rows into shared memory.
+//    flat entries t*k+j grouped by u; x's rows into shared memory (cp.async, issued at the start).
 // 1. GEMM1 + gated activation, warp-strided over (u, j): gate row j and up row I+j of w1[e] dotted
 //    with each member's x row, act(gate, up) rounded to X_DT into h[entry, j] (global scratch).
 // 2. grid barrier (GEMM2's first weight loads are already in flight); each CTA copies h into
