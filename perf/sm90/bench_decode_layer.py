@@ -90,15 +90,18 @@ def bench_shape(shape, tokens_list, dense_tflops, read_gbs) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", default="1,2,4,8")
+def run_shapes(argv, doc: str, default_tokens: str, bench_shape, knobs: tuple[str, ...]):
+    """The decode benchmarks' driver: parse --tokens / --shapes, measure the dense mm rate and the
+    read bandwidth, run ``bench_shape(shape, tokens, dense, read)`` per shape with decode's ``knobs``
+    restored afterwards. Returns (rows, dense TFLOP/s, read GB/s), or None without a Hopper GPU."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--tokens", default=default_tokens)
     ap.add_argument("--shapes", default="")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
-        print("bench_decode_layer needs a Hopper (sm_90) GPU", file=sys.stderr)
-        return 2
-    saved = decode.MAX_TOKENS, decode.CONFIG
+        print(f"{doc.splitlines()[0]}: needs a Hopper (sm_90) GPU", file=sys.stderr)
+        return None
+    saved = [getattr(decode, k) for k in knobs]
     dense, read = dense_mm_tflops(), read_bandwidth_gbs()
     print(f"dense bf16 mm {dense:.1f} TFLOP/s, read bandwidth {read:.0f} GB/s", flush=True)
     rows = []
@@ -106,7 +109,16 @@ def main(argv=None) -> int:
         for shape in select_shapes(args.shapes):
             rows += bench_shape(shape, [int(t) for t in args.tokens.split(",")], dense, read)
     finally:
-        decode.MAX_TOKENS, decode.CONFIG = saved
+        for k, v in zip(knobs, saved):
+            setattr(decode, k, v)
+    return rows, dense, read
+
+
+def main(argv=None) -> int:
+    run = run_shapes(argv, __doc__, "1,2,4,8", bench_shape, ("MAX_TOKENS", "CONFIG"))
+    if run is None:
+        return 2
+    rows, dense, read = run
     write_results(
         "sm90_decode_layer", rows,
         {"title": "Decode: one-kernel experts (cute_moe.decode) vs staged pipeline vs torch (bf16, CUDA graphs)",

@@ -21,7 +21,6 @@ bandwidth), both measured in this run. Errors: relative Frobenius vs the float32
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 
@@ -30,8 +29,9 @@ import torch
 import cute_moe
 from cute_moe import decode
 from cute_moe.reference import ROUTING_PRESETS
-from perf.common import dense_mm_tflops, expert_weights, interleaved_ms, select_shapes, speedup_plot, write_results
-from perf.sm90.bench_moe import read_bandwidth_gbs, torch_pipeline
+from perf.common import expert_weights, interleaved_ms, speedup_plot, write_results
+from perf.sm90.bench_decode_layer import run_shapes
+from perf.sm90.bench_moe import torch_pipeline
 
 INPUTS = 8
 PRESETS = {"Mixtral-8x7B": "mixtral", "DeepSeek-V3": "deepseek_v3", "Qwen3-30B-A3B": "qwen3_moe",
@@ -97,22 +97,10 @@ def bench_shape(shape, tokens_list, dense_tflops, read_gbs) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", default="1,2")
-    ap.add_argument("--shapes", default="")
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
-        print("bench_decode_moe needs a Hopper (sm_90) GPU", file=sys.stderr)
+    run = run_shapes(argv, __doc__, "1,2", bench_shape, ("MAX_TOKENS", "ROUTE_IN_KERNEL"))
+    if run is None:
         return 2
-    saved = decode.MAX_TOKENS, decode.ROUTE_IN_KERNEL
-    dense, read = dense_mm_tflops(), read_bandwidth_gbs()
-    print(f"dense bf16 mm {dense:.1f} TFLOP/s, read bandwidth {read:.0f} GB/s", flush=True)
-    rows = []
-    try:
-        for shape in select_shapes(args.shapes):
-            rows += bench_shape(shape, [int(t) for t in args.tokens.split(",")], dense, read)
-    finally:
-        decode.MAX_TOKENS, decode.ROUTE_IN_KERNEL = saved
+    rows, dense, read = run
     write_results(
         "sm90_decode_moe", rows,
         {"title": "Decode, whole layer (moe): one kernel with routing vs split vs staged vs torch (bf16, CUDA graphs)",
