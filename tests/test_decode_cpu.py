@@ -99,3 +99,18 @@ def test_precompile_requests_the_kernels_fused_moe_decode_launches(monkeypatch):
     bf16, f32 = decode.DTYPE_CODES[torch.bfloat16], decode.DTYPE_CODES[torch.float32]
     assert args == (0, (bf16, f32, None, bf16, None, False), 1, 8, 128, 2048, 768, 2, decode.ACTIVATION_CODES["swiglu_oai"],
                     decode.CONFIG, None)
+
+
+def test_route_spec_takes_the_routing_configurations_the_kernel_routes():
+    """route_spec: the kernel routes E <= 1024, top_k <= 32 and groups of a multiple of 32 experts
+    (DeepSeek-V3's 8 x 32); other configurations get a reason (they route in their own kernel)."""
+    import torch
+
+    deepseek = decode.route_spec(256, torch.bfloat16, 8, "sigmoid", True, 8, 4, torch.float32)
+    assert deepseek == (256, decode.DTYPE_CODES[torch.bfloat16], "sigmoid", decode.DTYPE_CODES[torch.float32], 8, 4,
+                        True)
+    assert decode.route_spec(128, torch.float32, 8, "softmax", False, None, None, None)[4:] == (0, 0, False)
+    assert isinstance(decode.route_spec(64, torch.bfloat16, 4, "sigmoid", True, 8, 3, None), str)  # groups of 8
+    assert isinstance(decode.route_spec(2048, torch.bfloat16, 8, "softmax", True, None, None, None), str)
+    assert decode.logit_slices(132 * 16, 128, 2048) == 8 and decode.logit_slices(132 * 16, 8, 4096) == 16
+    assert decode.logit_slices(132 * 16, 1024, 7168) == 2
