@@ -39,6 +39,7 @@ class _Layer:
     routing: tuple  # sorted (name, value) items of the routing options
     correction_bias: torch.dtype | None
     quant: str | None = None  # fp8 weights: QuantizedWeights.mode
+    router_dtypes: tuple = (torch.float32,)  # router weight dtypes the layer's moe calls may pass
 
 
 def _layers(obj, *, dtype, activation, bias, routing, quant=None) -> list[tuple[_Layer, torch.device | None]]:
@@ -50,7 +51,9 @@ def _layers(obj, *, dtype, activation, bias, routing, quant=None) -> list[tuple[
         opts = dict(routing or {})
         cb = opts.pop("correction_bias", None)
         return [(_Layer(obj.num_experts, obj.top_k, obj.hidden, obj.intermediate, dtype, activation, bias, bias,
-                        True, tuple(sorted(opts.items())), None if cb is None else torch.float32, quant), None)]
+                        True, tuple(sorted(opts.items())), None if cb is None else torch.float32, quant,
+                        # a checkpoint's router weight (the model dtype) or nn.MoE's float32 copy
+                        tuple(dict.fromkeys((dtype, torch.float32)))), None)]
     if isinstance(obj, torch.nn.Module):
         found = []
         for m in obj.modules():
@@ -62,7 +65,8 @@ def _layers(obj, *, dtype, activation, bias, routing, quant=None) -> list[tuple[
                               m.w1.dtype if m.quant_mode is None else dtype, m.activation,
                               m.w1_bias is not None, m.w2_bias is not None,
                               not m.apply_router_weight_on_input,
-                              tuple(sorted(m.routing.items())), None if cb is None else cb.dtype, m.quant_mode)
+                              tuple(sorted(m.routing.items())), None if cb is None else cb.dtype, m.quant_mode,
+                              (m.router_weight.dtype,))
                 found.append((spec, w2.device))
         if not found:
             raise ValueError(f"warmup: {type(obj).__name__} contains no cute_moe.nn.MoE layer")
@@ -132,10 +136,11 @@ def _warm_nvrtc(spec: _Layer, device: torch.device, gemms: bool, shared_output: 
         combine(y, plan, weights, addend=addend)
         if spec.quant is None:  # the one-kernel decode path of small-T bf16/fp16 calls: experts, and whole layer
             routing = dict(spec.routing)
-            route = decode.route_spec(e, spec.dtype, spec.top_k, routing.get("scoring", "softmax"),
-                                      routing.get("renormalize", False), routing.get("num_groups"),
-                                      routing.get("topk_groups"), spec.correction_bias)
-            for r in (None, None if isinstance(route, str) else route):
+            routes = [decode.route_spec(e, rdt, spec.top_k, routing.get("scoring", "softmax"),
+                                        routing.get("renormalize", False), routing.get("num_groups"),
+                                        routing.get("topk_groups"), spec.correction_bias)
+                      for rdt in spec.router_dtypes]
+            for r in [None, *(r for r in routes if not isinstance(r, str))]:
                 decode.precompile(device.index if device.index is not None else torch.cuda.current_device(),
                                   spec.dtype, spec.top_k, e, h, spec.inter, spec.activation,
                                   w1_bias=spec.dtype if spec.w1_bias else None,

@@ -114,3 +114,19 @@ def test_route_spec_takes_the_routing_configurations_the_kernel_routes():
     assert isinstance(decode.route_spec(2048, torch.bfloat16, 8, "softmax", True, None, None, None), str)
     assert decode.logit_slices(132 * 16, 128, 2048) == 8 and decode.logit_slices(132 * 16, 8, 4096) == 16
     assert decode.logit_slices(132 * 16, 1024, 7168) == 2
+
+
+def test_warmup_specs_carry_the_router_weight_dtypes_the_routed_kernel_is_compiled_for():
+    """warmup precompiles the whole-layer decode kernel per router weight dtype: nn.MoE keeps a
+    float32 router weight; a bare MoEShape may be called with a checkpoint's (the model dtype) or that."""
+    import torch
+
+    from cute_moe import nn, precompile
+    from cute_moe.shapes import QWEN3_30B_A3B
+
+    shape = QWEN3_30B_A3B.scaled(hidden=256, intermediate=64, num_experts=8)
+    ((spec, _),) = precompile._layers(shape, dtype=torch.bfloat16, activation="silu", bias=False, routing=None)
+    assert spec.router_dtypes == (torch.bfloat16, torch.float32)
+    module = nn.MoE(256, 64, 8, 2, dtype=torch.bfloat16)
+    ((spec, _),) = precompile._layers(module, dtype=torch.bfloat16, activation="silu", bias=False, routing=None)
+    assert spec.router_dtypes == (torch.float32,)
