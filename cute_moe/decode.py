@@ -6,8 +6,9 @@ launches, each GEMM with a fixed start-up cost) spends as much time starting ker
 weights. :func:`fused_moe_decode` runs GEMM1 + activation, GEMM2, the router-weighted combine and the
 shared-output add in one cooperative launch with a grid barrier between the GEMMs (weights
 streamed by bulk copies into per-warp shared-memory rings, dot products on CUDA cores,
-bitwise-reproducible float32 sums). :func:`moe_decode` also computes the router logits and the
-top-k routing in that launch (a second grid barrier), so ``moe`` at decode sizes is one kernel.
+bitwise-reproducible float32 sums). With ROUTE (:func:`moe_launch` / :func:`run_moe`) the same launch
+also computes the router logits and the top-k routing (a second grid barrier), so ``moe`` at decode
+sizes is one kernel.
 ``cute_moe.layer`` takes it automatically for ``T <= MAX_TOKENS`` bf16/fp16 calls it can run;
 ``MAX_TOKENS = 0`` (or the environment variable ``CUTE_MOE_DECODE_MAX_TOKENS=0``) turns it off.
 :func:`experts_launch` / :func:`moe_launch` return a call shape's launch data (a pure function of
@@ -178,8 +179,6 @@ def precompile(device_index: int, dtype: torch.dtype, top_k: int, num_experts: i
     counts the decode path takes for this layer."""
     codes = (DTYPE_CODES[dtype], DTYPE_CODES[torch.float32], *(None if d is None else DTYPE_CODES[d]
                                                               for d in (shared_output, w1_bias, w2_bias)), False)
-    if route is not None:
-        codes = (DTYPE_CODES[dtype], 0, *codes[2:5], False)
     elem, taken = torch.empty((), dtype=dtype).element_size(), 0
     for num_tokens in range(1, min(MAX_TOKENS, _TMAX[-1]) + 1):
         if _shape_reason(device_index, num_tokens, top_k, num_experts, hidden, inter, elem, CONFIG) is None:
@@ -356,9 +355,11 @@ def fused_moe_decode(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_w
 
 def moe_launch(x: torch.Tensor, w1: torch.Tensor, route: tuple, *, top_k: int, activation: str, w1_bias=None,
                w2_bias=None, shared_output=None) -> _Launch:
-    """The launch data of :func:`moe_decode` (a pure function of the arguments' shapes and dtypes)."""
+    """The launch data of the whole-layer kernel (router logits, top-k routing with ``route``:
+    :func:`route_key`'s tuple, the semantics of :func:`cute_moe.routing.route_gpu`; then the experts
+    of :func:`fused_moe_decode`): a pure function of the arguments' shapes and dtypes."""
     num_experts, two_inter = w1.shape[:2]
-    dtypes = (DTYPE_CODES[x.dtype], 0, _dt(shared_output), _dt(w1_bias), _dt(w2_bias), False)
+    dtypes = (DTYPE_CODES[x.dtype], DTYPE_CODES[torch.float32], _dt(shared_output), _dt(w1_bias), _dt(w2_bias), False)
     return _launch(x.device.index, dtypes, x.shape[0], top_k, num_experts, x.shape[1], two_inter // 2,
                    x.element_size(), ACTIVATION_CODES[activation], CONFIG, route)
 
@@ -374,18 +375,3 @@ def run_moe(lc: _Launch, x, router_weight, w1, w2, correction_bias, routed_scali
             0 if correction_bias is None else correction_bias.data_ptr(), float(routed_scaling_factor),
             scratch + lc.parts_at, *lc.sizes)
     return out if lc.launch(*args) else None
-
-
-def moe_decode(x: torch.Tensor, router_weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, route: tuple, *,
-               top_k: int, correction_bias, routed_scaling_factor: float, activation: str, w1_bias=None, w2_bias=None,
-               shared_output=None, out=None, workspace=None) -> torch.Tensor | None:
-    """The whole layer for a few tokens in one kernel: router logits, top-k routing (``route``:
-    :func:`route_key`'s tuple; the semantics of :func:`cute_moe.routing.route_gpu`) and the experts
-    of :func:`fused_moe_decode`. Returns the output, or None when the driver refuses the cooperative
-    launch."""
-    lc = moe_launch(x, w1, route, top_k=top_k, activation=activation, w1_bias=w1_bias, w2_bias=w2_bias,
-                    shared_output=shared_output)
-    return run_moe(lc, x, router_weight, w1, w2, correction_bias, routed_scaling_factor, w1_bias, w2_bias,
-                   shared_output, out, workspace)
-
-

@@ -93,7 +93,7 @@ def logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
 
 def moe(*, router_weight, routing: dict, **experts):
     """Router, routing and experts. A few tokens (the decode path): one kernel for all of it
-    (:func:`cute_moe.decode.moe_decode`) when it can route this configuration, else the routing
+    (:func:`cute_moe.decode.run_moe`) when it can route this configuration, else the routing
     kernel and the one-kernel experts. Otherwise the router logits, then
     :func:`cute_moe.plan.route_and_plan` (route + plan in one kernel where the tokens fit on the GPU
     at once) and :func:`fused_moe` on that plan. ``routing``: route_gpu's keyword arguments (top_k,

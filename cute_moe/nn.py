@@ -16,7 +16,6 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
     lambda index: torch.cuda.current_stream(index).cuda_stream)
 
 
-
 class MoE(torch.nn.Module):
     """A routed-experts MoE layer: router weight [E, H] (kept in float32), w1 [E, 2I, H] ([gate | up]
     rows), w2 [E, H, I], optional biases and DeepSeek-style correction bias, a routing config and
