@@ -244,26 +244,24 @@ _COOPERATIVE = 2  # CUlaunchAttributeID
 _coop_pdl: dict[int, bool] = {}  # device -> whether cooperative launches also take the PDL attribute
 
 
+_coop_launches: dict[tuple, CooperativeLaunch] = {}
+
+
 def launch_cooperative(fn, device_index: int, grid: int, block: int, args: tuple, shared_mem: int = 0) -> bool:
     """Launch ``fn`` cooperatively (all CTAs resident, for kernels with a grid barrier) on torch's
-    current stream, with PDL where the driver accepts both. False if it could not be launched
-    (no driver entry point, or the driver refused, e.g. a grid larger than fits at once): the
-    caller then takes another path. Grids of one CTA need no cooperative launch."""
-    if _driver_launch_ex is None or _current_device() != device_index:
+    current stream, with PDL where the driver accepts both, through a :class:`CooperativeLaunch` kept
+    per (kernel, device, grid, block, shared memory, argument types). False if it could not be
+    launched (no driver entry point, argument types the packer does not know, or the driver refused,
+    e.g. a grid larger than fits at once): the caller then takes another path. Grids of one CTA need
+    no cooperative launch."""
+    codes = _arg_codes(args)
+    if codes is None:
         return False
-    packed = _pack(args)
-    if packed is None:
-        return False
-    _, params = packed
-    stream = torch._C._cuda_getCurrentRawStream(device_index)
-    pdl = _coop_pdl.get(device_index, _pdl_on(device_index))
-    for with_pdl in ((True, False) if pdl else (False,)):
-        cfg = _coop_config(with_pdl)
-        cfg.gridDimX, cfg.blockDimX, cfg.sharedMemBytes, cfg.hStream = grid, block, shared_mem, stream
-        if _driver_launch_ex(ctypes.byref(cfg), fn.ptr, params, None) == 0:
-            _coop_pdl[device_index] = with_pdl
-            return True
-    return False
+    key = (fn.ptr, device_index, grid, block, shared_mem, codes)
+    launch = _coop_launches.get(key)
+    if launch is None:
+        launch = _coop_launches[key] = CooperativeLaunch(fn, device_index, grid, block, shared_mem, codes)
+    return launch(*args)
 
 
 class CooperativeLaunch:
@@ -275,9 +273,7 @@ class CooperativeLaunch:
 
     def __init__(self, fn, device_index: int, grid: int, block: int, shared_mem: int, codes: str):
         self.fn, self.dev, self.grid, self.block, self.shared_mem = fn, device_index, grid, block, shared_mem
-        self._struct = struct.Struct("@" + codes)
-        self._offsets = [struct.calcsize("@" + codes[:i + 1]) - struct.calcsize("@" + codes[i])
-                         for i in range(len(codes))]
+        self._struct, self._offsets = _layout(codes)
         self._local = threading.local()
 
     def _state(self, with_pdl: bool) -> tuple:
@@ -312,22 +308,6 @@ class CooperativeLaunch:
                     _coop_pdl[self.dev] = False
                 return True
         return False
-
-
-def _coop_config(with_pdl: bool) -> _LaunchConfig:
-    """This thread's reusable cooperative launch config (with or without the PDL attribute)."""
-    configs = getattr(_tls, "coop_configs", None)
-    if configs is None:
-        configs = _tls.coop_configs = {}
-    cfg = configs.get(with_pdl)
-    if cfg is None:
-        attrs = (_LaunchAttribute * 2)(_LaunchAttribute(id=_COOPERATIVE, value=1),
-                                       _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1))
-        cfg = _LaunchConfig(gridDimY=1, gridDimZ=1, blockDimY=1, blockDimZ=1, attrs=attrs,
-                            numAttrs=2 if with_pdl else 1)
-        cfg._attrs = attrs  # keep the attributes alive with the config
-        configs[with_pdl] = cfg
-    return cfg
 
 
 _occupancy_fn = None
@@ -436,25 +416,42 @@ def _struct_code(tp) -> str | None:
 _tls = threading.local()
 
 
+_sig_codes: dict[tuple, str | None] = {}
+
+
+def _arg_codes(args: tuple) -> str | None:
+    """struct format characters of kernel parameters ``args`` (None for a type the packer does not know)."""
+    sig = tuple(map(type, args))
+    try:
+        return _sig_codes[sig]
+    except KeyError:
+        parts = [_struct_code(t) for t in sig]
+        codes = _sig_codes[sig] = None if None in parts else "".join(parts)
+        return codes
+
+
+def _layout(codes: str) -> tuple[struct.Struct, list[int]]:
+    """The parameter struct of ``codes`` at C alignment and each parameter's byte offset in it."""
+    return (struct.Struct("@" + codes),
+            [struct.calcsize("@" + codes[:i + 1]) - struct.calcsize("@" + codes[i]) for i in range(len(codes))])
+
+
 def _pack(args: tuple):
     """(buffer, void*[] of parameter addresses) holding ``args`` at their C alignment, or None for
     argument types the packer does not know (the CuPy launcher takes those). The buffers are reused
-    per thread and signature: cuLaunchKernel copies the parameters before it returns."""
-    sig = tuple(map(type, args))
+    per thread and parameter layout: cuLaunchKernel copies the parameters before it returns."""
+    codes = _arg_codes(args)
+    if codes is None:
+        return None
     cache = getattr(_tls, "buffers", None)
     if cache is None:
         cache = _tls.buffers = {}
-    entry = cache.get(sig)
+    entry = cache.get(codes)
     if entry is None:
-        codes = [_struct_code(t) for t in sig]
-        if None in codes:
-            return None
-        st = struct.Struct("@" + "".join(codes))
-        offsets = [struct.calcsize("@" + "".join(codes[:i + 1])) - struct.calcsize("@" + codes[i])
-                   for i in range(len(codes))]
+        st, offsets = _layout(codes)
         buf = ctypes.create_string_buffer(max(st.size, 1))
         base = ctypes.addressof(buf)
-        entry = cache[sig] = (st, buf, (ctypes.c_void_p * len(codes))(*[base + o for o in offsets]))
+        entry = cache[codes] = (st, buf, (ctypes.c_void_p * len(codes))(*[base + o for o in offsets]))
     st, buf, params = entry
     st.pack_into(buf, 0, *args)
     return buf, params

@@ -130,3 +130,45 @@ def test_warmup_specs_carry_the_router_weight_dtypes_the_routed_kernel_is_compil
     module = nn.MoE(256, 64, 8, 2, dtype=torch.bfloat16)
     ((spec, _),) = precompile._layers(module, dtype=torch.bfloat16, activation="silu", bias=False, routing=None)
     assert spec.router_dtypes == (torch.float32,)
+
+
+def test_cooperative_launch_packs_parameters_and_falls_back_from_pdl(monkeypatch):
+    """_nvrtc.launch_cooperative (route_and_plan) and the decode path share CooperativeLaunch: the
+    parameters land at their C offsets, the launch is cooperative, and a driver that refuses the PDL
+    attribute gets the launch without it (remembered per device). CPU: the driver call is recorded."""
+    import ctypes
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from cute_moe import _nvrtc
+
+    calls = []
+
+    def driver(cfg_addr, fn_ptr, params_addr, extra):
+        cfg = _nvrtc._LaunchConfig.from_address(cfg_addr)
+        params = (ctypes.c_void_p * 4).from_address(params_addr)
+        values = (ctypes.c_int64.from_address(params[0]).value, ctypes.c_int32.from_address(params[1]).value,
+                  ctypes.c_double.from_address(params[2]).value, ctypes.c_int32.from_address(params[3]).value)
+        attrs = [cfg.attrs[i].id for i in range(cfg.numAttrs)]
+        calls.append((fn_ptr, cfg.gridDimX, cfg.blockDimX, cfg.sharedMemBytes, attrs, values))
+        return 1 if _nvrtc._PROGRAMMATIC_STREAM_SERIALIZATION in attrs else 0  # refuses PDL
+
+    monkeypatch.setattr(_nvrtc, "_driver_launch_ex", driver)
+    monkeypatch.setattr(_nvrtc, "_current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0, raising=False)
+    monkeypatch.setattr(_nvrtc, "_pdl_devices", {0: True})
+    monkeypatch.setattr(_nvrtc, "_coop_pdl", {})
+    monkeypatch.setattr(_nvrtc, "_coop_launches", {})
+    fn = SimpleNamespace(ptr=1234)
+    args = (1 << 40, np.int32(-7), 2.5, np.int32(99))
+    assert _nvrtc.launch_cooperative(fn, 0, 132, 512, args, shared_mem=4096)
+    assert _nvrtc._coop_pdl == {0: False}
+    assert _nvrtc.launch_cooperative(fn, 0, 132, 512, args, shared_mem=4096)
+    assert len(_nvrtc._coop_launches) == 1
+    coop = _nvrtc._COOPERATIVE
+    expected = (1 << 40, -7, 2.5, 99)
+    assert calls == [(1234, 132, 512, 4096, [coop, _nvrtc._PROGRAMMATIC_STREAM_SERIALIZATION], expected),
+                     (1234, 132, 512, 4096, [coop], expected), (1234, 132, 512, 4096, [coop], expected)]
+    assert not _nvrtc.launch_cooperative(fn, 0, 132, 512, (object(),))  # a type the packer does not know
