@@ -36,11 +36,14 @@ class DecodeConfig:
     """Launch shape of moe_decode.cu: warps per CTA (one CTA per SM), bytes of a weight row per bulk
     copy (GEMM1 copies a chunk of the gate and of the up row per step, GEMM2 twice a chunk of one w2
     row), and steps in flight per warp. Shared memory holds warps * stages * 2 * chunk bytes of
-    weight stages besides the x / activation rows."""
+    weight stages besides the x / activation rows. l2_prefetch: bytes of GEMM2 weights that all warps
+    together prefetch into L2, each as it finishes GEMM1 (its rows beyond what its ring holds at the
+    grid barrier; 0: none)."""
 
     warps: int = 16
     chunk: int = 1024
     stages: int = 4
+    l2_prefetch: int = 0
 
     def ring_bytes(self) -> int:
         return self.warps * self.stages * 2 * self.chunk
@@ -58,6 +61,9 @@ MAX_TOKENS = int(os.environ.get("CUTE_MOE_DECODE_MAX_TOKENS", "2"))
 # moe's router and routing inside the decode kernel where route_key allows (False: the routing kernels,
 # then the experts kernel; for A/B benchmarks; environment variable CUTE_MOE_DECODE_ROUTE=0)
 ROUTE_IN_KERNEL = os.environ.get("CUTE_MOE_DECODE_ROUTE", "1") != "0"
+# bytes of GEMM2 weights pick_config's launch shapes prefetch into L2 (DecodeConfig.l2_prefetch); for A/B
+# runs, environment variable CUTE_MOE_DECODE_L2_PREFETCH (then clear pick_config's cache)
+L2_PREFETCH = int(os.environ.get("CUTE_MOE_DECODE_L2_PREFETCH", str(16 << 20)))
 # None: pick_config per shape; a DecodeConfig forces that launch shape (benchmarks, tests)
 CONFIG: DecodeConfig | None = None
 # warps per CTA pick_config chooses from (the first of equally good ones wins)
@@ -81,7 +87,7 @@ def _defines(x_dt: int, tw_dt: int, sh_dt: int, b1_dt: int | None, b2_dt: int | 
     d = dict(X_DT=x_dt, TW_DT=tw_dt, SH_DT=max(sh_dt, 0), HAS_SHARED=int(sh_dt >= 0), B1_DT=b1_dt or 0,
              HAS_B1=int(b1_dt is not None), B2_DT=b2_dt or 0, HAS_B2=int(b2_dt is not None), IDS_I64=int(ids_i64),
              TOP_K=top_k, TMAX=tmax, ACT=act, NW=config.warps, CHUNK=config.chunk, STAGES=config.stages,
-             ROUTE=int(route is not None))
+             L2PF=config.l2_prefetch, ROUTE=int(route is not None))
     if route is not None:
         num_experts, rw_dt, scoring, bias_dt, groups, topk_groups, renorm = route
         d |= dict(routing.defines(num_experts, top_k, DTYPE_CODES[torch.float32], scoring, bias_dt, groups,
@@ -93,10 +99,10 @@ def compile_specializations() -> list[tuple[str, dict]]:
     """Define sets covering every branch of moe_decode.cu (for the CPU compile check)."""
     cases = [(2, 0, -1, None, None, False, 8, 1, 0), (2, 0, 0, 2, 0, True, 2, 8, 1),
              (1, 1, 1, 1, 1, False, 4, 4, 2), (2, 2, -1, None, 2, True, 1, 2, 2), (2, 0, 2, 0, None, False, 8, 8, 0)]
-    configs = [DecodeConfig(), DecodeConfig(24, 1024, 3), DecodeConfig(32, 512, 4), DecodeConfig(),
+    configs = [DecodeConfig(), DecodeConfig(24, 1024, 3, 1 << 20), DecodeConfig(32, 512, 4), DecodeConfig(l2_prefetch=16 << 20),
                DecodeConfig(8, 2048, 4)]
     routed = [  # (case, config, route): DeepSeek-V3, Mixtral, fp32 router weight, groups of 64 and an fp16 one
-        ((2, 0, -1, None, None, False, 8, 2, 0), DecodeConfig(14), (256, 2, "sigmoid", 0, 8, 4, True)),
+        ((2, 0, -1, None, None, False, 8, 2, 0), DecodeConfig(14, l2_prefetch=16 << 20), (256, 2, "sigmoid", 0, 8, 4, True)),
         ((2, 0, -1, None, None, False, 2, 1, 0), DecodeConfig(), (8, 2, "softmax", None, 0, 0, True)),
         ((1, 0, 1, 1, None, False, 4, 8, 2), DecodeConfig(20), (128, 0, "softmax", None, 0, 0, False)),
         ((2, 0, -1, None, None, False, 6, 2, 1), DecodeConfig(), (128, 1, "sigmoid", 2, 2, 1, False)),
@@ -123,7 +129,7 @@ def pick_config(num_sms: int, active: int, hidden: int, inter: int, max_ring: in
     most). Ties keep 16, measured best for Qwen3-30B-A3B. At most ``max_warps`` warps (registers)."""
     best = None
     for warps in WARP_CHOICES:
-        cfg = DecodeConfig(warps=warps)
+        cfg = DecodeConfig(warps=warps, l2_prefetch=L2_PREFETCH)
         if cfg.ring_bytes() > max_ring or warps > max_warps:
             continue
         workers = num_sms * warps

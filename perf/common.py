@@ -195,11 +195,15 @@ def _plot(name: str, rows: list[dict], plot: Callable) -> Path | None:
 
 
 def select_shapes(prefixes: str):
-    """The reference shapes whose names start with one of the comma-separated ``prefixes`` (all if empty)."""
+    """The reference shapes whose names start with one of the comma-separated ``prefixes``, in the order
+    given (a shape named twice runs twice: e.g. to see whether a row depends on its place in the run);
+    all of them if empty."""
     from cute_moe.shapes import REFERENCE_SHAPES
 
     wanted = [p for p in prefixes.split(",") if p]
-    return [s for s in REFERENCE_SHAPES if not wanted or any(s.name.startswith(p) for p in wanted)]
+    if not wanted:
+        return list(REFERENCE_SHAPES)
+    return [s for p in wanted for s in REFERENCE_SHAPES if s.name.startswith(p)]
 
 
 def speedup_plot(ylabel: str, title: str, color: str = "tab:green", key: str = "speedup_vs_torch") -> Callable:

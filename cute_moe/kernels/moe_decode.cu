@@ -25,7 +25,8 @@
 //
 // Defines: X_DT (x, weights, h, out), TW_DT (topk weights), B1_DT / B2_DT (biases), SH_DT (shared_output), IDS_I64,
 // TOP_K, TMAX (tokens at most), ACT (0 silu, 1 gelu, 2 swiglu_oai), HAS_B1, HAS_B2, HAS_SHARED,
-// NW (warps per CTA), CHUNK (bytes of a weight row per bulk copy), STAGES (ring depth),
+// NW (warps per CTA), CHUNK (bytes of a weight row per bulk copy), STAGES (ring depth), L2PF (bytes of
+// GEMM2 weights all warps together prefetch into L2 as they finish GEMM1; 0: none),
 // TMAX * TOP_K <= NW * 32. ROUTE (0/1), and with it RW_DT (router weight) and route_select.cuh's
 // defines (LOGIT_DT = fp32, WARPS = NW; groups, if any, of a multiple of 32 experts).
 #include "common.cuh"
@@ -298,11 +299,31 @@ struct Issuer {
     const unsigned char* row;  // GEMM1: the unit's gate row
 };
 
+// L2 prefetch (no shared memory, no completion to wait for) of this warp's GEMM2 rows beyond the
+// steps its ring will hold at the grid barrier, up to L2PF / num_warps bytes: issued when the warp's
+// last GEMM1 load goes out, so SMs that finish GEMM1 early keep HBM busy while they wait at the
+// barrier, and GEMM2's later steps after it come from L2.
+__device__ __forceinline__ void prefetch_gemm2(int steps2, const DecodeShared& S, const XT* w2, int gw, int num_warps,
+                                               int hidden, int inter) {
+#if L2PF > 0
+    const int row = inter * EX::SIZE, nch2 = ceil_div(row, STAGE_BYTES);
+    const int first = min(steps2, STAGES) / nch2;  // first (column, expert) row not entirely in the ring
+    const int rows = steps2 / nch2;
+    const i64 budget = (i64)L2PF / num_warps;
+    for (int r = first; r < rows && (i64)(r - first + 1) * row <= budget; ++r) {
+        const int k = r / S.num_u, u = r - k * S.num_u;
+        const XT* src = w2 + ((i64)S.expert[u] * hidden + gw + k * num_warps) * inter;
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(src), "r"((u32)row) : "memory");
+    }
+#endif
+}
+
 __device__ __forceinline__ void issue(Issuer& it, int steps1, int steps2, const DecodeShared& S, const XT* w1,
                                       const XT* w2, int gw, int num_warps, int hidden, int inter, unsigned char* ring,
                                       u64* bars, u64 policy) {
     const int n = it.n;
     if (n >= steps1 + steps2) return;
+    if (n == steps1) prefetch_gemm2(steps2, S, w2, gw, num_warps, hidden, inter);
     unsigned char* stage = ring + (n % STAGES) * STAGE_BYTES;
     u64* bar = bars + n % STAGES;
     if (n < steps1) {

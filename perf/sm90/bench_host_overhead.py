@@ -13,7 +13,8 @@ rows says whether replays went through the driver or ``graph.replay()``; ``graph
 ``memcpy_us``: the driver calls a graphed call makes, alone). A torch reference point in the same run:
 the CPU time of one ``torch._grouped_mm`` call. ``*_cpu_us``: the same calls timed by this thread's CPU
 time instead of the wall clock, ours and torch's timed in turn for 5 rounds (medians);
-``moe_over_torch_op``: eager moe's CPU time over one torch._grouped_mm call's. ``--profile`` writes a cProfile breakdown (by
+``moe_over_torch_op``: eager moe's CPU time over one torch._grouped_mm call's; ``*_single_cpu_us``: one call
+at a time onto an idle GPU (a synchronize before each, not timed), CPU time. ``--profile`` writes a cProfile breakdown (by
 own time) of the moe calls.
 """
 
@@ -98,6 +99,9 @@ def bench_shape(shape, tokens: int, calls: int, profile: list) -> dict:
         "moe_us": host_us(moe, calls),
         **interleaved_cpu_us({"moe_cpu_us": moe, "nn_moe_eager_cpu_us": lambda: eager(x),
                               "torch_grouped_mm_cpu_us": lambda: torch._grouped_mm(xp, w1t, offs=offs)}, calls),
+        "moe_single_cpu_us": host_us(moe, calls // 3, burst=1, cpu=True),
+        "torch_grouped_mm_single_cpu_us": host_us(lambda: torch._grouped_mm(xp, w1t, offs=offs), calls // 3, burst=1,
+                                                  cpu=True),
         "moe_alloc_us": host_us(lambda: cute_moe.moe(x, rw, w1, w2, k, renormalize=True, backend="cute"), calls),
         "nn_moe_eager_us": host_us(lambda: eager(x), calls),
         "decode_launch_us": host_us(lambda: lc.launch(*launch_args), calls),
@@ -155,7 +159,8 @@ def main(argv=None) -> int:
         "sm90_host_overhead", rows,
         {"title": f"CPU time per eager call (microseconds, T={args.tokens}): whole layer and each op",
          "target": "moe host overhead <= 20 us per call"},
-        md_columns=["shape", "T", "moe_us", "moe_cpu_us", "torch_grouped_mm_cpu_us", "moe_over_torch_op", "moe_alloc_us", "nn_moe_eager_us",
+        md_columns=["shape", "T", "moe_us", "moe_cpu_us", "torch_grouped_mm_cpu_us", "moe_over_torch_op", "moe_single_cpu_us",
+                    "torch_grouped_mm_single_cpu_us", "moe_alloc_us", "nn_moe_eager_us",
                     "nn_moe_eager_cpu_us", "decode_launch_us", "nn_moe_cuda_graphs_us", "nn_moe_cuda_graphs_nocopy_us", "fused_moe_us",
                     "route_us", "plan_us", "permute_us", "gemm1_us", "gemm2_us", "combine_us", "torch_grouped_mm_us",
                     "torch_empty_us", "graph_launch_us", "memcpy_us"],
