@@ -310,10 +310,13 @@ __device__ __forceinline__ void prefetch_gemm2(int steps2, const DecodeShared& S
     const int first = min(steps2, STAGES) / nch2;  // first (column, expert) row not entirely in the ring
     const int rows = steps2 / nch2;
     const i64 budget = (i64)L2PF / num_warps;
+    u64 keep;  // kept in L2 ahead of GEMM1's evict-first lines; the ring's evict-first loads demote them
+    asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(keep));
     for (int r = first; r < rows && (i64)(r - first + 1) * row <= budget; ++r) {
         const int k = r / S.num_u, u = r - k * S.num_u;
         const XT* src = w2 + ((i64)S.expert[u] * hidden + gw + k * num_warps) * inter;
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(src), "r"((u32)row) : "memory");
+        asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" :: "l"(src), "r"((u32)row), "l"(keep)
+                     : "memory");
     }
 #endif
 }
