@@ -25,8 +25,8 @@
 //
 // Defines: X_DT (x, weights, h, out), TW_DT (topk weights), B1_DT / B2_DT (biases), SH_DT (shared_output), IDS_I64,
 // TOP_K, TMAX (tokens at most), ACT (0 silu, 1 gelu, 2 swiglu_oai), HAS_B1, HAS_B2, HAS_SHARED,
-// NW (warps per CTA), CHUNK (bytes of a weight row per bulk copy), STAGES (ring depth), L2PF (bytes of
-// GEMM2 weights all warps together prefetch into L2 as they finish GEMM1; 0: none),
+// NW (warps per CTA), CHUNK (bytes of a weight row per bulk copy), STAGES (ring depth: GEMM2 steps in
+// flight), GEMM1_STAGES (<= STAGES: GEMM1 steps in flight),
 // TMAX * TOP_K <= NW * 32. ROUTE (0/1), and with it RW_DT (router weight) and route_select.cuh's
 // defines (LOGIT_DT = fp32, WARPS = NW; groups, if any, of a multiple of 32 experts).
 #include "common.cuh"
@@ -299,34 +299,11 @@ struct Issuer {
     const unsigned char* row;  // GEMM1: the unit's gate row
 };
 
-// L2 prefetch (no shared memory, no completion to wait for) of this warp's GEMM2 rows beyond the
-// steps its ring will hold at the grid barrier, up to L2PF / num_warps bytes: issued when the warp's
-// last GEMM1 load goes out, so SMs that finish GEMM1 early keep HBM busy while they wait at the
-// barrier, and GEMM2's later steps after it come from L2.
-__device__ __forceinline__ void prefetch_gemm2(int steps2, const DecodeShared& S, const XT* w2, int gw, int num_warps,
-                                               int hidden, int inter) {
-#if L2PF > 0
-    const int row = inter * EX::SIZE, nch2 = ceil_div(row, STAGE_BYTES);
-    const int first = min(steps2, STAGES) / nch2;  // first (column, expert) row not entirely in the ring
-    const int rows = steps2 / nch2;
-    const i64 budget = (i64)L2PF / num_warps;
-    u64 keep;  // kept in L2 ahead of GEMM1's evict-first lines; the ring's evict-first loads demote them
-    asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(keep));
-    for (int r = first; r < rows && (i64)(r - first + 1) * row <= budget; ++r) {
-        const int k = r / S.num_u, u = r - k * S.num_u;
-        const XT* src = w2 + ((i64)S.expert[u] * hidden + gw + k * num_warps) * inter;
-        asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" :: "l"(src), "r"((u32)row), "l"(keep)
-                     : "memory");
-    }
-#endif
-}
-
 __device__ __forceinline__ void issue(Issuer& it, int steps1, int steps2, const DecodeShared& S, const XT* w1,
                                       const XT* w2, int gw, int num_warps, int hidden, int inter, unsigned char* ring,
                                       u64* bars, u64 policy) {
     const int n = it.n;
     if (n >= steps1 + steps2) return;
-    if (n == steps1) prefetch_gemm2(steps2, S, w2, gw, num_warps, hidden, inter);
     unsigned char* stage = ring + (n % STAGES) * STAGE_BYTES;
     u64* bar = bars + n % STAGES;
     if (n < steps1) {
@@ -360,6 +337,16 @@ __device__ __forceinline__ void issue(Issuer& it, int steps1, int steps2, const 
         }
     }
     ++it.n;
+}
+
+// Lane 0 tops the ring up after `consumed` steps: GEMM1_STAGES steps in flight during GEMM1, STAGES from
+// the first GEMM2 step on, so the warp that finishes GEMM1 keeps loading GEMM2 through the grid barrier
+// (fewer GEMM1 steps in flight streamed faster; the deeper GEMM2 prefetch uses the barrier's idle time).
+__device__ __forceinline__ void refill(Issuer& it, int consumed, int steps1, int steps2, const DecodeShared& S,
+                                       const XT* w1, const XT* w2, int gw, int num_warps, int hidden, int inter,
+                                       unsigned char* ring, u64* bars, u64 policy) {
+    while (it.n < steps1 + steps2 && it.n < consumed + (it.n < steps1 ? GEMM1_STAGES : STAGES))
+        issue(it, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
 }
 
 extern "C" __global__ void __launch_bounds__(NT, 1)
@@ -405,8 +392,7 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
     const int steps2 = (hidden > gw ? ceil_div(hidden - gw, num_warps) : 0) * num_u * nch2;
     Issuer it{0, 0, 0, 0, nullptr};
     const u64 policy = evict_first_policy();
-    if (lane == 0)
-        for (int i = 0; i < STAGES; ++i) issue(it, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
+    if (lane == 0) refill(it, 0, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
 
     // ---- GEMM1 + activation
     float ag[TMAX], au[TMAX];
@@ -444,7 +430,7 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
             }
         }
         __syncwarp();
-        if (lane == 0) issue(it, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
+        if (lane == 0) refill(it, n + 1, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
         if (++ch == nch1) {
 #pragma unroll
             for (int m = 0; m < TMAX; ++m) {
@@ -496,7 +482,7 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
             add_to(acc, entry / TOP_K, S.weight[entry] * d);
         }
         __syncwarp();
-        if (lane == 0) issue(it, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
+        if (lane == 0) refill(it, n + 1, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
         if (++ch == nch2) {
             ch = 0;
             if (++u == num_u) {
