@@ -21,7 +21,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -35,26 +35,19 @@ from ._nvrtc import DTYPE_CODES
 class DecodeConfig:
     """Launch shape of moe_decode.cu: warps per CTA (one CTA per SM), bytes of a weight row per bulk
     copy (GEMM1 copies a chunk of the gate and of the up row per step, GEMM2 twice a chunk of one w2
-    row), and steps in flight per warp: ``stages`` in GEMM1, ``gemm2_stages`` (the ring's depth; 0:
-    the same) from a warp's first GEMM2 load on, so it keeps loading through the grid barrier. Shared
-    memory holds warps * ring stages * 2 * chunk bytes of weight stages besides the x / activation rows."""
+    row), and steps in flight per warp. Shared memory holds warps * stages * 2 * chunk bytes of
+    weight stages besides the x / activation rows."""
 
     warps: int = 16
     chunk: int = 1024
     stages: int = 4
-    gemm2_stages: int = 0
-
-    @property
-    def ring_stages(self) -> int:
-        return max(self.stages, self.gemm2_stages)
 
     def ring_bytes(self) -> int:
-        return self.warps * self.ring_stages * 2 * self.chunk
+        return self.warps * self.stages * 2 * self.chunk
 
     def static_smem_bytes(self) -> int:
-        """Upper bound of the kernel's static shared memory: bookkeeping (2.6 KB at 64 entries) and
-        8 bytes of mbarrier per ring stage of every warp (at most 256 stages: pick_config keeps to it)."""
-        return 2688 + 8 * 256
+        """Upper bound of the kernel's static shared memory (bookkeeping, mbarriers)."""
+        return 4096
 
 
 # Up to this many tokens the layer runs the one-kernel decode path: at T = 1 and 2 it beat the staged
@@ -65,9 +58,6 @@ MAX_TOKENS = int(os.environ.get("CUTE_MOE_DECODE_MAX_TOKENS", "2"))
 # moe's router and routing inside the decode kernel where route_key allows (False: the routing kernels,
 # then the experts kernel; for A/B benchmarks; environment variable CUTE_MOE_DECODE_ROUTE=0)
 ROUTE_IN_KERNEL = os.environ.get("CUTE_MOE_DECODE_ROUTE", "1") != "0"
-# GEMM2 steps in flight per warp at most (DecodeConfig.gemm2_stages; pick_config takes as many as shared memory
-# holds up to this); environment variable CUTE_MOE_DECODE_GEMM2_STAGES (A/B runs: then clear pick_config's cache)
-GEMM2_STAGES = int(os.environ.get("CUTE_MOE_DECODE_GEMM2_STAGES", "8"))
 # None: pick_config per shape; a DecodeConfig forces that launch shape (benchmarks, tests)
 CONFIG: DecodeConfig | None = None
 # warps per CTA pick_config chooses from (the first of equally good ones wins)
@@ -90,8 +80,7 @@ def _defines(x_dt: int, tw_dt: int, sh_dt: int, b1_dt: int | None, b2_dt: int | 
     renormalize) when the kernel routes (ROUTE), else None."""
     d = dict(X_DT=x_dt, TW_DT=tw_dt, SH_DT=max(sh_dt, 0), HAS_SHARED=int(sh_dt >= 0), B1_DT=b1_dt or 0,
              HAS_B1=int(b1_dt is not None), B2_DT=b2_dt or 0, HAS_B2=int(b2_dt is not None), IDS_I64=int(ids_i64),
-             TOP_K=top_k, TMAX=tmax, ACT=act, NW=config.warps, CHUNK=config.chunk, STAGES=config.ring_stages,
-             GEMM1_STAGES=config.stages,
+             TOP_K=top_k, TMAX=tmax, ACT=act, NW=config.warps, CHUNK=config.chunk, STAGES=config.stages,
              ROUTE=int(route is not None))
     if route is not None:
         num_experts, rw_dt, scoring, bias_dt, groups, topk_groups, renorm = route
@@ -104,7 +93,7 @@ def compile_specializations() -> list[tuple[str, dict]]:
     """Define sets covering every branch of moe_decode.cu (for the CPU compile check)."""
     cases = [(2, 0, -1, None, None, False, 8, 1, 0), (2, 0, 0, 2, 0, True, 2, 8, 1),
              (1, 1, 1, 1, 1, False, 4, 4, 2), (2, 2, -1, None, 2, True, 1, 2, 2), (2, 0, 2, 0, None, False, 8, 8, 0)]
-    configs = [DecodeConfig(), DecodeConfig(24, 1024, 3, 5), DecodeConfig(32, 512, 4), DecodeConfig(gemm2_stages=6),
+    configs = [DecodeConfig(), DecodeConfig(24, 1024, 3), DecodeConfig(32, 512, 4), DecodeConfig(),
                DecodeConfig(8, 2048, 4)]
     routed = [  # (case, config, route): DeepSeek-V3, Mixtral, fp32 router weight, groups of 64 and an fp16 one
         ((2, 0, -1, None, None, False, 8, 2, 0), DecodeConfig(14), (256, 2, "sigmoid", 0, 8, 4, True)),
@@ -131,8 +120,7 @@ def pick_config(num_sms: int, active: int, hidden: int, inter: int, max_ring: in
     (GEMM1: a gate/up row pair, GEMM2: one output column over the active experts), so a warp with one
     unit more than the mean finishes late; pick the warp count whose rounding costs the fewest bytes
     (GPT-OSS-120B: 22 warps give every warp one GEMM2 column, where 16 give 1.36 on average and 2 at
-    most). Ties keep 16, measured best for Qwen3-30B-A3B. At most ``max_warps`` warps (registers). Then
-    the deepest GEMM2 ring, up to GEMM2_STAGES steps, that the rest of ``max_ring`` holds."""
+    most). Ties keep 16, measured best for Qwen3-30B-A3B. At most ``max_warps`` warps (registers)."""
     best = None
     for warps in WARP_CHOICES:
         cfg = DecodeConfig(warps=warps)
@@ -142,11 +130,7 @@ def pick_config(num_sms: int, active: int, hidden: int, inter: int, max_ring: in
         cost = 2 * _imbalance(active * inter, workers) + _imbalance(hidden, workers)
         if best is None or cost < best[0] - 1e-6:
             best = (cost, cfg)
-    if best is None:
-        return None
-    cfg = best[1]
-    deepest = min(GEMM2_STAGES, max_ring // (cfg.warps * 2 * cfg.chunk), 256 // cfg.warps)
-    return replace(cfg, gemm2_stages=max(cfg.stages, deepest))
+    return None if best is None else best[1]
 
 
 def _config(dev: int, num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int, elem: int):

@@ -25,8 +25,7 @@
 //
 // Defines: X_DT (x, weights, h, out), TW_DT (topk weights), B1_DT / B2_DT (biases), SH_DT (shared_output), IDS_I64,
 // TOP_K, TMAX (tokens at most), ACT (0 silu, 1 gelu, 2 swiglu_oai), HAS_B1, HAS_B2, HAS_SHARED,
-// NW (warps per CTA), CHUNK (bytes of a weight row per bulk copy), STAGES (ring depth: GEMM2 steps in
-// flight), GEMM1_STAGES (<= STAGES: GEMM1 steps in flight),
+// NW (warps per CTA), CHUNK (bytes of a weight row per bulk copy), STAGES (ring depth),
 // TMAX * TOP_K <= NW * 32. ROUTE (0/1), and with it RW_DT (router weight) and route_select.cuh's
 // defines (LOGIT_DT = fp32, WARPS = NW; groups, if any, of a multiple of 32 experts).
 #include "common.cuh"
@@ -36,6 +35,8 @@
 #endif
 
 #define MAXR (TMAX * TOP_K)
+// routing without groups and with at most 256 experts selects by rank (E^2 comparisons over the CTA)
+#define RANK_SELECT (ROUTE && NUM_GROUPS == 0 && NUM_E <= 256)
 
 typedef Elem<X_DT> EX;
 typedef EX::T XT;
@@ -285,7 +286,47 @@ __device__ __forceinline__ void route_tokens(const void* __restrict__ router_w, 
         lg[i] = r;
     }
     __syncthreads();
+#if RANK_SELECT
+    // Top-k by rank with the whole CTA instead of TOP_K rounds of warp reductions in one warp: warp t
+    // computes token t's selection keys (route_select.cuh's), then thread (t, e) counts the experts
+    // that beat e (a larger key, or an equal key and a lower index): rank < TOP_K is e's selection
+    // slot. The same ids and weights as route_token, bit for bit.
+    u32* const keys = (u32*)(lg + num_tokens * NUM_E);
+    __shared__ float stat_m[TMAX], stat_sum[TMAX];
+    if (warp < num_tokens) {
+        u32 key[NP2];
+        float m, sum;
+        selection_keys<Elem<LOGIT_DT>>(lg + warp * NUM_E, bias, lane, key, m, sum);
+#pragma unroll
+        for (int v = 0; v < VPT; ++v)
+            if (v * 32 + lane < NUM_E) keys[warp * NUM_E + v * 32 + lane] = key[v];
+        if (lane == 0) {
+            stat_m[warp] = m;
+            stat_sum[warp] = sum;
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < num_tokens * NUM_E; i += NT) {
+        const int t = i / NUM_E, e = i - t * NUM_E;
+        const u32* kr = keys + t * NUM_E;
+        const u32 k = kr[e];
+        int rank = 0;
+#pragma unroll 8
+        for (int j = 0; j < NUM_E; ++j) {
+            const u32 kj = kr[j];
+            rank += (kj > k) | ((kj == k) & (j < e));
+        }
+        if (rank < TOP_K) S.ids[t * TOP_K + rank] = e;
+    }
+    __syncthreads();
+    if (warp < num_tokens) {
+        const int my_id = lane < TOP_K ? S.ids[warp * TOP_K + lane] : 0;
+        const float w = topk_weight<Elem<LOGIT_DT>>(lg + warp * NUM_E, my_id, lane, stat_m[warp], stat_sum[warp], scaling);
+        if (lane < TOP_K) S.weight[warp * TOP_K + lane] = w;
+    }
+#else
     if (warp < num_tokens) route_token(lg, NUM_E, bias, scaling, S.weight, S.ids, warp, lane, warp);
+#endif
 }
 #endif
 
@@ -339,16 +380,6 @@ __device__ __forceinline__ void issue(Issuer& it, int steps1, int steps2, const 
     ++it.n;
 }
 
-// Lane 0 tops the ring up after `consumed` steps: GEMM1_STAGES steps in flight during GEMM1, STAGES from
-// the first GEMM2 step on, so the warp that finishes GEMM1 keeps loading GEMM2 through the grid barrier
-// (fewer GEMM1 steps in flight streamed faster; the deeper GEMM2 prefetch uses the barrier's idle time).
-__device__ __forceinline__ void refill(Issuer& it, int consumed, int steps1, int steps2, const DecodeShared& S,
-                                       const XT* w1, const XT* w2, int gw, int num_warps, int hidden, int inter,
-                                       unsigned char* ring, u64* bars, u64 policy) {
-    while (it.n < steps1 + steps2 && it.n < consumed + (it.n < steps1 ? GEMM1_STAGES : STAGES))
-        issue(it, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
-}
-
 extern "C" __global__ void __launch_bounds__(NT, 1)
 moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __restrict__ w2,
            const typename Elem<B1_DT>::T* __restrict__ b1, const typename Elem<B2_DT>::T* __restrict__ b2,
@@ -392,7 +423,8 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
     const int steps2 = (hidden > gw ? ceil_div(hidden - gw, num_warps) : 0) * num_u * nch2;
     Issuer it{0, 0, 0, 0, nullptr};
     const u64 policy = evict_first_policy();
-    if (lane == 0) refill(it, 0, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
+    if (lane == 0)
+        for (int i = 0; i < STAGES; ++i) issue(it, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
 
     // ---- GEMM1 + activation
     float ag[TMAX], au[TMAX];
@@ -430,7 +462,7 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
             }
         }
         __syncwarp();
-        if (lane == 0) refill(it, n + 1, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
+        if (lane == 0) issue(it, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
         if (++ch == nch1) {
 #pragma unroll
             for (int m = 0; m < TMAX; ++m) {
@@ -455,8 +487,9 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
 
     // ---- GEMM2 + router weight + combine (its first steps are already loading)
     grid_barrier();
-    for (int i = tid; i < num_entries * v2; i += NT)
-        if (S.ids[i / v2] >= 0) rows[i] = __ldcg((const uint4*)h + i);
+    for (int i = tid; i < num_entries * v2; i += NT)  // every copy in flight at once (L2 -> shared memory)
+        if (S.ids[i / v2] >= 0) cp_async16(rows + i, (const uint4*)h + i);
+    cp_async_wait_all();
     __syncthreads();
 
     float acc[TMAX];
@@ -482,7 +515,7 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
             add_to(acc, entry / TOP_K, S.weight[entry] * d);
         }
         __syncwarp();
-        if (lane == 0) refill(it, n + 1, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
+        if (lane == 0) issue(it, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
         if (++ch == nch2) {
             ch = 0;
             if (++u == num_u) {
