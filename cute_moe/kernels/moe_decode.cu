@@ -35,8 +35,6 @@
 #endif
 
 #define MAXR (TMAX * TOP_K)
-// routing without groups and with at most 256 experts selects by rank (E^2 comparisons over the CTA)
-#define RANK_SELECT (ROUTE && NUM_GROUPS == 0 && NUM_E <= 256)
 
 typedef Elem<X_DT> EX;
 typedef EX::T XT;
@@ -286,47 +284,7 @@ __device__ __forceinline__ void route_tokens(const void* __restrict__ router_w, 
         lg[i] = r;
     }
     __syncthreads();
-#if RANK_SELECT
-    // Top-k by rank with the whole CTA instead of TOP_K rounds of warp reductions in one warp: warp t
-    // computes token t's selection keys (route_select.cuh's), then thread (t, e) counts the experts
-    // that beat e (a larger key, or an equal key and a lower index): rank < TOP_K is e's selection
-    // slot. The same ids and weights as route_token, bit for bit.
-    u32* const keys = (u32*)(lg + num_tokens * NUM_E);
-    __shared__ float stat_m[TMAX], stat_sum[TMAX];
-    if (warp < num_tokens) {
-        u32 key[NP2];
-        float m, sum;
-        selection_keys<Elem<LOGIT_DT>>(lg + warp * NUM_E, bias, lane, key, m, sum);
-#pragma unroll
-        for (int v = 0; v < VPT; ++v)
-            if (v * 32 + lane < NUM_E) keys[warp * NUM_E + v * 32 + lane] = key[v];
-        if (lane == 0) {
-            stat_m[warp] = m;
-            stat_sum[warp] = sum;
-        }
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < num_tokens * NUM_E; i += NT) {
-        const int t = i / NUM_E, e = i - t * NUM_E;
-        const u32* kr = keys + t * NUM_E;
-        const u32 k = kr[e];
-        int rank = 0;
-#pragma unroll 8
-        for (int j = 0; j < NUM_E; ++j) {
-            const u32 kj = kr[j];
-            rank += (kj > k) | ((kj == k) & (j < e));
-        }
-        if (rank < TOP_K) S.ids[t * TOP_K + rank] = e;
-    }
-    __syncthreads();
-    if (warp < num_tokens) {
-        const int my_id = lane < TOP_K ? S.ids[warp * TOP_K + lane] : 0;
-        const float w = topk_weight<Elem<LOGIT_DT>>(lg + warp * NUM_E, my_id, lane, stat_m[warp], stat_sum[warp], scaling);
-        if (lane < TOP_K) S.weight[warp * TOP_K + lane] = w;
-    }
-#else
     if (warp < num_tokens) route_token(lg, NUM_E, bias, scaling, S.weight, S.ids, warp, lane, warp);
-#endif
 }
 #endif
 
@@ -487,9 +445,8 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
 
     // ---- GEMM2 + router weight + combine (its first steps are already loading)
     grid_barrier();
-    for (int i = tid; i < num_entries * v2; i += NT)  // every copy in flight at once (L2 -> shared memory)
-        if (S.ids[i / v2] >= 0) cp_async16(rows + i, (const uint4*)h + i);
-    cp_async_wait_all();
+    for (int i = tid; i < num_entries * v2; i += NT)
+        if (S.ids[i / v2] >= 0) rows[i] = __ldcg((const uint4*)h + i);
     __syncthreads();
 
     float acc[TMAX];

@@ -62,11 +62,14 @@ __device__ __forceinline__ void cas(u32& ka, int& sa, u32& kb, int& sb) {
     sa = s;
 }
 
-// The selection keys of one token's experts, by one warp: expert v * 32 + lane in slot v of each lane
-// (0 past NUM_E: not selectable); sets the softmax max and denominator (all lanes the same).
+// Generic selection, one warp per token: expert v * 32 + lane lives in slot v of each lane.
+// Returns the id of selection slot `lane` (lanes < TOP_K); sets the softmax max and denominator.
 template <typename LE>
-__device__ __forceinline__ void selection_keys(const typename LE::T* __restrict__ row, const void* __restrict__ bias_,
-                                               int lane, u32 (&key)[NP2], float& m_out, float& sum_out) {
+__device__ __forceinline__ int select_generic(const typename LE::T* __restrict__ row, const void* __restrict__ bias_,
+                                             int lane, int warp, float& m_out, float& sum_out) {
+#if NUM_GROUPS > 0 && GROUP_SIZE % 32 != 0
+    __shared__ u32 sel_s[WARPS][VPT * 32];
+#endif
     float score[VPT];
 #pragma unroll
     for (int v = 0; v < VPT; ++v) {
@@ -97,9 +100,12 @@ __device__ __forceinline__ void selection_keys(const typename LE::T* __restrict_
     for (int v = 0; v < VPT; ++v) score[v] = score_of(score[v], m, sum);
 #endif
 
+    u32 key[NP2];  // selection keys by slot; 0 = not selectable
+    int slot[NP2];
 #pragma unroll
     for (int v = 0; v < NP2; ++v) {
         const int e = v * 32 + lane;
+        slot[v] = v;
         key[v] = 0u;
         if (v < VPT && e < NUM_E) {
             float s = score[v];
@@ -109,23 +115,6 @@ __device__ __forceinline__ void selection_keys(const typename LE::T* __restrict_
             key[v] = float_key(s);
         }
     }
-    m_out = m;
-    sum_out = sum;
-}
-
-// Generic selection, one warp per token: expert v * 32 + lane lives in slot v of each lane.
-// Returns the id of selection slot `lane` (lanes < TOP_K); sets the softmax max and denominator.
-template <typename LE>
-__device__ __forceinline__ int select_generic(const typename LE::T* __restrict__ row, const void* __restrict__ bias_,
-                                             int lane, int warp, float& m_out, float& sum_out) {
-#if NUM_GROUPS > 0 && GROUP_SIZE % 32 != 0
-    __shared__ u32 sel_s[WARPS][VPT * 32];
-#endif
-    u32 key[NP2];  // selection keys by slot; 0 = not selectable
-    int slot[NP2];
-    selection_keys<LE>(row, bias_, lane, key, m_out, sum_out);
-#pragma unroll
-    for (int v = 0; v < NP2; ++v) slot[v] = v;
 
 #if NUM_GROUPS > 0
     {
@@ -224,6 +213,9 @@ __device__ __forceinline__ int select_generic(const typename LE::T* __restrict__
         }
         if (lane == j) my_id = (int)win;
     }
+
+    m_out = m;
+    sum_out = sum;
     return my_id;
 }
 
@@ -371,22 +363,6 @@ __device__ __forceinline__ int select_grouped256(const typename LE::T* __restric
 }
 #endif
 
-// The router weight of selection slot `lane` (lanes < TOP_K; its expert my_id), by one warp: the
-// unbiased score, recomputed bit-exactly from its logit, renormalized over the k if RENORM (summed in
-// slot order), times the scaling factor.
-template <typename LE>
-__device__ __forceinline__ float topk_weight(const typename LE::T* __restrict__ row, int my_id, int lane, float m,
-                                             float sum, float scaling) {
-    float my_w = lane < TOP_K ? score_of(LE::to_f32(row[min(my_id, NUM_E - 1)]), m, sum) : 0.f;
-#if RENORM
-    float wsum = 0.f;
-#pragma unroll
-    for (int j = 0; j < TOP_K; ++j) wsum += __shfl_sync(FULL_MASK, my_w, j);
-    my_w = my_w / wsum;
-#endif
-    return my_w * scaling;
-}
-
 // Routes token t with one warp: writes its TOP_K weights and ids, returns lane's id (lanes < TOP_K).
 __device__ __forceinline__ int route_token(const void* __restrict__ logits_, i64 row_stride, const void* __restrict__ bias_,
                                            float scaling, float* __restrict__ out_w, int* __restrict__ out_ids, int t,
@@ -403,7 +379,15 @@ __device__ __forceinline__ int route_token(const void* __restrict__ logits_, i64
 #endif
         my_id = select_generic<LE>(row, bias_, lane, warp, m, sum);
 
-    const float my_w = topk_weight<LE>(row, my_id, lane, m, sum, scaling);
+    // Weight = unbiased score of the selected expert, recomputed bit-exactly from its logit.
+    float my_w = lane < TOP_K ? score_of(LE::to_f32(row[min(my_id, NUM_E - 1)]), m, sum) : 0.f;
+#if RENORM
+    float wsum = 0.f;
+#pragma unroll
+    for (int j = 0; j < TOP_K; ++j) wsum += __shfl_sync(FULL_MASK, my_w, j);
+    my_w = my_w / wsum;
+#endif
+    my_w = my_w * scaling;
     if (lane < TOP_K) {
         out_w[(i64)t * TOP_K + lane] = my_w;
         out_ids[(i64)t * TOP_K + lane] = my_id;
