@@ -372,6 +372,20 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
     }
 #endif
     cp_async_wait_all();
+#if ROUTE
+    if (num_tokens == 1) {  // one token's k experts are distinct: group u = selection slot u (the routing lanes)
+        if (tid < TOP_K) {
+            S.expert[tid] = S.ids[tid];
+            S.start[tid] = S.order[tid] = tid;
+            S.count[tid] = 1;
+        }
+        if (tid == 0) {
+            S.num_u = TOP_K;
+            S.groups = 1;
+        }
+        __syncthreads();  // (publishes the mbarrier inits and x's rows)
+    } else
+#endif
     group_entries(num_entries, S);  // (its barriers publish the mbarrier inits and x's rows)
 
     const int num_u = S.num_u, groups = S.groups;
