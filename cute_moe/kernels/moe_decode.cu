@@ -372,28 +372,37 @@ __device__ __forceinline__ void st_release_cta(int* p, int v) {
 }
 
 // Expert u's h rows in this CTA's shared memory: hstate[u] 0 = absent, 1 = a warp is copying them, 2 =
-// there. The first warp to arrive waits (every lane acquiring) for ready[u] == target, copies its
-// members' rows and releases hstate[u]; the others wait for that.
+// there. The first warp to need u claims it and those of experts u+1..u+31 whose counters are already
+// complete (lane l: expert u + l), waits for u's counter, and copies all their members' rows at once
+// (cp.async: one L2 round trip, not one per expert); every lane acquires the counters of what it
+// copies. Then every lane waits for hstate[u] == 2.
 __device__ __forceinline__ void ensure_h(int u, int lane, const u32* ready, u32 target, const XT* h, uint4* hrows,
                                          int v2, const DecodeShared& S, int* hstate) {
-    int st = 0;
-    if (lane == 0) {
-        st = ld_acquire_cta(hstate + u);
-        if (st == 0) st = atomicCAS(hstate + u, 0, 1);
-    }
-    st = __shfl_sync(FULL_MASK, st, 0);
-    if (st == 0) {
-        while (ld_acquire_gpu(ready + u) < target) {
+    if (ld_acquire_cta(hstate + u) != 2) {
+        const int mine_e = u + lane;
+        bool claim = false;
+        if (mine_e < S.num_u && ld_acquire_cta(hstate + mine_e) == 0) {
+            if (lane == 0)
+                while (ld_acquire_gpu(ready + u) < target) {
+                }
+            claim = (lane == 0 || ld_acquire_gpu(ready + mine_e) >= target) && atomicCAS(hstate + mine_e, 0, 1) == 0;
         }
-        const int s0 = S.start[u], cnt = S.count[u];
-        for (int m = 0; m < cnt; ++m) {
-            const int entry = S.order[s0 + m];
-            for (int i = lane; i < v2; i += 32) hrows[entry * v2 + i] = __ldcg((const uint4*)h + (i64)entry * v2 + i);
+        const u32 mine = __ballot_sync(FULL_MASK, claim);
+        for (u32 m = mine; m; m &= m - 1) {
+            const int e = u + __ffs(m) - 1;
+            (void)ld_acquire_gpu(ready + e);  // this lane's own acquire before it reads e's rows
+            const int s0 = S.start[e], cnt = S.count[e];
+            for (int mm = 0; mm < cnt; ++mm) {
+                const int entry = S.order[s0 + mm];
+                for (int i = lane; i < v2; i += 32)
+                    cp_async16(hrows + entry * v2 + i, (const uint4*)h + (i64)entry * v2 + i);
+            }
         }
+        cp_async_wait_all();
         __syncwarp();
-        if (lane == 0) st_release_cta(hstate + u, 2);
-    }
-    while (ld_acquire_cta(hstate + u) != 2) {
+        if (claim) st_release_cta(hstate + mine_e, 2);
+        while (ld_acquire_cta(hstate + u) != 2) {
+        }
     }
 }
 #endif
@@ -523,7 +532,7 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
             }
 #if EARLY
             __syncwarp();
-            if (lane == 0) red_release_add(ready + u, 1u);
+            if (lane == 31) red_release_add(ready + u, 1u);  // (not lane 0, which has bulk copies in flight)
 #endif
             ch = 0;
             ++k;
