@@ -58,10 +58,6 @@ MAX_TOKENS = int(os.environ.get("CUTE_MOE_DECODE_MAX_TOKENS", "2"))
 # moe's router and routing inside the decode kernel where route_key allows (False: the routing kernels,
 # then the experts kernel; for A/B benchmarks; environment variable CUTE_MOE_DECODE_ROUTE=0)
 ROUTE_IN_KERNEL = os.environ.get("CUTE_MOE_DECODE_ROUTE", "1") != "0"
-# moe's kernel starts an expert's GEMM2 once its activations are complete (per-expert counters) instead of
-# after a grid barrier, where shared memory holds x's and the activations' rows side by side (for A/B runs:
-# environment variable CUTE_MOE_DECODE_EARLY=0, or set it and clear _launch's cache)
-EARLY_GEMM2 = os.environ.get("CUTE_MOE_DECODE_EARLY", "1") != "0"
 # None: pick_config per shape; a DecodeConfig forces that launch shape (benchmarks, tests)
 CONFIG: DecodeConfig | None = None
 # warps per CTA pick_config chooses from (the first of equally good ones wins)
@@ -78,16 +74,14 @@ _set_attribute = None
 
 
 def _defines(x_dt: int, tw_dt: int, sh_dt: int, b1_dt: int | None, b2_dt: int | None, ids_i64: bool, top_k: int,
-             tmax: int, act: int, config: DecodeConfig = DecodeConfig(), route: tuple | None = None,
-             early: bool = False) -> tuple:
+             tmax: int, act: int, config: DecodeConfig = DecodeConfig(), route: tuple | None = None) -> tuple:
     """moe_decode.cu's defines; a None dtype code (bias) or sh_dt < 0 (shared_output) means absent.
     ``route``: (E, router weight dtype code, scoring, bias dtype code or None, groups, topk groups,
-    renormalize) when the kernel routes (ROUTE), else None; ``early`` (with ``route``): GEMM2 starts
-    per expert as its activations are complete, without the grid barrier (EARLY)."""
+    renormalize) when the kernel routes (ROUTE), else None."""
     d = dict(X_DT=x_dt, TW_DT=tw_dt, SH_DT=max(sh_dt, 0), HAS_SHARED=int(sh_dt >= 0), B1_DT=b1_dt or 0,
              HAS_B1=int(b1_dt is not None), B2_DT=b2_dt or 0, HAS_B2=int(b2_dt is not None), IDS_I64=int(ids_i64),
              TOP_K=top_k, TMAX=tmax, ACT=act, NW=config.warps, CHUNK=config.chunk, STAGES=config.stages,
-             ROUTE=int(route is not None), EARLY=int(early and route is not None))
+             ROUTE=int(route is not None))
     if route is not None:
         num_experts, rw_dt, scoring, bias_dt, groups, topk_groups, renorm = route
         d |= dict(routing.defines(num_experts, top_k, DTYPE_CODES[torch.float32], scoring, bias_dt, groups,
@@ -108,8 +102,7 @@ def compile_specializations() -> list[tuple[str, dict]]:
         ((2, 0, -1, None, None, False, 6, 2, 1), DecodeConfig(), (128, 1, "sigmoid", 2, 2, 1, False)),
     ]
     return ([(_SOURCE, dict(_defines(*c, config=cfg))) for c, cfg in zip(cases, configs)]
-            + [(_SOURCE, dict(_defines(*c, config=cfg, route=r, early=early))) for c, cfg, r in routed
-               for early in (False, True)])
+            + [(_SOURCE, dict(_defines(*c, config=cfg, route=r))) for c, cfg, r in routed])
 
 
 def _imbalance(units: int, workers: int) -> float:
@@ -168,12 +161,9 @@ def _limits(dev: int) -> tuple[int, int]:
     return lim
 
 
-def smem_bytes(num_tokens: int, top_k: int, hidden: int, inter: int, elem: int, config: DecodeConfig,
-               early: bool = False) -> int:
-    """Dynamic shared memory of a call: the weight rings, then x's rows, later (with ``early`` beside
-    them) the activations' rows."""
-    rows = num_tokens * hidden, num_tokens * top_k * inter
-    return config.ring_bytes() + (sum(rows) if early else max(rows)) * elem
+def smem_bytes(num_tokens: int, top_k: int, hidden: int, inter: int, elem: int, config: DecodeConfig) -> int:
+    """Dynamic shared memory of a call: the weight rings, then x's rows, later the activations' rows."""
+    return config.ring_bytes() + max(num_tokens * hidden, num_tokens * top_k * inter) * elem
 
 
 def _dt(t) -> int | None:
@@ -296,18 +286,15 @@ def _launch(dev: int, dtypes: tuple, num_tokens: int, top_k: int, num_experts: i
     layer's latency). ``route``: :func:`route_key`'s tuple for the kernel that also routes."""
     cfg = _config(dev, num_tokens, top_k, num_experts, hidden, inter, elem)
     x_dt, tw_dt, sh_dt, b1_dt, b2_dt, ids_i64 = dtypes
-    early = (EARLY_GEMM2 and route is not None
-             and smem_bytes(num_tokens, top_k, hidden, inter, elem, cfg, True) <= _max_dynamic_smem(dev, cfg))
     defines = _defines(x_dt, tw_dt, -1 if sh_dt is None else sh_dt, b1_dt, b2_dt, ids_i64, top_k, _tmax(num_tokens),
-                       act, cfg, route, early)
+                       act, cfg, route)
     grid = _nvrtc.device_info(dev)[1]
     parts_at = -(-num_tokens * top_k * inter * elem // 16) * 16
     scratch = parts_at
-    if route is not None:  # the partial logits, then (EARLY) a counter per expert group
+    if route is not None:
         scratch += num_tokens * num_experts * logit_slices(grid * cfg.warps, num_experts, hidden) * 4
-        scratch += 4 * _MAX_ENTRIES
     launch = _nvrtc.CooperativeLaunch(_function(dev, defines, cfg), dev, grid, cfg.warps * 32,
-                                      smem_bytes(num_tokens, top_k, hidden, inter, elem, cfg, early), _ARG_CODES)
+                                      smem_bytes(num_tokens, top_k, hidden, inter, elem, cfg), _ARG_CODES)
     return _Launch(launch, (num_tokens, hidden, inter, num_experts), scratch, parts_at, -(-scratch // (hidden * elem)))
 
 

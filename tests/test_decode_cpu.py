@@ -62,14 +62,13 @@ def test_pick_config_respects_max_warps():
 _DEEPSEEK_ROUTE = (256, 2, "sigmoid", 0, 8, 4, True)
 
 
-@pytest.mark.parametrize("warps,tokens,route,early", [
-    (24, 4, None, False), (20, 8, None, False), (16, 8, None, False), (12, 1, None, False),
-    (24, 4, _DEEPSEEK_ROUTE, False), (20, 8, _DEEPSEEK_ROUTE, True), (24, 4, _DEEPSEEK_ROUTE, True),
-    (24, 2, (128, 0, "softmax", None, 0, 0, True), False), (24, 1, (128, 0, "softmax", None, 0, 0, True), True)])
-def test_kernel_does_not_spill_in_the_launch_shapes_pick_config_allows(warps, tokens, route, early, tmp_path):
-    """The decode kernel (with and without its routing phase, with and without EARLY's per-expert
-    start of GEMM2) cross-compiled for sm_90 (NVRTC, no GPU) at the edges of what pick_config may
-    choose (max_warps by token count): no local-memory loads or stores in the SASS."""
+@pytest.mark.parametrize("warps,tokens,route", [(24, 4, None), (20, 8, None), (16, 8, None), (12, 1, None),
+                                                (24, 4, _DEEPSEEK_ROUTE), (20, 8, _DEEPSEEK_ROUTE),
+                                                (24, 2, (128, 0, "softmax", None, 0, 0, True))])
+def test_kernel_does_not_spill_in_the_launch_shapes_pick_config_allows(warps, tokens, route, tmp_path):
+    """The decode kernel (with and without its routing phase) cross-compiled for sm_90 (NVRTC, no GPU)
+    at the edges of what pick_config may choose (max_warps by token count): no local-memory loads or
+    stores in the SASS."""
     pytest.importorskip("cuda.bindings.nvrtc")
     import subprocess
 
@@ -77,8 +76,7 @@ def test_kernel_does_not_spill_in_the_launch_shapes_pick_config_allows(warps, to
     from cute_moe.inspect import nvdisasm_path
 
     assert warps <= decode.max_warps(decode._tmax(tokens))
-    defines = decode._defines(2, 0, 2, 2, 2, True, 8, decode._tmax(tokens), 2, decode.DecodeConfig(warps), route,
-                              early)
+    defines = decode._defines(2, 0, 2, 2, 2, True, 8, decode._tmax(tokens), 2, decode.DecodeConfig(warps), route)
     cubin, _ = _nvrtc.compile_source("moe_decode.cu", "sm_90", dict(defines), cache=False)
     path = tmp_path / "moe_decode.cubin"
     path.write_bytes(cubin)

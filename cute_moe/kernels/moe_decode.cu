@@ -19,12 +19,6 @@
 //    active expert dotted with its members' h rows, times the router weight, summed per token in
 //    float32 in a fixed order (bitwise reproducible), plus w2_bias and shared_output; one rounding.
 //
-// EARLY: instead of step 2's grid barrier, each GEMM1 unit publishes its activations by a release add
-// to its expert's counter (zeroed before the routing barrier), and a CTA copies an expert's h rows into
-// its own shared memory (apart from x's rows) the first time one of its warps reaches that expert in
-// GEMM2, once the counter is complete. A warp that finishes GEMM1 early goes on through GEMM2 for the
-// experts already done, so HBM keeps streaming where the barrier left it idle.
-//
 // Weights stream through per-warp shared-memory rings filled by 1-D bulk copies (STAGES steps in
 // flight per warp), so memory-level parallelism costs neither registers nor per-thread requests.
 // Ids outside [0, E) are dropped (contribute nothing), as in the plan.
@@ -33,8 +27,7 @@
 // TOP_K, TMAX (tokens at most), ACT (0 silu, 1 gelu, 2 swiglu_oai), HAS_B1, HAS_B2, HAS_SHARED,
 // NW (warps per CTA), CHUNK (bytes of a weight row per bulk copy), STAGES (ring depth),
 // TMAX * TOP_K <= NW * 32. ROUTE (0/1), and with it RW_DT (router weight) and route_select.cuh's
-// defines (LOGIT_DT = fp32, WARPS = NW; groups, if any, of a multiple of 32 experts). EARLY (ROUTE only):
-// no grid barrier between the GEMMs (below).
+// defines (LOGIT_DT = fp32, WARPS = NW; groups, if any, of a multiple of 32 experts).
 #include "common.cuh"
 #if ROUTE
 #define ROUTE_ROW_LOAD16(p) (*(p))  // the logits rows are in shared memory
@@ -235,11 +228,6 @@ __device__ __forceinline__ void group_entries(int num_entries, DecodeShared& S) 
 }
 
 #if ROUTE
-// Slices of H per router weight row: enough (expert, slice) units for every warp, >= 256 elements each.
-__device__ __forceinline__ int logit_slices(int num_warps, int hidden) {
-    return max(1, min(num_warps / NUM_E, ceil_div(hidden, 256)));
-}
-
 // Phase R: router logits and top-k of every token, into S.ids / S.weight (the same in every CTA).
 // Warp gw computes the partial logits of the units gw, gw + num_warps, ... of (expert, slice of H):
 // its slice of the router weight row dotted with every token's x row (both read from global memory,
@@ -252,7 +240,7 @@ __device__ __forceinline__ void route_tokens(const void* __restrict__ router_w, 
                                              float* lg,
                                              int num_tokens, int hidden, int gw, int num_warps, DecodeShared& S) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, v1 = hidden / 8;
-    const int slices = logit_slices(num_warps, hidden);
+    const int slices = max(1, min(num_warps / NUM_E, ceil_div(hidden, 256)));
     const int slice_v = ceil_div(v1, slices);  // 16-byte x vectors per slice
     typedef typename Elem<RW_DT>::T RT;
     typedef VecIO<RW_DT, 16> RV;
@@ -350,63 +338,6 @@ __device__ __forceinline__ void issue(Issuer& it, int steps1, int steps2, const 
     ++it.n;
 }
 
-#if EARLY
-__device__ __forceinline__ void red_release_add(u32* p, u32 v) {
-    asm volatile("red.release.gpu.global.add.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
-}
-
-__device__ __forceinline__ u32 ld_acquire_gpu(const u32* p) {
-    u32 v;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-
-__device__ __forceinline__ int ld_acquire_cta(const int* p) {
-    int v;
-    asm volatile("ld.acquire.cta.shared.u32 %0, [%1];" : "=r"(v) : "r"(smem_addr(p)) : "memory");
-    return v;
-}
-
-__device__ __forceinline__ void st_release_cta(int* p, int v) {
-    asm volatile("st.release.cta.shared.u32 [%0], %1;" :: "r"(smem_addr(p)), "r"(v) : "memory");
-}
-
-// Expert u's h rows in this CTA's shared memory: hstate[u] 0 = absent, 1 = a warp is copying them, 2 =
-// there. The first warp to need u claims it and those of experts u+1..u+31 whose counters are already
-// complete (lane l: expert u + l), waits for u's counter, and copies all their members' rows at once
-// (cp.async: one L2 round trip, not one per expert); every lane acquires the counters of what it
-// copies. Then every lane waits for hstate[u] == 2.
-__device__ __forceinline__ void ensure_h(int u, int lane, const u32* ready, u32 target, const XT* h, uint4* hrows,
-                                         int v2, const DecodeShared& S, int* hstate) {
-    if (ld_acquire_cta(hstate + u) != 2) {
-        const int mine_e = u + lane;
-        bool claim = false;
-        if (mine_e < S.num_u && ld_acquire_cta(hstate + mine_e) == 0) {
-            if (lane == 0)
-                while (ld_acquire_gpu(ready + u) < target) {
-                }
-            claim = (lane == 0 || ld_acquire_gpu(ready + mine_e) >= target) && atomicCAS(hstate + mine_e, 0, 1) == 0;
-        }
-        const u32 mine = __ballot_sync(FULL_MASK, claim);
-        for (u32 m = mine; m; m &= m - 1) {
-            const int e = u + __ffs(m) - 1;
-            (void)ld_acquire_gpu(ready + e);  // this lane's own acquire before it reads e's rows
-            const int s0 = S.start[e], cnt = S.count[e];
-            for (int mm = 0; mm < cnt; ++mm) {
-                const int entry = S.order[s0 + mm];
-                for (int i = lane; i < v2; i += 32)
-                    cp_async16(hrows + entry * v2 + i, (const uint4*)h + (i64)entry * v2 + i);
-            }
-        }
-        cp_async_wait_all();
-        __syncwarp();
-        if (claim) st_release_cta(hstate + mine_e, 2);
-        while (ld_acquire_cta(hstate + u) != 2) {
-        }
-    }
-}
-#endif
-
 extern "C" __global__ void __launch_bounds__(NT, 1)
 moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __restrict__ w2,
            const typename Elem<B1_DT>::T* __restrict__ b1, const typename Elem<B2_DT>::T* __restrict__ b2,
@@ -417,7 +348,7 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
     __shared__ DecodeShared S;
     __shared__ u64 bars_all[NW * STAGES];
     // dynamic shared memory: each warp's ring of STAGES stages, then x's rows [T, H] (GEMM1), later
-    // the activations' rows [T*k, I] (GEMM2; with EARLY after x's rows)
+    // the activations' rows [T*k, I] (GEMM2)
     extern __shared__ __align__(128) unsigned char dsm[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     unsigned char* const ring = dsm + warp * STAGES * STAGE_BYTES;
@@ -430,15 +361,6 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
     const int v1 = hidden / 8, v2 = inter / 8;  // 16-byte vectors per w1 / w2 row
     for (int i = tid; i < num_tokens * v1; i += NT) cp_async16(rows + i, (const uint4*)x + i);  // x's rows, for GEMM1
     const int gw = blockIdx.x * NW + warp, num_warps = gridDim.x * NW;
-#if EARLY
-    __shared__ int hstate[MAXR];
-    uint4* const hrows = rows + num_tokens * v1;
-    u32* const ready = (u32*)(logit_parts + (i64)num_tokens * NUM_E * logit_slices(num_warps, hidden));
-    if (tid < MAXR) hstate[tid] = 0;
-    if (blockIdx.x == 0 && tid < MAXR) ready[tid] = 0u;  // ordered before every add by the routing barrier
-#else
-    uint4* const hrows = rows;
-#endif
 #if ROUTE
     route_tokens(router_w, route_bias, (float)route_scaling, logit_parts, (const uint4*)x, (float*)dsm, num_tokens,
                  hidden, gw, num_warps, S);
@@ -530,40 +452,29 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
 #endif
                 h[(i64)S.order[first + lane] * inter + j] = EX::from_f32(gated_act(g, up));
             }
-#if EARLY
-            __syncwarp();
-            if (lane == 31) red_release_add(ready + u, 1u);  // (not lane 0, which has bulk copies in flight)
-#endif
             ch = 0;
             ++k;
         }
     }
 
     // ---- GEMM2 + router weight + combine (its first steps are already loading)
-#if EARLY
-    const u32 target = (u32)(inter * groups);  // GEMM1 units per expert
-#else
     grid_barrier();
     for (int i = tid; i < num_entries * v2; i += NT)
         if (S.ids[i / v2] >= 0) rows[i] = __ldcg((const uint4*)h + i);
     __syncthreads();
-#endif
 
     float acc[TMAX];
 #pragma unroll
     for (int t = 0; t < TMAX; ++t) acc[t] = 0.f;
     k = ch = u = 0;
     for (int n = steps1; n < steps1 + steps2; ++n) {
-#if EARLY
-        if (ch == 0) ensure_h(u, lane, ready, target, h, hrows, v2, S, hstate);
-#endif
         mbar_wait(bars + n % STAGES, (n / STAGES) & 1);
         const uint4* stage = (const uint4*)(ring + (n % STAGES) * STAGE_BYTES);
         const int vb = ch * (STAGE_BYTES / 16), nvec = min(STAGE_BYTES / 16, v2 - vb);
         const int s0 = S.start[u], cnt = S.count[u];
         for (int m = 0; m < cnt; ++m) {
             const int entry = S.order[s0 + m];
-            const uint4* hrow = hrows + entry * v2 + vb;
+            const uint4* hrow = rows + entry * v2 + vb;
             float d = 0.f;
 #pragma unroll 4
             for (int i = lane; i < nvec; i += 32) {
