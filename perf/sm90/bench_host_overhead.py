@@ -13,6 +13,7 @@ rows says whether replays went through the driver or ``graph.replay()``; ``graph
 ``memcpy_us``: the driver calls a graphed call makes, alone). A torch reference point in the same run:
 the CPU time of one ``torch._grouped_mm`` call. ``*_cpu_us``: the same calls timed by this thread's CPU
 time instead of the wall clock, ours and torch's timed in turn for 5 rounds (medians);
+``moe_ws_cpu_us``: moe with ``out=`` and a ``cute_moe.Workspace`` (no allocation per call);
 ``moe_over_torch_op``: eager moe's CPU time over one torch._grouped_mm call's; ``*_single_cpu_us``: one call
 at a time onto an idle GPU (a synchronize before each, not timed), CPU time. ``--profile`` writes a cProfile breakdown (by
 own time) of the moe calls.
@@ -83,6 +84,8 @@ def bench_shape(shape, tokens: int, calls: int, profile: list) -> dict:
     offs = plan.cu_seqlens[1:]
     w1t = w1.transpose(1, 2)
     moe = lambda: cute_moe.moe(x, rw, w1, w2, k, renormalize=True, out=out, backend="cute")  # noqa: E731
+    ws = cute_moe.Workspace()
+    moe_ws = lambda: cute_moe.moe(x, rw, w1, w2, k, renormalize=True, out=out, workspace=ws, backend="cute")  # noqa: E731
     graphed = cute_moe.nn.MoE.from_weights(rw, w1, w2, k, renormalize=True, backend="cute").cuda_graphs(64)
     assert torch.equal(graphed(x), graphed._eager(x, None))
     nocopy = cute_moe.nn.MoE.from_weights(rw, w1, w2, k, renormalize=True, backend="cute").cuda_graphs(
@@ -97,7 +100,7 @@ def bench_shape(shape, tokens: int, calls: int, profile: list) -> dict:
     row = {
         "shape": shape.name, "T": tokens,
         "moe_us": host_us(moe, calls),
-        **interleaved_cpu_us({"moe_cpu_us": moe, "nn_moe_eager_cpu_us": lambda: eager(x),
+        **interleaved_cpu_us({"moe_cpu_us": moe, "moe_ws_cpu_us": moe_ws, "nn_moe_eager_cpu_us": lambda: eager(x),
                               "torch_grouped_mm_cpu_us": lambda: torch._grouped_mm(xp, w1t, offs=offs)}, calls),
         "moe_single_cpu_us": host_us(moe, calls // 3, burst=1, cpu=True),
         "torch_grouped_mm_single_cpu_us": host_us(lambda: torch._grouped_mm(xp, w1t, offs=offs), calls // 3, burst=1,
@@ -159,7 +162,8 @@ def main(argv=None) -> int:
         "sm90_host_overhead", rows,
         {"title": f"CPU time per eager call (microseconds, T={args.tokens}): whole layer and each op",
          "target": "moe host overhead <= 20 us per call"},
-        md_columns=["shape", "T", "moe_us", "moe_cpu_us", "torch_grouped_mm_cpu_us", "moe_over_torch_op", "moe_single_cpu_us",
+        md_columns=["shape", "T", "moe_us", "moe_cpu_us", "moe_ws_cpu_us", "torch_grouped_mm_cpu_us", "moe_over_torch_op",
+                    "moe_single_cpu_us",
                     "torch_grouped_mm_single_cpu_us", "moe_alloc_us", "nn_moe_eager_us",
                     "nn_moe_eager_cpu_us", "decode_launch_us", "nn_moe_cuda_graphs_us", "nn_moe_cuda_graphs_nocopy_us", "fused_moe_us",
                     "route_us", "plan_us", "permute_us", "gemm1_us", "gemm2_us", "combine_us", "torch_grouped_mm_us",
