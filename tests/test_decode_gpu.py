@@ -21,6 +21,16 @@ def _weights(e, h, i, bias=False, dtype=torch.bfloat16, bias_dtype=torch.bfloat1
     return w1, w2, b1, b2
 
 
+def _captured(call) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``call`` (run once first, so its kernels are compiled and its memo filled)."""
+    call()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        call()
+    return g
+
+
 @pytest.fixture
 def calls(monkeypatch):
     """Counts launches of the decode kernel (so a test knows which path ran): "n" of the experts
@@ -154,11 +164,7 @@ def test_decode_cuda_graph_replay_with_new_routing(calls):
     out = torch.empty(t, h, device="cuda", dtype=torch.bfloat16)
     ws = cute_moe.Workspace()
     kw = dict(activation="swiglu_oai", w1_bias=b1, w2_bias=b2, out=out, workspace=ws, backend="cute")
-    cute_moe.fused_moe(x, w1, w2, weights, ids, **kw)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        cute_moe.fused_moe(x, w1, w2, weights, ids, **kw)
+    g = _captured(lambda: cute_moe.fused_moe(x, w1, w2, weights, ids, **kw))
     assert calls["n"] == 2
     for _ in range(3):
         new_w, new_ids = cute_moe.route(torch.randn(t, e, device="cuda"), k, renormalize=True)
@@ -312,11 +318,7 @@ def test_moe_decode_cuda_graph_replay_with_new_inputs(calls):
     out = torch.empty(t, h, device="cuda", dtype=torch.bfloat16)
     ws = cute_moe.Workspace()
     kw = dict(renormalize=True, out=out, workspace=ws, backend="cute")
-    cute_moe.moe(x, router, w1, w2, k, **kw)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        cute_moe.moe(x, router, w1, w2, k, **kw)
+    g = _captured(lambda: cute_moe.moe(x, router, w1, w2, k, **kw))
     assert calls["moe"] == 2
     for _ in range(3):
         x.copy_(torch.randn(t, h, device="cuda"))
