@@ -264,15 +264,24 @@ def launch_cooperative(fn, device_index: int, grid: int, block: int, args: tuple
     return launch(*args)
 
 
+# Whether torch's current stream is capturing a CUDA graph (cudaStreamIsCapturing: no GPU work).
+_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or torch.cuda.is_current_stream_capturing
+
+
 class CooperativeLaunch:
     """One kernel's cooperative launch with a fixed grid, block, dynamic shared memory and parameter
     layout (``codes``: struct format characters, e.g. "qqdi"), for launches on the host's hot path:
     a call packs the parameters into this thread's buffer, reads torch's current stream and calls
-    cuLaunchKernelEx (with PDL where the driver accepts it, as :func:`launch_cooperative`). Returns
-    False when it could not launch (the caller takes another path)."""
+    cuLaunchKernelEx with PDL where the driver accepts it (as :func:`launch_cooperative`). With
+    ``eager_pdl=False`` the PDL attribute is set only while a CUDA graph is being captured: for the
+    one-CTA-per-SM decode kernel it cost the host ~2 us per eager launch with earlier work in flight
+    and bought no GPU time (H100, perf/NOTES.md). Returns False when it could not launch (the caller
+    takes another path)."""
 
-    def __init__(self, fn, device_index: int, grid: int, block: int, shared_mem: int, codes: str):
+    def __init__(self, fn, device_index: int, grid: int, block: int, shared_mem: int, codes: str, *,
+                 eager_pdl: bool = True):
         self.fn, self.dev, self.grid, self.block, self.shared_mem = fn, device_index, grid, block, shared_mem
+        self.eager_pdl = eager_pdl
         self._struct, self._offsets = _layout(codes)
         self._local = threading.local()
 
@@ -299,12 +308,13 @@ class CooperativeLaunch:
         pdl = _coop_pdl.get(self.dev)
         if pdl is None:
             pdl = _pdl_on(self.dev)
-        for with_pdl in ((True, False) if pdl else (False,)):
+        tries = (True, False) if pdl and (self.eager_pdl or _capturing()) else (False,)
+        for with_pdl in tries:
             cfg, buf, _, _, cfg_addr, params_addr = self._state(with_pdl)
             self._struct.pack_into(buf, 0, *args)
             cfg.hStream = torch._C._cuda_getCurrentRawStream(self.dev)
             if _driver_launch_ex(cfg_addr, self.fn.ptr, params_addr, None) == 0:
-                if not with_pdl:
+                if len(tries) == 2 and not with_pdl:  # the driver refused the PDL attribute
                     _coop_pdl[self.dev] = False
                 return True
         return False

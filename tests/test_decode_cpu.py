@@ -172,3 +172,37 @@ def test_cooperative_launch_packs_parameters_and_falls_back_from_pdl(monkeypatch
     assert calls == [(1234, 132, 512, 4096, [coop, _nvrtc._PROGRAMMATIC_STREAM_SERIALIZATION], expected),
                      (1234, 132, 512, 4096, [coop], expected), (1234, 132, 512, 4096, [coop], expected)]
     assert not _nvrtc.launch_cooperative(fn, 0, 132, 512, (object(),))  # a type the packer does not know
+
+
+def test_decode_launch_sets_pdl_only_while_capturing(monkeypatch):
+    """The decode kernel's CooperativeLaunch (eager_pdl=False) launches eager calls without the PDL
+    attribute (host time, no GPU gain) and captured ones with it; an eager launch does not mark the
+    device as refusing PDL. CPU: the driver call is recorded."""
+    import ctypes
+    from types import SimpleNamespace
+
+    import torch
+
+    from cute_moe import _nvrtc
+
+    calls = []
+
+    def driver(cfg_addr, fn_ptr, params_addr, extra):
+        cfg = _nvrtc._LaunchConfig.from_address(cfg_addr)
+        calls.append([cfg.attrs[i].id for i in range(cfg.numAttrs)])
+        return 0
+
+    capturing = [False]
+    monkeypatch.setattr(_nvrtc, "_driver_launch_ex", driver)
+    monkeypatch.setattr(_nvrtc, "_current_device", lambda: 0)
+    monkeypatch.setattr(_nvrtc, "_capturing", lambda: capturing[0])
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0, raising=False)
+    monkeypatch.setattr(_nvrtc, "_pdl_devices", {0: True})
+    monkeypatch.setattr(_nvrtc, "_coop_pdl", {})
+    launch = _nvrtc.CooperativeLaunch(SimpleNamespace(ptr=1), 0, 132, 512, 0, "qi", eager_pdl=False)
+    assert launch(5, 6)
+    capturing[0] = True
+    assert launch(5, 6)
+    coop, pdl = _nvrtc._COOPERATIVE, _nvrtc._PROGRAMMATIC_STREAM_SERIALIZATION
+    assert calls == [[coop], [coop, pdl]]
+    assert _nvrtc._coop_pdl == {}

@@ -338,6 +338,238 @@ __device__ __forceinline__ void issue(Issuer& it, int steps1, int steps2, const 
     ++it.n;
 }
 
+#if SPLITK
+// ---- Split-K experts (SPLITK): no grid barrier between the GEMMs.
+// A unit is (active expert u, a block of JB consecutive j of its I), units go round-robin to the CTAs
+// (one each at the reference shapes). A CTA computes its block of h (GEMM1 + activation: its warps
+// take the block's gate/up row pairs), keeps it in shared memory, and multiplies it into the w2
+// columns of the block: row c of w2[e] restricted to the block's j (one bulk copy of JB elements per
+// row, up to 32 rows per stage, one per lane), giving a float32 partial of every output column,
+// router weight applied, stored to parts[CTA][t][c]. Every CTA streams its GEMM1 rows and then its
+// GEMM2 segments through the same ring, so HBM never waits for other CTAs. One grid barrier at the
+// end; each output is then the sum of the partials in CTA order (bitwise reproducible).
+// JB: QJ-multiples (QJ * element bytes = 64-byte segments), as few per unit as give every CTA at most
+// one unit, at most MAXJB (a segment fits a stage).
+#define MAXJB (STAGE_BYTES / EX::SIZE)
+
+struct SkGeom {  // the same in every CTA
+    int units, upe, jb, nch1;
+};
+
+struct SkUnit {  // one unit as one warp sees it
+    int x;       // unit index (>= units: none)
+    int u, j0, nj, rows, s1, s2;  // expert slot, first j, j's, w2 rows per stage, GEMM1 / GEMM2 steps of this warp
+};
+
+__device__ __forceinline__ SkUnit sk_unit(int x, const SkGeom& g, int warp, int hidden, int inter) {
+    SkUnit U{x, 0, 0, 0, 1, 0, 0};
+    if (x >= g.units) return U;
+    U.u = x / g.upe;
+    U.j0 = (x - U.u * g.upe) * g.jb;
+    U.nj = min(g.jb, inter - U.j0);
+    U.s1 = (U.nj > warp ? ceil_div(U.nj - warp, NW) : 0) * g.nch1;
+    U.rows = min(32, STAGE_BYTES / (U.nj * EX::SIZE));
+    const int blocks = ceil_div(hidden, U.rows);
+    U.s2 = blocks > warp ? ceil_div(blocks - warp, NW) : 0;
+    return U;
+}
+
+// The warp's weight steps in order: for each of its CTA's units, GEMM1 steps (pair q of the block,
+// chunk ch of its gate and up rows; lane 0 issues) then GEMM2 steps (rows block b: one bulk copy per
+// lane). All lanes keep the cursor.
+struct SkIssuer {
+    SkUnit U;
+    int local, n;  // step within U, steps issued
+};
+
+__device__ __forceinline__ void sk_issue(SkIssuer& it, const SkGeom& g, const DecodeShared& S, const XT* w1,
+                                         const XT* w2, int warp, int lane, int hidden, int inter, unsigned char* ring,
+                                         u64* bars, u64 policy) {
+    while (it.U.x < g.units && it.local == it.U.s1 + it.U.s2) {
+        it.U = sk_unit(it.U.x + gridDim.x, g, warp, hidden, inter);
+        it.local = 0;
+    }
+    if (it.U.x >= g.units) return;
+    unsigned char* stage = ring + (it.n % STAGES) * STAGE_BYTES;
+    u64* bar = bars + it.n % STAGES;
+    const i64 e = S.expert[it.U.u];
+    if (it.local < it.U.s1) {
+        const int row = hidden * EX::SIZE, q = it.local / g.nch1, ch = it.local - q * g.nch1;
+        if (lane == 0) {
+            const unsigned char* gate =
+                (const unsigned char*)(w1 + (e * 2 * inter + it.U.j0 + warp + q * NW) * hidden) + ch * CHUNK;
+            const u32 bytes = min(CHUNK, row - ch * CHUNK);
+            mbar_expect(bar, 2 * bytes);
+            bulk_load(stage, gate, bytes, bar, policy);
+            bulk_load(stage + CHUNK, gate + (i64)inter * row, bytes, bar, policy);
+        }
+    } else {
+        const int c0 = (warp + (it.local - it.U.s1) * NW) * it.U.rows, nr = min(it.U.rows, hidden - c0);
+        const u32 seg = it.U.nj * EX::SIZE;
+        if (lane == 0) mbar_expect(bar, nr * seg);
+        __syncwarp();
+        if (lane < nr)
+            bulk_load(stage + lane * seg, w2 + (e * hidden + c0 + lane) * inter + it.U.j0, seg, bar, policy);
+    }
+    ++it.local;
+    ++it.n;
+}
+
+// Phases 1-3 of the split-K kernel (after routing; S holds the groups, x's rows are in `rows`).
+__device__ __forceinline__ void experts_splitk(const DecodeShared& S, const uint4* rows, float* hs,
+                                               const XT* __restrict__ w1, const XT* __restrict__ w2,
+                                               const typename Elem<B1_DT>::T* __restrict__ b1,
+                                               const typename Elem<B2_DT>::T* __restrict__ b2,
+                                               const typename Elem<SH_DT>::T* __restrict__ shared,
+                                               XT* __restrict__ out, float* __restrict__ parts, unsigned char* ring,
+                                               unsigned char* smem, u64* bars, int num_tokens, int hidden, int inter) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, v1 = hidden / 8;
+    const int num_u = S.num_u, qb = ceil_div(inter, QJ);
+    SkGeom g;
+    g.jb = QJ * min(MAXJB / QJ, max(1, ceil_div(num_u * qb, (int)gridDim.x)));
+    g.upe = ceil_div(inter, g.jb);
+    g.units = num_u * g.upe;
+    g.nch1 = ceil_div(hidden * EX::SIZE, CHUNK);
+    const u64 policy = evict_first_policy();
+    SkIssuer it{sk_unit(blockIdx.x, g, warp, hidden, inter), 0, 0};
+    for (int i = 0; i < STAGES; ++i) sk_issue(it, g, S, w1, w2, warp, lane, hidden, inter, ring, bars, policy);
+    const int total = num_tokens * hidden;
+    int n = 0;
+    for (int x = blockIdx.x; x < g.units; x += gridDim.x) {
+        const SkUnit U = sk_unit(x, g, warp, hidden, inter);
+        const int s0 = S.start[U.u], cnt = S.count[U.u];
+        int tok[TMAX];
+#pragma unroll
+        for (int m = 0; m < TMAX; ++m) tok[m] = m < cnt ? S.order[s0 + m] / TOP_K : 0;
+        // GEMM1 + activation: this warp's row pairs of the block into hs[m][j - j0]
+        float ag[TMAX], au[TMAX];
+        for (int s = 0; s < U.s1; ++s, ++n) {
+            const int q = s / g.nch1, ch = s - q * g.nch1;
+            if (ch == 0) {
+#pragma unroll
+                for (int m = 0; m < TMAX; ++m) ag[m] = au[m] = 0.f;
+            }
+            mbar_wait(bars + n % STAGES, (n / STAGES) & 1);
+            const uint4* stage = (const uint4*)(ring + (n % STAGES) * STAGE_BYTES);
+            const int vb = ch * (CHUNK / 16), nvec = min(CHUNK / 16, v1 - vb);
+#pragma unroll 4
+            for (int i = lane; i < nvec; i += 32) {
+                float fg[8], fu[8];
+                V16::unpack(stage[i], fg);
+                V16::unpack(stage[CHUNK / 16 + i], fu);
+#pragma unroll
+                for (int m = 0; m < TMAX; ++m) {
+                    if (m < cnt) {
+                        float fx[8];
+                        V16::unpack(rows[tok[m] * v1 + vb + i], fx);
+                        ag[m] = dot8(fg, fx, ag[m]);
+                        au[m] = dot8(fu, fx, au[m]);
+                    }
+                }
+            }
+            __syncwarp();
+            sk_issue(it, g, S, w1, w2, warp, lane, hidden, inter, ring, bars, policy);
+            if (ch == g.nch1 - 1) {
+#pragma unroll
+                for (int m = 0; m < TMAX; ++m) {
+                    if (m < cnt) {
+                        ag[m] = warp_sum(ag[m]);
+                        au[m] = warp_sum(au[m]);
+                    }
+                }
+                if (lane < cnt) {
+                    const int jl = warp + q * NW;
+                    float gv = pick(ag, lane), up = pick(au, lane);
+#if HAS_B1
+                    const i64 row = (i64)S.expert[U.u] * 2 * inter + U.j0 + jl;
+                    gv += Elem<B1_DT>::to_f32(b1[row]);
+                    up += Elem<B1_DT>::to_f32(b1[row + inter]);
+#endif
+                    hs[lane * MAXJB + jl] = EX::to_f32(EX::from_f32(gated_act(gv, up)));  // h in X_DT, as staged
+                }
+            }
+        }
+        __syncthreads();  // the block's h complete
+        // GEMM2 partials: lane r of rows block b = warp + s * NW owns output column c = b * rows + r
+        const int nv = U.nj / 8;
+        for (int s = 0; s < U.s2; ++s, ++n) {
+            const int c = (warp + s * NW) * U.rows + lane;
+            mbar_wait(bars + n % STAGES, (n / STAGES) & 1);
+            if (lane < U.rows && c < hidden) {
+                const uint4* seg = (const uint4*)(ring + (n % STAGES) * STAGE_BYTES) + lane * nv;
+                float d[TMAX];
+#pragma unroll
+                for (int m = 0; m < TMAX; ++m) d[m] = 0.f;
+                for (int v = 0; v < nv; ++v) {
+                    float fw[8];
+                    V16::unpack(seg[v], fw);
+#pragma unroll
+                    for (int m = 0; m < TMAX; ++m) {
+                        if (m < cnt) {
+                            const float4* hv = (const float4*)(hs + m * MAXJB + v * 8);
+                            const float4 h0 = hv[0], h1 = hv[1];
+                            const float fh[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
+                            d[m] = dot8(fw, fh, d[m]);
+                        }
+                    }
+                }
+                float p[TMAX];
+#pragma unroll
+                for (int t = 0; t < TMAX; ++t) p[t] = 0.f;
+#pragma unroll
+                for (int m = 0; m < TMAX; ++m)
+                    if (m < cnt) add_to(p, tok[m], S.weight[S.order[s0 + m]] * d[m]);
+                float* dst = parts + (i64)blockIdx.x * total + c;
+                const bool first = x == (int)blockIdx.x;
+#pragma unroll
+                for (int t = 0; t < TMAX; ++t)
+                    if (t < num_tokens) dst[(i64)t * hidden] = first ? p[t] : dst[(i64)t * hidden] + p[t];
+            }
+            __syncwarp();
+            sk_issue(it, g, S, w1, w2, warp, lane, hidden, inter, ring, bars, policy);
+        }
+        __syncthreads();  // hs free for the next unit
+    }
+
+    // ---- sum the partials: 32 consecutive outputs per CTA step, the CTAs' partials split over the warps
+    grid_barrier();
+    const int nparts = min(g.units, (int)gridDim.x);
+    float* red = (float*)smem;  // [NW][32] in the rings (every stage has landed and been read)
+    for (int ob = blockIdx.x * 32; ob < total; ob += gridDim.x * 32) {
+        const int o = ob + lane;
+        float s = 0.f;
+        if (o < total) {
+            for (int p0 = warp; p0 < nparts; p0 += 8 * NW) {
+                float v[8];
+#pragma unroll
+                for (int i = 0; i < 8; ++i) v[i] = p0 + i * NW < nparts ? __ldcg(parts + (i64)(p0 + i * NW) * total + o) : 0.f;
+#pragma unroll
+                for (int i = 0; i < 8; ++i) s += v[i];
+            }
+        }
+        red[warp * 32 + lane] = s;
+        __syncthreads();
+        if (warp == 0 && o < total) {
+            float r = 0.f;
+            for (int w = 0; w < NW; ++w) r += red[w * 32 + lane];
+            const int t = o / hidden, c = o - t * hidden;
+#if HAS_B2
+#pragma unroll
+            for (int sl = 0; sl < TOP_K; ++sl) {
+                const int entry = t * TOP_K + sl, e = S.ids[entry];
+                if (e >= 0) r += S.weight[entry] * Elem<B2_DT>::to_f32(b2[(i64)e * hidden + c]);
+            }
+#endif
+#if HAS_SHARED
+            r += Elem<SH_DT>::to_f32(shared[o]);
+#endif
+            out[o] = EX::from_f32(r);
+        }
+        __syncthreads();
+    }
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(NT, 1)
 moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __restrict__ w2,
            const typename Elem<B1_DT>::T* __restrict__ b1, const typename Elem<B2_DT>::T* __restrict__ b2,
@@ -388,6 +620,10 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
 #endif
     group_entries(num_entries, S);  // (its barriers publish the mbarrier inits and x's rows)
 
+#if SPLITK
+    experts_splitk(S, rows, (float*)(dsm + NW * STAGES * STAGE_BYTES + ceil_div(num_tokens * hidden * EX::SIZE, 16) * 16),
+                   w1, w2, b1, b2, shared, out, (float*)h, ring, dsm, bars, num_tokens, hidden, inter);
+#else
     const int num_u = S.num_u, groups = S.groups;
     const int nch1 = ceil_div(hidden * EX::SIZE, CHUNK), nch2 = ceil_div(inter * EX::SIZE, STAGE_BYTES);
     const int units1 = num_u * inter * groups;
@@ -524,4 +760,5 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
             out[i] = EX::from_f32(r);
         }
     }
+#endif
 }
