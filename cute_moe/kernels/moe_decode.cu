@@ -368,7 +368,7 @@ __device__ __forceinline__ SkUnit sk_unit(int x, const SkGeom& g, int warp, int 
     U.j0 = (x - U.u * g.upe) * g.jb;
     U.nj = min(g.jb, inter - U.j0);
     U.s1 = (U.nj > warp ? ceil_div(U.nj - warp, NW) : 0) * g.nch1;
-    U.rows = min(32, STAGE_BYTES / (U.nj * EX::SIZE));
+    U.rows = 1 << (31 - __clz(min(32, STAGE_BYTES / (U.nj * EX::SIZE))));  // a power of two
     const int blocks = ceil_div(hidden, U.rows);
     U.s2 = blocks > warp ? ceil_div(blocks - warp, NW) : 0;
     return U;
@@ -490,17 +490,18 @@ __device__ __forceinline__ void experts_splitk(const DecodeShared& S, const uint
             }
         }
         __syncthreads();  // the block's h complete
-        // GEMM2 partials: lane r of rows block b = warp + s * NW owns output column c = b * rows + r
-        const int nv = U.nj / 8;
+        // GEMM2 partials: row r = lane % rows of rows block b = warp + s * NW is output column
+        // c = b * rows + r; the 32 / rows lanes of a row take its 16-byte vectors in turn, then add up.
+        const int nv = U.nj / 8, r = lane & (U.rows - 1), sub = lane / U.rows, lanes = 32 / U.rows;
         for (int s = 0; s < U.s2; ++s, ++n) {
-            const int c = (warp + s * NW) * U.rows + lane;
+            const int c = (warp + s * NW) * U.rows + r;
             mbar_wait(bars + n % STAGES, (n / STAGES) & 1);
-            if (lane < U.rows && c < hidden) {
-                const uint4* seg = (const uint4*)(ring + (n % STAGES) * STAGE_BYTES) + lane * nv;
-                float d[TMAX];
+            const uint4* seg = (const uint4*)(ring + (n % STAGES) * STAGE_BYTES) + r * nv;
+            float d[TMAX];
 #pragma unroll
-                for (int m = 0; m < TMAX; ++m) d[m] = 0.f;
-                for (int v = 0; v < nv; ++v) {
+            for (int m = 0; m < TMAX; ++m) d[m] = 0.f;
+            if (c < hidden) {
+                for (int v = sub; v < nv; v += lanes) {
                     float fw[8];
                     V16::unpack(seg[v], fw);
 #pragma unroll
@@ -513,6 +514,12 @@ __device__ __forceinline__ void experts_splitk(const DecodeShared& S, const uint
                         }
                     }
                 }
+            }
+#pragma unroll
+            for (int m = 0; m < TMAX; ++m)
+                if (m < cnt)
+                    for (int o = U.rows; o < 32; o <<= 1) d[m] += __shfl_xor_sync(FULL_MASK, d[m], o);
+            if (sub == 0 && c < hidden) {
                 float p[TMAX];
 #pragma unroll
                 for (int t = 0; t < TMAX; ++t) p[t] = 0.f;
