@@ -41,7 +41,6 @@ class DecodeConfig:
     warps: int = 16
     chunk: int = 1024
     stages: int = 4
-    split_k: int = 0  # 0: a grid barrier between the GEMMs; else split-K GEMM2 over blocks of a multiple of this many j
 
     def ring_bytes(self) -> int:
         return self.warps * self.stages * 2 * self.chunk
@@ -82,7 +81,7 @@ def _defines(x_dt: int, tw_dt: int, sh_dt: int, b1_dt: int | None, b2_dt: int | 
     d = dict(X_DT=x_dt, TW_DT=tw_dt, SH_DT=max(sh_dt, 0), HAS_SHARED=int(sh_dt >= 0), B1_DT=b1_dt or 0,
              HAS_B1=int(b1_dt is not None), B2_DT=b2_dt or 0, HAS_B2=int(b2_dt is not None), IDS_I64=int(ids_i64),
              TOP_K=top_k, TMAX=tmax, ACT=act, NW=config.warps, CHUNK=config.chunk, STAGES=config.stages,
-             ROUTE=int(route is not None), SPLITK=int(config.split_k > 0), QJ=config.split_k or 8)
+             ROUTE=int(route is not None))
     if route is not None:
         num_experts, rw_dt, scoring, bias_dt, groups, topk_groups, renorm = route
         d |= dict(routing.defines(num_experts, top_k, DTYPE_CODES[torch.float32], scoring, bias_dt, groups,
@@ -163,10 +162,7 @@ def _limits(dev: int) -> tuple[int, int]:
 
 
 def smem_bytes(num_tokens: int, top_k: int, hidden: int, inter: int, elem: int, config: DecodeConfig) -> int:
-    """Dynamic shared memory of a call: the weight rings, then x's rows, later the activations' rows
-    (split-K: x's rows, then one block of float32 activations per token)."""
-    if config.split_k:
-        return config.ring_bytes() + -(-num_tokens * hidden * elem // 16) * 16 + _tmax(num_tokens) * 2 * config.chunk // elem * 4
+    """Dynamic shared memory of a call: the weight rings, then x's rows, later the activations' rows."""
     return config.ring_bytes() + max(num_tokens * hidden, num_tokens * top_k * inter) * elem
 
 
@@ -278,7 +274,7 @@ class _Launch(NamedTuple):
 
     launch: _nvrtc.CooperativeLaunch  # the kernel's launch (grid, block, shared memory, parameter layout)
     sizes: tuple        # trailing int32 arguments: T, H, I, E
-    scratch: int        # bytes of scratch: h [T*k, I] (split-K: float32 partials [CTAs, T, H]), then (routing) the partial logits
+    scratch: int        # bytes of scratch: h [T*k, I], then (routing) the float32 partial logits
     parts_at: int       # byte offset of the partial logits in the scratch
     extra_rows: int     # rows of H elements after out's [T, H] that hold the scratch (one allocation)
 
@@ -293,8 +289,7 @@ def _launch(dev: int, dtypes: tuple, num_tokens: int, top_k: int, num_experts: i
     defines = _defines(x_dt, tw_dt, -1 if sh_dt is None else sh_dt, b1_dt, b2_dt, ids_i64, top_k, _tmax(num_tokens),
                        act, cfg, route)
     grid = _nvrtc.device_info(dev)[1]
-    work = grid * num_tokens * hidden * 4 if cfg.split_k else num_tokens * top_k * inter * elem  # partials or h
-    parts_at = -(-work // 16) * 16
+    parts_at = -(-num_tokens * top_k * inter * elem // 16) * 16
     scratch = parts_at
     if route is not None:
         scratch += num_tokens * num_experts * logit_slices(grid * cfg.warps, num_experts, hidden) * 4
