@@ -35,9 +35,6 @@
 #endif
 
 #define MAXR (TMAX * TOP_K)
-#ifndef PRE2
-#define PRE2 STAGES  // GEMM2 steps a warp may have in flight before the grid barrier
-#endif
 
 typedef Elem<X_DT> EX;
 typedef EX::T XT;
@@ -399,8 +396,7 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
     Issuer it{0, 0, 0, 0, nullptr};
     const u64 policy = evict_first_policy();
     if (lane == 0)
-        for (int i = 0; i < STAGES && it.n < steps1 + PRE2; ++i)
-            issue(it, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
+        for (int i = 0; i < STAGES; ++i) issue(it, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
 
     // ---- GEMM1 + activation
     float ag[TMAX], au[TMAX];
@@ -438,8 +434,7 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
             }
         }
         __syncwarp();
-        if (lane == 0 && it.n < steps1 + PRE2)
-            issue(it, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
+        if (lane == 0) issue(it, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
         if (++ch == nch1) {
 #pragma unroll
             for (int m = 0; m < TMAX; ++m) {
@@ -464,8 +459,6 @@ moe_decode(const XT* __restrict__ x, const XT* __restrict__ w1, const XT* __rest
 
     // ---- GEMM2 + router weight + combine (its first steps are already loading)
     grid_barrier();
-    if (lane == 0)  // GEMM2 steps held back before the barrier (PRE2 < STAGES)
-        while (it.n < steps1 + min(steps2, STAGES)) issue(it, steps1, steps2, S, w1, w2, gw, num_warps, hidden, inter, ring, bars, policy);
     for (int i = tid; i < num_entries * v2; i += NT)
         if (S.ids[i / v2] >= 0) rows[i] = __ldcg((const uint4*)h + i);
     __syncthreads();
