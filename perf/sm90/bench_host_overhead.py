@@ -12,7 +12,8 @@ graph replay, output copy; ``nocopy``: ``copy_output=False``, no output copy; ``
 rows says whether replays went through the driver or ``graph.replay()``; ``graph_launch_us`` and
 ``memcpy_us``: the driver calls a graphed call makes, alone). A torch reference point in the same run:
 the CPU time of one ``torch._grouped_mm`` call. ``*_cpu_us``: the same calls timed by this thread's CPU
-time instead of the wall clock, ours and torch's timed in turn for 5 rounds (medians);
+time instead of the wall clock, ours and torch's for every shape timed in turn for 5 rounds (medians;
+``*_rounds`` in the JSON: each round's value);
 ``moe_ws_cpu_us``: moe with ``out=`` and a ``cute_moe.Workspace`` (no allocation per call);
 ``moe_over_torch_op``: eager moe's CPU time over one torch._grouped_mm call's; ``*_single_cpu_us``: one call
 at a time onto an idle GPU (a synchronize before each, not timed), CPU time. ``--profile`` writes a cProfile breakdown (by
@@ -59,17 +60,48 @@ def host_us(fn, calls: int, burst: int = 10, cpu: bool = False) -> float:
     return sorted(samples)[len(samples) // 2]
 
 
-def interleaved_cpu_us(fns: dict, calls: int, rounds: int = 5) -> dict:
-    """Median over ``rounds`` of :func:`host_us` (CPU time) for each of ``fns``, timed in turn, so a
-    shared host's slow phases fall on ours and on the torch reference alike."""
-    times = {name: [] for name in fns}
+def interleaved_cpu_us(fns: list[dict], calls: int, rounds: int = 5) -> list[dict]:
+    """Median over ``rounds`` of :func:`host_us` (CPU time) for each function of each dict in
+    ``fns`` (one dict per shape), every round timing all of them in turn, so a shared host's slow
+    phases (which double every host time for tens of seconds) fall on every shape and on the torch
+    reference alike instead of on whichever shape was being timed. Also returns each value's spread
+    over the rounds (``<name>_rounds``)."""
+    times = [{name: [] for name in group} for group in fns]
     for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(host_us(fn, calls, cpu=True))
-    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+        for group, acc in zip(fns, times):
+            for name, fn in group.items():
+                acc[name].append(host_us(fn, calls, cpu=True))
+    out = []
+    for acc in times:
+        row = {name: sorted(ts)[len(ts) // 2] for name, ts in acc.items()}
+        row |= {f"{name}_rounds": [round(t, 2) for t in ts] for name, ts in acc.items()}
+        out.append(row)
+    return out
 
 
-def bench_shape(shape, tokens: int, calls: int, profile: list) -> dict:
+def cpu_fns(shape, tokens: int) -> dict:
+    """The calls whose CPU time is timed in rounds across shapes (see :func:`interleaved_cpu_us`):
+    moe with out=, with out= and a Workspace, nn.MoE eager, and one torch._grouped_mm call."""
+    e, k, h = shape.num_experts, shape.top_k, shape.hidden
+    w1, w2 = expert_weights(shape)
+    rw = torch.randn(e, h, device="cuda", dtype=torch.bfloat16) * h**-0.5
+    x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(x)
+    topk_w, topk_ids = cute_moe.route(torch.randn(tokens, e, device="cuda"), k, renormalize=True)
+    plan = make_plan(topk_ids, e)
+    xp = permute(x, plan)
+    offs = plan.cu_seqlens[1:]
+    w1t = w1.transpose(1, 2)
+    ws = cute_moe.Workspace()
+    eager = cute_moe.nn.MoE.from_weights(rw, w1, w2, k, renormalize=True, backend="cute")
+    return {"moe_cpu_us": lambda: cute_moe.moe(x, rw, w1, w2, k, renormalize=True, out=out, backend="cute"),
+            "moe_ws_cpu_us": lambda: cute_moe.moe(x, rw, w1, w2, k, renormalize=True, out=out, workspace=ws,
+                                                  backend="cute"),
+            "nn_moe_eager_cpu_us": lambda: eager(x),
+            "torch_grouped_mm_cpu_us": lambda: torch._grouped_mm(xp, w1t, offs=offs)}
+
+
+def bench_shape(shape, tokens: int, calls: int, profile: list, cpu: dict) -> dict:
     e, k, h = shape.num_experts, shape.top_k, shape.hidden
     w1, w2 = expert_weights(shape)
     rw = torch.randn(e, h, device="cuda", dtype=torch.bfloat16) * h**-0.5
@@ -85,8 +117,6 @@ def bench_shape(shape, tokens: int, calls: int, profile: list) -> dict:
     w1t = w1.transpose(1, 2)
     torch_op = lambda: torch._grouped_mm(xp, w1t, offs=offs)  # noqa: E731
     moe = lambda: cute_moe.moe(x, rw, w1, w2, k, renormalize=True, out=out, backend="cute")  # noqa: E731
-    ws = cute_moe.Workspace()
-    moe_ws = lambda: cute_moe.moe(x, rw, w1, w2, k, renormalize=True, out=out, workspace=ws, backend="cute")  # noqa: E731
     graphed = cute_moe.nn.MoE.from_weights(rw, w1, w2, k, renormalize=True, backend="cute").cuda_graphs(64)
     assert torch.equal(graphed(x), graphed._eager(x, None))
     nocopy = cute_moe.nn.MoE.from_weights(rw, w1, w2, k, renormalize=True, backend="cute").cuda_graphs(
@@ -101,8 +131,7 @@ def bench_shape(shape, tokens: int, calls: int, profile: list) -> dict:
     row = {
         "shape": shape.name, "T": tokens,
         "moe_us": host_us(moe, calls),
-        **interleaved_cpu_us({"moe_cpu_us": moe, "moe_ws_cpu_us": moe_ws, "nn_moe_eager_cpu_us": lambda: eager(x),
-                              "torch_grouped_mm_cpu_us": torch_op}, calls),
+        **cpu,
         "moe_single_cpu_us": host_us(moe, calls // 3, burst=1, cpu=True),
         "torch_grouped_mm_single_cpu_us": host_us(torch_op, calls // 3, burst=1, cpu=True),
         "moe_alloc_us": host_us(lambda: cute_moe.moe(x, rw, w1, w2, k, renormalize=True, backend="cute"), calls),
@@ -154,7 +183,12 @@ def main(argv=None) -> int:
         print("bench_host_overhead needs a Hopper (sm_90) GPU", file=sys.stderr)
         return 2
     profile = [] if args.profile else None
-    rows = [bench_shape(s, args.tokens, args.calls, profile) for s in select_shapes(args.shapes)]
+    shapes = select_shapes(args.shapes)
+    groups = [cpu_fns(s, args.tokens) for s in shapes]
+    cpu = interleaved_cpu_us(groups, args.calls)
+    del groups
+    torch.cuda.empty_cache()
+    rows = [bench_shape(s, args.tokens, args.calls, profile, c) for s, c in zip(shapes, cpu)]
     if profile is not None:
         with open(args.profile, "w") as f:
             f.write("\n".join(profile))
