@@ -295,9 +295,9 @@ def moe(x, router_weight, w1, w2, top_k: int, *, scoring: str = "softmax", renor
     key = entry = None
     if (switches := _decode_switches(x, quant, backend)) is not None:
         try:  # (cupy arrays and unhashable options have no signature: the full path takes them)
-            key = ("moe", _sig(x), _sig(router_weight), _sig(w1), _sig(w2), top_k, scoring, renormalize, num_groups,
-                   topk_groups, _sig(correction_bias), activation, _sig(w1_bias), _sig(w2_bias),
-                   apply_router_weight_on_input, _sig(shared_output), _sig(out), type(workspace), backend, switches)
+            key = _moe_key(x, router_weight, w1, w2, top_k, scoring, renormalize, num_groups, topk_groups,
+                           correction_bias, activation, w1_bias, w2_bias, apply_router_weight_on_input,
+                           shared_output, out, workspace, backend, switches)
             entry = _FAST.get(key)
         except (AttributeError, TypeError):
             key = None
@@ -319,6 +319,83 @@ def moe(x, router_weight, w1, w2, top_k: int, *, scoring: str = "softmax", renor
     if key is not None and entry is None:
         _remember(key, "moe", router_weight=router_weight, routing=routing, **kwargs)
     return out if out is not None else to_kind(result, kind)
+
+
+def _moe_key(x, router_weight, w1, w2, top_k, scoring, renormalize, num_groups, topk_groups, correction_bias,
+             activation, w1_bias, w2_bias, apply_router_weight_on_input, shared_output, out, workspace, backend,
+             switches) -> tuple:
+    """moe's call signature in _FAST (raises AttributeError/TypeError for arguments that have none)."""
+    key = ("moe", _sig(x), _sig(router_weight), _sig(w1), _sig(w2), top_k, scoring, renormalize, num_groups,
+           topk_groups, _sig(correction_bias), activation, _sig(w1_bias), _sig(w2_bias),
+           apply_router_weight_on_input, _sig(shared_output), _sig(out), type(workspace), backend, switches)
+    return key
+
+
+class BoundMoE:
+    """:func:`moe` with everything but ``x`` (and ``shared_output`` / ``out``) bound once, for eager
+    decode loops: ``bind_moe(router_weight, w1, w2, top_k, ...)(x, out=out)`` returns what
+    ``moe(x, router_weight, w1, w2, top_k, ..., out=out)`` returns. The first call with a new
+    signature of the per-call tensors (shape, strides, dtype, device, 16-byte alignment) runs moe's
+    checks; a repeated one checks only that signature and, on the one-kernel decode path, launches the
+    kernel directly: about half of moe's host time before the driver call. The bound tensors must keep
+    their shapes, strides and storage (bind again after replacing or resizing one); their values may
+    change between calls. Calls on other inputs (cupy arrays, prefill sizes, fp8, under
+    torch.compile) are moe calls."""
+
+    __slots__ = ("_args", "_kwargs", "_memo", "_decode")
+
+    def __init__(self, router_weight, w1, w2, top_k: int, *, scoring: str = "softmax", renormalize: bool = False,
+                 num_groups: int | None = None, topk_groups: int | None = None, correction_bias=None,
+                 routed_scaling_factor: float = 1.0, activation: str = "silu", w1_bias=None, w2_bias=None,
+                 quant: QuantizedWeights | None = None, apply_router_weight_on_input: bool = False,
+                 workspace: Workspace | None = None, backend: str = "auto"):
+        self._args = (router_weight, w1, w2, top_k)
+        self._kwargs = dict(scoring=scoring, renormalize=renormalize, num_groups=num_groups, topk_groups=topk_groups,
+                            correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor,
+                            activation=activation, w1_bias=w1_bias, w2_bias=w2_bias, quant=quant,
+                            apply_router_weight_on_input=apply_router_weight_on_input, workspace=workspace,
+                            backend=backend)
+        # what run_moe takes besides x, shared_output and out
+        self._decode = (router_weight, w1, w2, correction_bias, routed_scaling_factor, w1_bias, w2_bias, workspace)
+        self._memo: dict = {}  # per-call signature -> decode launch (False: moe takes such calls)
+
+    def __call__(self, x, *, shared_output=None, out=None):
+        kw = self._kwargs
+        switches = _decode_switches(x, kw["quant"], kw["backend"])
+        if switches is not None and not torch.compiler.is_compiling():
+            try:
+                key = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, _sig(shared_output), _sig(out),
+                       switches)
+                entry = self._memo.get(key)
+            except (AttributeError, TypeError):
+                key = entry = None
+            if entry:
+                rw, w1, w2, cb, scale, b1, b2, ws = self._decode
+                result = sys.modules[_LAYER].decode.run_moe(entry, x, rw, w1, w2, cb, scale, b1, b2, shared_output,
+                                                            out, ws)
+                if result is not None:
+                    _state.backend = "cute"
+                    return result
+            elif entry is None and key is not None:  # a new signature: moe checks it, then its launch is kept
+                result = moe(x, *self._args, shared_output=shared_output, out=out, **kw)
+                try:
+                    entry = _FAST.get(_moe_key(x, *self._args, kw["scoring"], kw["renormalize"], kw["num_groups"],
+                                               kw["topk_groups"], kw["correction_bias"], kw["activation"],
+                                               kw["w1_bias"], kw["w2_bias"], kw["apply_router_weight_on_input"],
+                                               shared_output, out, kw["workspace"], kw["backend"], switches))
+                except (AttributeError, TypeError):
+                    entry = None
+                if len(self._memo) >= 64:
+                    self._memo.clear()
+                self._memo[key] = entry or False
+                return result
+        return moe(x, *self._args, shared_output=shared_output, out=out, **kw)
+
+
+def bind_moe(router_weight, w1, w2, top_k: int, **options) -> BoundMoE:
+    """A :class:`BoundMoE`: :func:`moe` with these arguments bound (``options``: moe's keyword
+    arguments other than ``shared_output`` and ``out``, which each call takes)."""
+    return BoundMoE(router_weight, w1, w2, top_k, **options)
 
 
 def _check_moe_args(x, router_weight, w1, w2, top_k, *, scoring, renormalize, num_groups, topk_groups,

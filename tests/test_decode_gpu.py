@@ -341,3 +341,34 @@ def test_moe_decode_refused_cooperative_launch_falls_back(calls, monkeypatch):
     out = cute_moe.moe(x, router, w1, w2, k, renormalize=True, backend="cute")
     assert calls["moe"] == 0 and calls["n"] == 0 and cute_moe.last_backend() == "cute"
     assert rel_err(out, cute_moe.moe(x, router, w1, w2, k, renormalize=True, backend="reference")) < 1e-2
+
+
+@needs_sm90
+def test_bound_moe_equals_moe_and_replays_in_a_cuda_graph(calls):
+    """bind_moe(...)(x, out=out) gives moe's output bit for bit at T = 1 and 2 (fresh x each call,
+    out poisoned), through the decode kernel; captured in a CUDA graph it routes each replay's new x;
+    a cupy x takes moe's path and comes back as cupy."""
+    cp = pytest.importorskip("cupy")
+    e, k, h, i = 64, 8, 1024, 192
+    w1, w2, _, _ = _weights(e, h, i)
+    router = torch.randn(e, h, device="cuda").to(torch.bfloat16)
+    ws = cute_moe.Workspace()
+    bound = cute_moe.bind_moe(router, w1, w2, k, renormalize=True, workspace=ws, backend="cute")
+    for t in (1, 2, 1, 2):
+        x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
+        out = torch.full((t, h), float("nan"), device="cuda", dtype=torch.bfloat16)
+        assert bound(x, out=out) is out
+        assert torch.equal(out, cute_moe.moe(x, router, w1, w2, k, renormalize=True, backend="cute"))
+        assert rel_err(out, cute_moe.moe(x, router, w1, w2, k, renormalize=True, backend="reference")) < 1e-2
+    assert calls["moe"] == 8
+    x = torch.randn(1, h, device="cuda").to(torch.bfloat16)
+    out = torch.empty(1, h, device="cuda", dtype=torch.bfloat16)
+    g = _captured(lambda: bound(x, out=out))
+    for _ in range(3):
+        x.copy_(torch.randn(1, h, device="cuda"))
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, cute_moe.moe(x, router, w1, w2, k, renormalize=True, backend="cute"))
+    y = bound(cp.asarray(x))
+    assert isinstance(y, cp.ndarray) and torch.equal(torch.as_tensor(y, device="cuda"), out)

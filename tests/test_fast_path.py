@@ -121,3 +121,47 @@ def test_refused_launch_falls_back_to_the_full_path(gpu, monkeypatch):
     with pytest.raises(Exception):  # the fallback's routing kernels need a real GPU
         cute_moe.moe(x, rw, w1, w2, K, out=out, backend="cute")
     assert len(gpu.checks) == 2
+
+
+def test_bound_moe_checks_each_signature_once_and_launches_what_moe_launches(gpu):
+    """bind_moe: a repeated call checks nothing but x's and out's signature and launches the kernel
+    moe's memo holds, with the same parameters; a new signature runs moe's checks once more."""
+    x, rw, w1, w2 = _layer()
+    out = torch.empty_like(x)
+    bound = cute_moe.bind_moe(rw, w1, w2, K, renormalize=True, backend="cute")
+    for _ in range(3):
+        assert bound(x, out=out) is out
+    assert len(gpu.checks) == 1 and len(gpu.launches) == 3 and cute_moe.last_backend() == "cute"
+    cute_moe.moe(x, rw, w1, w2, K, renormalize=True, out=out, backend="cute")
+    assert gpu.launches[-1] == gpu.launches[0] and gpu.launches[0][0]["ROUTE"] == 1
+    x2 = torch.empty(2, H, device="meta", dtype=torch.bfloat16)
+    bound(x2)
+    bound(x2)
+    assert len(gpu.checks) == 2 and len(gpu.launches) == 6
+
+
+def test_bound_moe_still_rejects_bad_inputs_and_honors_the_switches(gpu, monkeypatch):
+    x, rw, w1, w2 = _layer()
+    bound = cute_moe.bind_moe(rw, w1, w2, K, backend="cute")
+    bound(x)
+    with pytest.raises((TypeError, ValueError), match="x"):
+        bound(x.to(torch.float16))
+    with pytest.raises(ValueError, match="x"):
+        bound(torch.empty(T, H + 8, device="meta", dtype=torch.bfloat16))
+    monkeypatch.setattr(decode, "ROUTE_IN_KERNEL", False)
+    with pytest.raises(Exception):  # the routing kernels need a real GPU here: moe's full path ran
+        bound(x)
+    assert len(gpu.launches) == 1
+
+
+def test_bound_moe_on_the_reference_backend_equals_moe():
+    """On CPU tensors (the reference backend) a bound call is a moe call."""
+    torch.manual_seed(0)
+    x, rw = torch.randn(3, H), torch.randn(E, H)
+    w1, w2 = torch.randn(E, 2 * I, H) * H**-0.5, torch.randn(E, H, I) * I**-0.5
+    bound = cute_moe.bind_moe(rw, w1, w2, K, scoring="sigmoid", renormalize=True)
+    expected = cute_moe.moe(x, rw, w1, w2, K, scoring="sigmoid", renormalize=True)
+    for _ in range(2):
+        assert torch.equal(bound(x), expected)
+    out = torch.empty_like(x)
+    assert bound(x, out=out) is out and torch.equal(out, expected)

@@ -15,6 +15,7 @@ the CPU time of one ``torch._grouped_mm`` call. ``*_cpu_us``: the same calls tim
 time instead of the wall clock, ours and torch's for every shape timed in turn for 5 rounds (medians;
 ``*_rounds`` in the JSON: each round's value);
 ``moe_ws_cpu_us``: moe with ``out=`` and a ``cute_moe.Workspace`` (no allocation per call);
+``bound_ws_cpu_us``: the same call through ``cute_moe.bind_moe`` (weights and options bound once);
 ``moe_over_torch_op``: eager moe's CPU time over one torch._grouped_mm call's; ``*_single_cpu_us``: one call
 at a time onto an idle GPU (a synchronize before each, not timed), CPU time. ``--profile`` writes a cProfile breakdown (by
 own time) of the moe calls.
@@ -92,11 +93,13 @@ def cpu_fns(shape, tokens: int) -> dict:
     xp = permute(x, plan)
     offs = plan.cu_seqlens[1:]
     w1t = w1.transpose(1, 2)
-    ws = cute_moe.Workspace()
+    ws, ws_bound = cute_moe.Workspace(), cute_moe.Workspace()
+    bound = cute_moe.bind_moe(rw, w1, w2, k, renormalize=True, workspace=ws_bound, backend="cute")
     eager = cute_moe.nn.MoE.from_weights(rw, w1, w2, k, renormalize=True, backend="cute")
     return {"moe_cpu_us": lambda: cute_moe.moe(x, rw, w1, w2, k, renormalize=True, out=out, backend="cute"),
             "moe_ws_cpu_us": lambda: cute_moe.moe(x, rw, w1, w2, k, renormalize=True, out=out, workspace=ws,
                                                   backend="cute"),
+            "bound_ws_cpu_us": lambda: bound(x, out=out),
             "nn_moe_eager_cpu_us": lambda: eager(x),
             "torch_grouped_mm_cpu_us": lambda: torch._grouped_mm(xp, w1t, offs=offs)}
 
@@ -196,7 +199,7 @@ def main(argv=None) -> int:
         "sm90_host_overhead", rows,
         {"title": f"CPU time per eager call (microseconds, T={args.tokens}): whole layer and each op",
          "target": "moe host overhead <= 20 us per call"},
-        md_columns=["shape", "T", "moe_us", "moe_cpu_us", "moe_ws_cpu_us", "torch_grouped_mm_cpu_us", "moe_over_torch_op",
+        md_columns=["shape", "T", "moe_us", "moe_cpu_us", "moe_ws_cpu_us", "bound_ws_cpu_us", "torch_grouped_mm_cpu_us", "moe_over_torch_op",
                     "moe_single_cpu_us", "torch_grouped_mm_single_cpu_us", "moe_alloc_us", "nn_moe_eager_us",
                     "nn_moe_eager_cpu_us", "decode_launch_us", "nn_moe_cuda_graphs_us", "nn_moe_cuda_graphs_nocopy_us", "fused_moe_us",
                     "route_us", "plan_us", "permute_us", "gemm1_us", "gemm2_us", "combine_us", "torch_grouped_mm_us",
