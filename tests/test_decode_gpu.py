@@ -346,9 +346,7 @@ def test_moe_decode_refused_cooperative_launch_falls_back(calls, monkeypatch):
 @needs_sm90
 def test_bound_moe_equals_moe_and_replays_in_a_cuda_graph(calls):
     """bind_moe(...)(x, out=out) gives moe's output bit for bit at T = 1 and 2 (fresh x each call,
-    out poisoned), through the decode kernel; captured in a CUDA graph it routes each replay's new x;
-    a cupy x takes moe's path and comes back as cupy."""
-    cp = pytest.importorskip("cupy")
+    out poisoned), through the decode kernel; captured in a CUDA graph it routes each replay's new x."""
     e, k, h, i = 64, 8, 1024, 192
     w1, w2, _, _ = _weights(e, h, i)
     router = torch.randn(e, h, device="cuda").to(torch.bfloat16)
@@ -370,5 +368,3 @@ def test_bound_moe_equals_moe_and_replays_in_a_cuda_graph(calls):
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, cute_moe.moe(x, router, w1, w2, k, renormalize=True, backend="cute"))
-    y = bound(cp.asarray(x))
-    assert isinstance(y, cp.ndarray) and torch.equal(torch.as_tensor(y, device="cuda"), out)
