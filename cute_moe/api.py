@@ -325,10 +325,9 @@ def _moe_key(x, router_weight, w1, w2, top_k, scoring, renormalize, num_groups, 
              activation, w1_bias, w2_bias, apply_router_weight_on_input, shared_output, out, workspace, backend,
              switches) -> tuple:
     """moe's call signature in _FAST (raises AttributeError/TypeError for arguments that have none)."""
-    key = ("moe", _sig(x), _sig(router_weight), _sig(w1), _sig(w2), top_k, scoring, renormalize, num_groups,
-           topk_groups, _sig(correction_bias), activation, _sig(w1_bias), _sig(w2_bias),
-           apply_router_weight_on_input, _sig(shared_output), _sig(out), type(workspace), backend, switches)
-    return key
+    return ("moe", _sig(x), _sig(router_weight), _sig(w1), _sig(w2), top_k, scoring, renormalize, num_groups,
+            topk_groups, _sig(correction_bias), activation, _sig(w1_bias), _sig(w2_bias),
+            apply_router_weight_on_input, _sig(shared_output), _sig(out), type(workspace), backend, switches)
 
 
 class BoundMoE:
@@ -342,7 +341,7 @@ class BoundMoE:
     change between calls. Calls on other inputs (cupy arrays, prefill sizes, fp8, under
     torch.compile) are moe calls."""
 
-    __slots__ = ("_args", "_kwargs", "_memo", "_decode")
+    __slots__ = ("_args", "_kwargs", "_key_opts", "_memo", "_decode")
 
     def __init__(self, router_weight, w1, w2, top_k: int, *, scoring: str = "softmax", renormalize: bool = False,
                  num_groups: int | None = None, topk_groups: int | None = None, correction_bias=None,
@@ -355,6 +354,9 @@ class BoundMoE:
                             activation=activation, w1_bias=w1_bias, w2_bias=w2_bias, quant=quant,
                             apply_router_weight_on_input=apply_router_weight_on_input, workspace=workspace,
                             backend=backend)
+        # _moe_key's options between top_k and shared_output, in its order
+        self._key_opts = (scoring, renormalize, num_groups, topk_groups, correction_bias, activation, w1_bias, w2_bias,
+                          apply_router_weight_on_input)
         # what run_moe takes besides x, shared_output and out
         self._decode = (router_weight, w1, w2, correction_bias, routed_scaling_factor, w1_bias, w2_bias, workspace)
         self._memo: dict = {}  # per-call signature -> decode launch (False: moe takes such calls)
@@ -364,8 +366,7 @@ class BoundMoE:
         switches = _decode_switches(x, kw["quant"], kw["backend"])
         if switches is not None and not torch.compiler.is_compiling():
             try:
-                key = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, _sig(shared_output), _sig(out),
-                       switches)
+                key = (_sig(x), _sig(shared_output), _sig(out), switches)
                 entry = self._memo.get(key)
             except (AttributeError, TypeError):
                 key = entry = None
@@ -379,10 +380,8 @@ class BoundMoE:
             elif entry is None and key is not None:  # a new signature: moe checks it, then its launch is kept
                 result = moe(x, *self._args, shared_output=shared_output, out=out, **kw)
                 try:
-                    entry = _FAST.get(_moe_key(x, *self._args, kw["scoring"], kw["renormalize"], kw["num_groups"],
-                                               kw["topk_groups"], kw["correction_bias"], kw["activation"],
-                                               kw["w1_bias"], kw["w2_bias"], kw["apply_router_weight_on_input"],
-                                               shared_output, out, kw["workspace"], kw["backend"], switches))
+                    entry = _FAST.get(_moe_key(x, *self._args, *self._key_opts, shared_output, out, kw["workspace"],
+                                               kw["backend"], switches))
                 except (AttributeError, TypeError):
                     entry = None
                 if len(self._memo) >= 64:
