@@ -29,6 +29,7 @@ import io
 import pstats
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -80,31 +81,8 @@ def interleaved_cpu_us(fns: list[dict], calls: int, rounds: int = 5) -> list[dic
     return out
 
 
-def cpu_fns(shape, tokens: int) -> dict:
-    """The calls whose CPU time is timed in rounds across shapes (see :func:`interleaved_cpu_us`):
-    moe with out=, with out= and a Workspace, nn.MoE eager, and one torch._grouped_mm call."""
-    e, k, h = shape.num_experts, shape.top_k, shape.hidden
-    w1, w2 = expert_weights(shape)
-    rw = torch.randn(e, h, device="cuda", dtype=torch.bfloat16) * h**-0.5
-    x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty_like(x)
-    topk_w, topk_ids = cute_moe.route(torch.randn(tokens, e, device="cuda"), k, renormalize=True)
-    plan = make_plan(topk_ids, e)
-    xp = permute(x, plan)
-    offs = plan.cu_seqlens[1:]
-    w1t = w1.transpose(1, 2)
-    ws, ws_bound = cute_moe.Workspace(), cute_moe.Workspace()
-    bound = cute_moe.bind_moe(rw, w1, w2, k, renormalize=True, workspace=ws_bound, backend="cute")
-    eager = cute_moe.nn.MoE.from_weights(rw, w1, w2, k, renormalize=True, backend="cute")
-    return {"moe_cpu_us": lambda: cute_moe.moe(x, rw, w1, w2, k, renormalize=True, out=out, backend="cute"),
-            "moe_ws_cpu_us": lambda: cute_moe.moe(x, rw, w1, w2, k, renormalize=True, out=out, workspace=ws,
-                                                  backend="cute"),
-            "bound_ws_cpu_us": lambda: bound(x, out=out),
-            "nn_moe_eager_cpu_us": lambda: eager(x),
-            "torch_grouped_mm_cpu_us": lambda: torch._grouped_mm(xp, w1t, offs=offs)}
-
-
-def bench_shape(shape, tokens: int, calls: int, profile: list, cpu: dict) -> dict:
+def layer_inputs(shape, tokens: int) -> SimpleNamespace:
+    """One shape's weights, inputs, routing and plan, and its moe / torch._grouped_mm calls."""
     e, k, h = shape.num_experts, shape.top_k, shape.hidden
     w1, w2 = expert_weights(shape)
     rw = torch.randn(e, h, device="cuda", dtype=torch.bfloat16) * h**-0.5
@@ -114,12 +92,34 @@ def bench_shape(shape, tokens: int, calls: int, profile: list, cpu: dict) -> dic
     topk_w, topk_ids = cute_moe.route(logits, k, renormalize=True)
     plan = make_plan(topk_ids, e)
     xp = permute(x, plan)
+    offs, w1t = plan.cu_seqlens[1:], w1.transpose(1, 2)
+    return SimpleNamespace(
+        e=e, k=k, h=h, w1=w1, w2=w2, rw=rw, x=x, out=out, logits=logits, topk_w=topk_w, topk_ids=topk_ids, plan=plan,
+        xp=xp, moe=lambda: cute_moe.moe(x, rw, w1, w2, k, renormalize=True, out=out, backend="cute"),
+        torch_op=lambda: torch._grouped_mm(xp, w1t, offs=offs))
+
+
+def cpu_fns(li: SimpleNamespace) -> dict:
+    """The calls whose CPU time is timed in rounds across shapes (see :func:`interleaved_cpu_us`):
+    moe with out=, with out= and a Workspace, the bound call, nn.MoE eager, one torch._grouped_mm call."""
+    x, out, rw, w1, w2, k = li.x, li.out, li.rw, li.w1, li.w2, li.k
+    ws = cute_moe.Workspace()
+    bound = cute_moe.bind_moe(rw, w1, w2, k, renormalize=True, workspace=cute_moe.Workspace(), backend="cute")
+    eager = cute_moe.nn.MoE.from_weights(rw, w1, w2, k, renormalize=True, backend="cute")
+    return {"moe_cpu_us": li.moe,
+            "moe_ws_cpu_us": lambda: cute_moe.moe(x, rw, w1, w2, k, renormalize=True, out=out, workspace=ws,
+                                                  backend="cute"),
+            "bound_ws_cpu_us": lambda: bound(x, out=out),
+            "nn_moe_eager_cpu_us": lambda: eager(x),
+            "torch_grouped_mm_cpu_us": li.torch_op}
+
+
+def bench_shape(shape, li: SimpleNamespace, tokens: int, calls: int, profile: list, cpu: dict) -> dict:
+    e, k, h, w1, w2, rw, x, out = li.e, li.k, li.h, li.w1, li.w2, li.rw, li.x, li.out
+    logits, topk_w, topk_ids, plan, xp = li.logits, li.topk_w, li.topk_ids, li.plan, li.xp
+    moe, torch_op = li.moe, li.torch_op
     hid = grouped_gemm(xp, w1, plan.cu_seqlens, activation="silu")
     y = grouped_gemm(hid, w2, plan.cu_seqlens)
-    offs = plan.cu_seqlens[1:]
-    w1t = w1.transpose(1, 2)
-    torch_op = lambda: torch._grouped_mm(xp, w1t, offs=offs)  # noqa: E731
-    moe = lambda: cute_moe.moe(x, rw, w1, w2, k, renormalize=True, out=out, backend="cute")  # noqa: E731
     graphed = cute_moe.nn.MoE.from_weights(rw, w1, w2, k, renormalize=True, backend="cute").cuda_graphs(64)
     assert torch.equal(graphed(x), graphed._eager(x, None))
     nocopy = cute_moe.nn.MoE.from_weights(rw, w1, w2, k, renormalize=True, backend="cute").cuda_graphs(
@@ -187,11 +187,9 @@ def main(argv=None) -> int:
         return 2
     profile = [] if args.profile else None
     shapes = select_shapes(args.shapes)
-    groups = [cpu_fns(s, args.tokens) for s in shapes]
-    cpu = interleaved_cpu_us(groups, args.calls)
-    del groups
-    torch.cuda.empty_cache()
-    rows = [bench_shape(s, args.tokens, args.calls, profile, c) for s, c in zip(shapes, cpu)]
+    inputs = [layer_inputs(s, args.tokens) for s in shapes]
+    cpu = interleaved_cpu_us([cpu_fns(li) for li in inputs], args.calls)
+    rows = [bench_shape(s, li, args.tokens, args.calls, profile, c) for s, li, c in zip(shapes, inputs, cpu)]
     if profile is not None:
         with open(args.profile, "w") as f:
             f.write("\n".join(profile))
