@@ -13,7 +13,8 @@ from gpu_checks import needs_sm90, rel_err
 pytestmark = pytest.mark.gpu
 
 TOL = 2e-2
-RAGGED = [0, 1, 127, 129, 256, 0, 3, 64]
+# 1, 3, 64, 129, 192: a 128-row tile whose second warpgroup has no rows (it skips the WGMMAs); 65, 127: one or more
+RAGGED = [0, 1, 127, 129, 256, 0, 3, 64, 65, 192]
 
 
 def quantized_operands(mode: str, a: torch.Tensor, b: torch.Tensor, gated: bool = False):
@@ -43,15 +44,18 @@ def _reference(a, b, cu, activation):
 
 
 def _config(mode: str, tile_m: int):
-    """"block_overlap": blockwise with GemmConfig.overlap_promotion; "_c2": 2-CTA clusters."""
+    """"block_overlap": blockwise with GemmConfig.overlap_promotion; "_c2": 2-CTA clusters; "_dyn": dynamic
+    tile scheduling (128-row tiles)."""
     from cute_moe.gemm import GemmConfig
 
-    return GemmConfig(tile_m, 256 if mode in ("tensor", "token") else 128, cluster_m=2 if mode.endswith("_c2") else 1,
-                      overlap_promotion=mode.startswith("block_overlap"))
+    return GemmConfig(tile_m, 256 if mode.split("_")[0] in ("tensor", "token") else 128,
+                      cluster_m=2 if mode.endswith("_c2") else 1, overlap_promotion=mode.startswith("block_overlap"),
+                      dynamic=mode.endswith("_dyn") and tile_m == 128)
 
 
 @needs_sm90
-@pytest.mark.parametrize("mode", ["tensor", "token", "block", "block_overlap", "block_overlap_c2"])
+@pytest.mark.parametrize("mode", ["tensor", "token", "block", "block_overlap", "block_overlap_c2", "block_dyn",
+                                  "block_overlap_dyn", "token_dyn"])
 @pytest.mark.parametrize("activation", ["none", "silu", "swiglu_oai"])
 @pytest.mark.parametrize("tile_m", [64, 128])
 def test_fp8_ragged(mode, activation, tile_m):
@@ -109,7 +113,8 @@ def test_fp8_scale_shapes_checked():
 
 
 @needs_sm90
-@pytest.mark.parametrize("mode", ["tensor", "token", "block", "block_overlap", "block_c2", "block_overlap_c2"])
+@pytest.mark.parametrize("mode", ["tensor", "token", "block", "block_overlap", "block_c2", "block_overlap_c2",
+                                  "block_dyn", "block_overlap_dyn", "token_dyn"])
 def test_fp8_persistent_many_tiles_per_cta(mode):
     """Several tiles per CTA and more k-tiles than pipeline stages: the pipeline state must carry
     across tiles (a stale state re-reads old stages and deadlocks or corrupts the next tile)."""

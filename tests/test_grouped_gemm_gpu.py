@@ -42,12 +42,13 @@ def _data(counts, n, k, num_experts):
     return a, b, _cu(counts)
 
 
-RAGGED = [0, 1, 127, 129, 256, 0, 3, 64]
+# 1, 3, 64, 129, 192: a 128-row tile whose second warpgroup has no rows (it skips the WGMMAs); 65, 127: one or more
+RAGGED = [0, 1, 127, 129, 256, 0, 3, 64, 65, 192]
 
 
 @needs_sm90
 @pytest.mark.parametrize("tile", [(128, 256), (128, 256, 2), (64, 256), (64, 128, 2), (64, 64), (64, 96), (64, 160),
-                                  (128, 192), (128, 224)])
+                                  (128, 192), (128, 224), (128, 256, 1, 0, False, True), (128, 224, 1, 0, False, True)])
 @pytest.mark.parametrize("activation", ["none", "silu", "gelu", "swiglu_oai"])
 def test_ragged_segments(tile, activation):
     from cute_moe.gemm import GemmConfig, grouped_gemm
@@ -167,6 +168,65 @@ def test_cuda_graph_replay_with_new_offsets():
         g.replay()
         torch.cuda.synchronize()
         assert rel_err(out, _reference(a, b, cu, "silu")) < TOL
+
+
+def _dynamic_case(counts, n=512, k=1024, num_experts=None):
+    from cute_moe.gemm import GemmConfig
+
+    a, b, cu = _data(counts, n, k, num_experts or len(counts))
+    return a, b, cu, GemmConfig(128, 256, dynamic=True)
+
+
+@needs_sm90
+def test_dynamic_schedule_on_concurrent_streams():
+    """Dynamically scheduled GEMMs on two streams at once, many launches each: every stream has its own
+    tile counter and each launch leaves it zeroed for the next (a shared or stale counter skips tiles:
+    NaN rows, or hangs)."""
+    from cute_moe.gemm import grouped_gemm
+
+    cases = [_dynamic_case([700, 0, 65, 1300, 192, 1]), _dynamic_case([64, 129, 900, 0, 0, 2000])]
+    refs = [_reference(a, b, cu, "silu") for a, b, cu, _ in cases]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    outs = [[torch.full((a.shape[0], 256), float("nan"), device="cuda", dtype=torch.bfloat16) for _ in range(20)]
+            for a, _, _, _ in cases]
+    torch.cuda.synchronize()
+    for j in range(20):
+        for (a, b, cu, cfg), s, o in zip(cases, streams, outs):
+            with torch.cuda.stream(s):
+                grouped_gemm(a, b, cu, activation="silu", out=o[j], config=cfg)
+    torch.cuda.synchronize()
+    for o, ref in zip(outs, refs):
+        assert max(rel_err(x, ref) for x in o) < TOL
+
+
+@needs_sm90
+def test_dynamic_schedule_first_call_under_capture(monkeypatch):
+    """With no zeroed counter buffer yet, a call captured into a graph runs the static tile order
+    (allocating one during capture would leave it uninitialized for eager calls); later eager calls
+    allocate it and schedule dynamically. Both give the same result."""
+    from cute_moe.gemm import grouped_gemm
+    from cute_moe.gemm import interface
+
+    monkeypatch.setattr(interface, "_COUNTERS", {})
+    monkeypatch.setattr(interface, "_COUNTER_SLOT", {})
+    a, b, cu, cfg = _dynamic_case([300, 0, 1000, 77])
+    out = torch.full((a.shape[0], 256), float("nan"), device="cuda", dtype=torch.bfloat16)
+    grouped_gemm(a, b, cu, activation="silu", out=out, config=cfg)  # compile outside the capture
+    interface._COUNTERS.clear()  # (the monkeypatched dicts) as if no counter had been allocated
+    interface._COUNTER_SLOT.clear()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        grouped_gemm(a, b, cu, activation="silu", out=out, config=cfg)
+    assert interface._COUNTERS == {}
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    ref = _reference(a, b, cu, "silu")
+    assert rel_err(out, ref) < TOL
+    out2 = grouped_gemm(a, b, cu, activation="silu", config=cfg)
+    assert len(interface._COUNTERS) == 1
+    assert torch.equal(out, out2)
 
 
 @needs_sm90

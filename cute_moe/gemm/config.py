@@ -24,6 +24,10 @@ class GemmConfig:
     overlap_promotion (blockwise fp8 only): a second scratch accumulator so the next k-tile's WGMMA
     runs while the previous one is promoted into the fp32 accumulator (more registers); off, each
     k-tile's WGMMA is waited for before its promotion (serial).
+    dynamic (cluster_m=1 only): CTAs take their tiles after the first from a global counter, in
+    order, instead of every grid-size-th tile; the tiles in flight then stay a compact window of the
+    tile list however unequal their costs (an expert's last M-tile of <= 64 rows costs one consumer
+    warpgroup), so co-resident CTAs keep sharing weight tiles in L2.
     """
 
     tile_m: int = 128
@@ -31,6 +35,7 @@ class GemmConfig:
     cluster_m: int = 1
     stages: int = 0
     overlap_promotion: bool = False
+    dynamic: bool = False
 
     def __post_init__(self):
         if self.tile_m not in (64, 128):
@@ -41,6 +46,8 @@ class GemmConfig:
             raise ValueError(f"cluster_m must be 1 or 2, got {self.cluster_m}")
         if self.stages < 0:
             raise ValueError(f"stages must be >= 0, got {self.stages}")
+        if self.dynamic and self.cluster_m != 1:
+            raise ValueError("dynamic tile scheduling needs cluster_m=1")
 
 
 PREFILL_TILE_N = (256, 224, 192)

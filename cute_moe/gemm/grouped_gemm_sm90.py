@@ -39,6 +39,10 @@ from cutlass.tensor_utils import LayoutEnum
 from .._nvrtc import PDL
 from .config import GemmConfig
 
+# with dynamic scheduling, consumer warpgroups with no rows in a tile skip its WGMMAs (False: for A/B runs)
+SKIP_IDLE_WARPGROUPS = True
+# tile indices in flight from the producer warp (which draws them) to the consumer warpgroups
+SCHED_STAGES = 2
 _SWIGLU_ALPHA = 1.702
 _SWIGLU_LIMIT = 7.0
 
@@ -96,6 +100,7 @@ class GroupedGemmSm90:
         self.acc_dtype = cutlass.Float32
         self.tile_m, self.tile_n = config.tile_m, config.tile_n
         self.cm = config.cluster_m
+        self.dynamic = config.dynamic
         self.tile_n_out = self.tile_n // 2 if self.gated else self.tile_n
         self.num_mma_wg = self.tile_m // 64
         self.threads = 128 * (1 + self.num_mma_wg)
@@ -168,7 +173,9 @@ class GroupedGemmSm90:
         mRowScale: Optional[cute.Tensor],  # (M_total,) float32 or None
         mSA: Optional[cute.Tensor],  # fp8 A scales: (1,) tensor | (M_total,) token | (ceil(K/128), M_total) block
         mSB: Optional[cute.Tensor],  # fp8 B scales: (E,) tensor | (E, N) channel | (E, ceil(N/128), ceil(K/128)) block
+        mSched: cute.Tensor,  # int32 (2,): tile counter and exit counter, zero between launches (dynamic)
         max_m: Int32,  # masked layout: rows per expert slot (ignored for varlen)
+        sched_on: Int32,  # dynamic config: 1 draws tiles from mSched, 0 falls back to the static order
         num_sms: cutlass.Constexpr,
         stream,
     ):
@@ -206,6 +213,8 @@ class GroupedGemmSm90:
         @cute.struct
         class SharedStorage:
             pipe_mbar: cute.struct.MemRange[cutlass.Int64, self.ab_stage * 2]
+            sched_mbar: cute.struct.MemRange[cutlass.Int64, SCHED_STAGES * 2]
+            sched_tile: cute.struct.MemRange[Int32, SCHED_STAGES]
             tile_prefix: cute.struct.MemRange[Int32, num_experts + 1]
             sA: cute.struct.Align[
                 cute.struct.MemRange[self.a_dtype, cute.cosize(self.a_smem_staged)], 1024
@@ -221,7 +230,7 @@ class GroupedGemmSm90:
         self.smem_bytes = SharedStorage.size_in_bytes()
         self.kernel(
             tma_a, tma_tensor_a, tma_b, tma_tensor_b, tma_c, tma_tensor_c,
-            mSeg, mBias, mRowScale, mSA, mSB, max_m, n_tiles, n_b,
+            mSeg, mBias, mRowScale, mSA, mSB, mSched, max_m, sched_on, n_tiles, n_b,
             self.tiled_mma, self.tiled_mma_out,
             self.a_smem_staged, self.b_smem_staged, self.b_tma_staged, self.epi_smem_staged,
         ).launch(
@@ -249,6 +258,48 @@ class GroupedGemmSm90:
         return cute.make_tensor(base, layout)
 
     # ------------------------------------------------------------------ device
+    @cute.jit
+    def _draw_tile(self, mSched: cute.Tensor, sched_on: Int32, t_static: Int32, lane: Int32, num_clusters: Int32):
+        """The producer warp's next tile: num_clusters + the counter's old value (lane 0 adds, the warp
+        shares it), or ``t_static`` when the launch runs the static order."""
+        t = t_static
+        if sched_on != 0:
+            drawn = Int32(0)
+            if lane == 0:
+                drawn = cute.arch.atomic_add(mSched.iterator, Int32(1), sem="relaxed", scope="gpu")
+            t = cute.arch.shuffle_sync(drawn, 0) + num_clusters
+        return t
+
+    @cute.jit
+    def _release_counter(self, mSched: cute.Tensor, sched_on: Int32, lane: Int32, num_ctas: Int32):
+        """After a CTA's last draw: count it out; the last CTA out zeroes both counters for the next
+        launch (every CTA has drawn its final index by then; acq_rel orders their draws before it)."""
+        if sched_on != 0:
+            if lane == 0:
+                out = cute.arch.atomic_add(mSched.iterator + 1, Int32(1), sem="acq_rel", scope="gpu")
+                if out == num_ctas - 1:
+                    mSched[0] = Int32(0)
+                    mSched[1] = Int32(0)
+
+    @cute.jit
+    def _publish_tile(self, sched, sTile: cute.Tensor, state, t: Int32, lane: Int32):
+        """Producer warp: hand tile index t to the consumer warpgroups."""
+        sched.producer_acquire(state)
+        if lane == 0:
+            sTile[state.index] = t
+        sched.producer_commit(state)
+        state.advance()
+        return state
+
+    @cute.jit
+    def _take_tile(self, sched, sTile: cute.Tensor, state):
+        """Consumer thread: the next tile index from the producer warp."""
+        sched.consumer_wait(state)
+        t = sTile[state.index]
+        sched.consumer_release(state)
+        state.advance()
+        return t, state
+
     @cute.jit
     def _segment(self, mSeg: cute.Tensor, e: Int32, max_m: Int32):
         """(first row, row count) of expert e."""
@@ -385,6 +436,48 @@ class GroupedGemmSm90:
         return read_state, release_state
 
     @cute.jit
+    def _mainloop(self, acc, tCrA, tCrB, tiled_mma, mainloop, read_state, release_state, k_tiles, num_k_blocks):
+        """bf16 / fp16 / unscaled-block fp8 mainloop: one WGMMA batch in flight, each stage released one
+        k-tile after its batch was issued. Returns the advanced (read, release) states (see
+        `_mainloop_blockwise`)."""
+        tiled_mma.set(warpgroup.Field.ACCUMULATE, False)
+        warpgroup.fence()
+        mainloop.consumer_wait(read_state)
+        for kb in cutlass.range_constexpr(num_k_blocks):
+            cute.gemm(tiled_mma, acc, tCrA[None, None, kb, read_state.index],
+                      tCrB[None, None, kb, read_state.index], acc)
+            tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
+        warpgroup.commit_group()
+        read_state.advance()
+        for kt in range(1, k_tiles):
+            mainloop.consumer_wait(read_state)
+            warpgroup.fence()
+            for kb in cutlass.range_constexpr(num_k_blocks):
+                cute.gemm(tiled_mma, acc, tCrA[None, None, kb, read_state.index],
+                          tCrB[None, None, kb, read_state.index], acc)
+            warpgroup.commit_group()
+            warpgroup.wait_group(1)
+            mainloop.consumer_release(release_state)
+            release_state.advance()
+            read_state.advance()
+        warpgroup.wait_group(0)
+        mainloop.consumer_release(release_state)
+        release_state.advance()
+        return read_state, release_state
+
+    @cute.jit
+    def _skip_mainloop(self, mainloop, read_state, release_state, k_tiles):
+        """A tile's k-tiles without WGMMA: wait for each stage and release it at once. Waiting keeps this
+        warpgroup's releases in step with the stage phases (an early release would count toward a
+        later phase of the empty barrier)."""
+        for kt in range(k_tiles):
+            mainloop.consumer_wait(read_state)
+            read_state.advance()
+            mainloop.consumer_release(release_state)
+            release_state.advance()
+        return read_state, release_state
+
+    @cute.jit
     def _block_scales(self, mSA, mSB, e, ra, rb, nb_lo, nb_hi, kt):
         """Raw scales of k-tile ``kt`` for a thread's fragment: sa[row a], sa[row b], sb[low-half
         n-block], sb[high-half n-block]."""
@@ -434,7 +527,9 @@ class GroupedGemmSm90:
         mRowScale: Optional[cute.Tensor],
         mSA: Optional[cute.Tensor],
         mSB: Optional[cute.Tensor],
+        mSched: cute.Tensor,
         max_m: Int32,
+        sched_on: Int32,
         n_tiles: Int32,
         n_b: Int32,
         tiled_mma: cute.TiledMma,
@@ -472,6 +567,15 @@ class GroupedGemmSm90:
             cta_layout_vmnk=cute.make_layout((1, self.cm, 1, 1)),
             defer_sync=True,
         )
+        # dynamic scheduling: the producer warp draws each tile index and hands it to the consumers
+        sched = pipeline.PipelineAsync.create(
+            barrier_storage=storage.sched_mbar.data_ptr(),
+            num_stages=SCHED_STAGES,
+            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 32),
+            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.num_mma_threads),
+            defer_sync=True,
+        )
+        sTile = storage.sched_tile.get_tensor(cute.make_layout(SCHED_STAGES))
         pipeline_init_arrive(cluster_shape_mn=(self.cm, 1), is_relaxed=True)
         rank = Int32(0)
         if const_expr(self.cm > 1):
@@ -525,6 +629,9 @@ class GroupedGemmSm90:
                 b_mcast_mask = cutlass.Int16((1 << self.cm) - 1 if self.cm > 1 else 0)
                 t = cluster_id
                 e = Int32(0)
+                sched_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, SCHED_STAGES)
+                if const_expr(self.dynamic):  # the first tile is every CTA's own: no counter read
+                    sched_state = self._publish_tile(sched, sTile, sched_state, t, lane)
                 # prefetch: the first tile's first `pre` stages get their weight tiles before the wait and
                 # their A tiles after it (a_state replays those stages' barriers); first is 1 on that tile
                 pre = Int32(0)
@@ -543,6 +650,10 @@ class GroupedGemmSm90:
                     cute.arch.griddepcontrol_wait()
                     cute.arch.griddepcontrol_launch_dependents()
                 while t < total_tiles:
+                    # the next tile is drawn now and used after this one's loads: the atomic's latency hides
+                    t_next = t + num_clusters
+                    if const_expr(self.dynamic):
+                        t_next = self._draw_tile(mSched, sched_on, t_next, lane, num_clusters)
                     e, m_idx, n_idx = self._tile_coords(sPrefix, t, e, n_tiles, rank)
                     start, count = self._segment(mSeg, e, max_m)
                     # A: (tile_m, tile_k, k_tiles) starting at this expert's row m_idx * tile_m
@@ -566,8 +677,12 @@ class GroupedGemmSm90:
                             mainloop.producer_commit(state)
                             state.advance()
                     first = Int32(0)
-                    t = t + num_clusters
+                    t = t_next
+                    if const_expr(self.dynamic):
+                        sched_state = self._publish_tile(sched, sTile, sched_state, t, lane)
                 mainloop.producer_tail(state)
+                if const_expr(self.dynamic):
+                    self._release_counter(mSched, sched_on, lane, gdim)
         else:
             cute.arch.setmaxregister_increase(232)
             if const_expr(self.prefetch):
@@ -576,15 +691,16 @@ class GroupedGemmSm90:
             self._consumer(
                 tidx, warp_idx, cluster_id, num_clusters, rank, total_tiles, sPrefix, mSeg, mBias, mRowScale, mSA, mSB,
                 max_m, n_b, n_tiles, k_tiles, mainloop, tiled_mma, tiled_mma_out, sA, sB, sC,
-                tma_c, mC_tma,
+                tma_c, mC_tma, sched, sTile,
             )
 
     @cute.jit
     def _consumer(
         self, tidx, warp_idx, cluster_id, num_clusters, rank, total_tiles, sPrefix, mSeg, mBias, mRowScale, mSA, mSB,
-        max_m, n_b, n_tiles, k_tiles, mainloop, tiled_mma, tiled_mma_out, sA, sB, sC, tma_c, mC_tma,
+        max_m, n_b, n_tiles, k_tiles, mainloop, tiled_mma, tiled_mma_out, sA, sB, sC, tma_c, mC_tma, sched, sTile,
     ):
         mma_tidx = tidx - 128
+        wg = cute.arch.make_warp_uniform(mma_tidx // 128)
         thr_mma = tiled_mma.get_slice(mma_tidx)
         thr_mma_out = tiled_mma_out.get_slice(mma_tidx)
         tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
@@ -627,40 +743,29 @@ class GroupedGemmSm90:
         tile_count = Int32(0)
         t = cluster_id
         e = Int32(0)
+        sched_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, SCHED_STAGES)
+        if const_expr(self.dynamic):
+            t, sched_state = self._take_tile(sched, sTile, sched_state)
         while t < total_tiles:
             e, m_idx, n_idx = self._tile_coords(sPrefix, t, e, n_tiles, rank)
             start, count = self._segment(mSeg, e, max_m)
 
-            if const_expr(self.scale_mode == "block"):
-                read_state, release_state = self._mainloop_blockwise(
-                    acc, tmp, tmp2, tCcAcc, tCrA, tCrB, tiled_mma, mainloop, read_state, release_state, mSA, mSB,
-                    e, start, count, m_idx, n_idx, k_tiles, num_k_blocks,
-                )
+            # a warpgroup whose 64 rows all lie past the expert's end (the expert's last, short M-tile,
+            # or the empty tile of a cluster pair) follows the pipeline without issuing WGMMA: its rows
+            # are never stored, and the other warpgroup gets the tensor cores to itself
+            first_row = wg * 64 if const_expr(SKIP_IDLE_WARPGROUPS and self.dynamic) else Int32(-self.tile_m)
+            if count - m_idx * self.tile_m > first_row:
+                if const_expr(self.scale_mode == "block"):
+                    read_state, release_state = self._mainloop_blockwise(
+                        acc, tmp, tmp2, tCcAcc, tCrA, tCrB, tiled_mma, mainloop, read_state, release_state, mSA, mSB,
+                        e, start, count, m_idx, n_idx, k_tiles, num_k_blocks,
+                    )
+                else:
+                    read_state, release_state = self._mainloop(
+                        acc, tCrA, tCrB, tiled_mma, mainloop, read_state, release_state, k_tiles, num_k_blocks
+                    )
             else:
-                # keep one WGMMA batch in flight, release its stage one k-tile later
-                tiled_mma.set(warpgroup.Field.ACCUMULATE, False)
-                warpgroup.fence()
-                mainloop.consumer_wait(read_state)
-                for kb in cutlass.range_constexpr(num_k_blocks):
-                    cute.gemm(tiled_mma, acc, tCrA[None, None, kb, read_state.index],
-                              tCrB[None, None, kb, read_state.index], acc)
-                    tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
-                warpgroup.commit_group()
-                read_state.advance()
-                for kt in range(1, k_tiles):
-                    mainloop.consumer_wait(read_state)
-                    warpgroup.fence()
-                    for kb in cutlass.range_constexpr(num_k_blocks):
-                        cute.gemm(tiled_mma, acc, tCrA[None, None, kb, read_state.index],
-                                  tCrB[None, None, kb, read_state.index], acc)
-                    warpgroup.commit_group()
-                    warpgroup.wait_group(1)
-                    mainloop.consumer_release(release_state)
-                    release_state.advance()
-                    read_state.advance()
-                warpgroup.wait_group(0)
-                mainloop.consumer_release(release_state)
-                release_state.advance()
+                read_state, release_state = self._skip_mainloop(mainloop, read_state, release_state, k_tiles)
 
             # ---- epilogue math in registers: bias (before the activation), activation, row scale
             row0 = m_idx * self.tile_m
@@ -729,5 +834,8 @@ class GroupedGemmSm90:
                     store_pipe.producer_acquire()
                 self.epi_barrier.arrive_and_wait()
             tile_count = tile_count + 1
-            t = t + num_clusters
+            if const_expr(self.dynamic):
+                t, sched_state = self._take_tile(sched, sTile, sched_state)
+            else:
+                t = t + num_clusters
         store_pipe.producer_tail()

@@ -114,10 +114,11 @@ def _compile(key: KernelKey, extra_options: str = "") -> Callable:
     )
     row_scale = make_fake_compact_tensor(cutlass.Float32, (m,), assumed_align=4) if key.has_row_scale else None
     sa, sb = _fake_scales(key, m)
+    sched = make_fake_compact_tensor(cutlass.Int32, (cute.sym_int(),), assumed_align=4)
     gemm = GroupedGemmSm90(key.config, key.activation, key.has_bias, key.has_row_scale, key.masked, key.scale_mode,
                            key.prefetch_weights)
     fn = cute.compile(
-        gemm, a, b, c, seg, bias, row_scale, sa, sb, cutlass.Int32(1), key.num_sms,
+        gemm, a, b, c, seg, bias, row_scale, sa, sb, sched, cutlass.Int32(1), cutlass.Int32(1), key.num_sms,
         make_fake_stream(use_tvm_ffi_env_stream=True),
         options=f"--gpu-arch {key.arch} --enable-tvm-ffi {extra_options}",
     )
@@ -202,6 +203,32 @@ def _check_scale_values(a_scale: torch.Tensor, b_scale: torch.Tensor) -> None:
 
 _DEVICE_INFO: dict = {}
 _FAST: dict = {}  # plain-tuple key -> compiled kernel: cheaper to hash than a KernelKey
+
+# Tile counters of dynamically scheduled GEMMs: one zeroed int32 pair per (device, stream), slots of one
+# buffer per device allocated on the first call outside CUDA-graph capture. The kernel's last CTA
+# zeroes its pair again, so launches on one stream (stream-ordered, PDL-waited) reuse it, and GEMMs on
+# different streams never share one. A graph keeps the pair of the stream it was captured on.
+COUNTER_SLOTS = 256
+_COUNTERS: dict = {}  # device index -> int32 [COUNTER_SLOTS, 2]
+_COUNTER_SLOT: dict = {}  # (device index, raw stream) -> [2] view
+
+
+def _tile_counter(device_index: int, dummy: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(counter pair, 1) for the current stream, or (``dummy``, 0): static order, when the first
+    dynamically scheduled call on this device happens under graph capture (no zeroed buffer yet)."""
+    stream = torch._C._cuda_getCurrentRawStream(device_index)
+    pair = _COUNTER_SLOT.get((device_index, stream))
+    if pair is not None:
+        return pair, 1
+    buf = _COUNTERS.get(device_index)
+    if buf is None:
+        if torch.cuda.is_current_stream_capturing():
+            return dummy, 0
+        buf = _COUNTERS[device_index] = torch.zeros(COUNTER_SLOTS, 2, dtype=torch.int32,
+                                                    device=torch.device("cuda", device_index))
+    slots = sum(1 for d, _ in _COUNTER_SLOT if d == device_index)
+    pair = _COUNTER_SLOT[(device_index, stream)] = buf[slots % COUNTER_SLOTS]
+    return pair, 1
 
 
 def _device_info(device: torch.device) -> tuple[str, int]:
@@ -321,5 +348,6 @@ def grouped_gemm(
     fn = _FAST.get(fast)
     if fn is None:
         fn = _FAST[fast] = compile_kernel(KernelKey(*fast))
-    fn(a2, b, out.view(m_rows, n_out), seg, bias, row_scale, a_scale, b_scale, max_m)
+    counter, sched_on = _tile_counter(a.device.index, seg) if config.dynamic else (seg, 0)
+    fn(a2, b, out.view(m_rows, n_out), seg, bias, row_scale, a_scale, b_scale, counter, max_m, sched_on)
     return out
