@@ -78,6 +78,23 @@ def shipped_kernels(arch: str):
                           True)))
     out.append(("gemm_plain_128x256", "bf16",
                 KernelKey(arch, bf16, bf16, GemmConfig(128, 256), "none", False, False, False, e, h, i, 132)))
+    # dynamic tile scheduling (prefill with < 1024 rows per expert), as the layer launches them
+    dyn = GemmConfig(128, 256, dynamic=True)
+    out.append(("gemm1_silu_128x256_dynamic_prefetch", "bf16",
+                KernelKey(arch, bf16, bf16, dyn, "silu", False, False, False, e, 2 * i, h, 132, "none", True)))
+    out.append(("gemm2_rowscale_128x256_dynamic", "bf16",
+                KernelKey(arch, bf16, bf16, dyn, "none", False, True, False, e, h, i, 132)))
+    out.append(("gemm_none_128x224_dynamic", "bf16",
+                KernelKey(arch, bf16, bf16, GemmConfig(128, 224, dynamic=True), "none", False, False, False, e, h, i,
+                          132)))
+    for act, tile in (("silu", GemmConfig(128, 128, overlap_promotion=True, dynamic=True)),
+                      ("none", GemmConfig(128, 128, dynamic=True))):
+        n, kk = (2 * i, h) if act != "none" else (h, i)
+        out.append((f"fp8_block_{'gemm1_' + act if act != 'none' else 'gemm2'}_128x128"
+                    f"{'_overlap' if tile.overlap_promotion else ''}_dynamic", "fp8",
+                    KernelKey(arch, f8, bf16, tile, act, False, False, False, e, n, kk, 132, "block")))
+    out.append(("fp8_token_gemm1_silu_128x256_dynamic", "fp8",
+                KernelKey(arch, f8, bf16, dyn, "silu", False, False, False, e, 2 * i, h, 132, "token")))
     return out
 
 

@@ -116,3 +116,21 @@ def test_blockwise_multicast_for_large_experts_only():
         assert (cfg.tile_m, cfg.tile_n) == (128, 128)
         assert cfg.cluster_m == (2 if shape is MIXTRAL_8X7B else 1), shape.name
 
+
+
+@pytest.mark.parametrize("blockwise", [False, True])
+def test_dynamic_scheduling_below_1024_rows_per_expert(blockwise):
+    """Prefill with few M-tiles per expert schedules tiles dynamically (an expert's short last M-tile
+    costs less, and the static order would let CTAs drift apart and lose L2 sharing); large experts keep
+    the static order and their 2-CTA multicast; decode tiles stay static."""
+    for shape in REFERENCE_SHAPES:
+        rows = 8192 * shape.top_k
+        for gated in (True, False):
+            n, k = (2 * shape.intermediate, shape.hidden) if gated else (shape.hidden, shape.intermediate)
+            cfg = pick_config(rows, n, k, shape.num_experts, gated, 132, blockwise=blockwise)
+            large = rows / shape.num_experts >= 1024
+            assert cfg.dynamic != large and cfg.tile_m == 128, (shape.name, gated, cfg)
+            assert cfg.cluster_m == (2 if large and (gated or blockwise) else 1)
+            assert not pick_config(shape.top_k, n, k, shape.num_experts, gated, 132, blockwise=blockwise).dynamic
+    with pytest.raises(ValueError, match="cluster_m=1"):
+        GemmConfig(128, 256, cluster_m=2, dynamic=True)

@@ -51,6 +51,12 @@ class GemmConfig:
 
 
 PREFILL_TILE_N = (256, 224, 192)
+# Prefill with fewer rows per expert than this schedules tiles dynamically (GemmConfig.dynamic). Measured
+# (H100, T=8192, same-run A/B against the static order, .device/ab_dyn2.py): bf16 GEMM1+GEMM2 1.11x faster
+# for DeepSeek-V3 (256 rows per expert), 1.09x GPT-OSS-120B (256), 1.04x Qwen3-30B-A3B (512); blockwise
+# fp8 1.03x / 1.06x / 1.12x. Mixtral-8x7B (2048 rows per expert, 3% of M-tiles short) gains nothing
+# (bf16 1.00x; its GEMM1 keeps 2-CTA multicast, which blockwise fp8 needs: 1.07x faster than dynamic).
+DYNAMIC_BELOW = 1024
 MAX_N_PADDING = 0.03
 
 
@@ -77,7 +83,9 @@ def pick_config(rows: int, n: int, k: int, num_experts: int, gated: bool, num_sm
 
     Many rows per expert: 128-row tiles up to 256 wide, the largest whose fp32 accumulators stay in
     the registers of two consumer warpgroups, narrowed to 224 or 192 where 256 would pad N by more
-    than 3% (:func:`prefill_tile_n`); blockwise fp8 keeps a second accumulator: 128 wide. Few rows
+    than 3% (:func:`prefill_tile_n`); blockwise fp8 keeps a second accumulator: 128 wide. Below
+    DYNAMIC_BELOW rows per expert the tiles are scheduled dynamically; above, the gated GEMM1 (and
+    blockwise fp8 GEMM2) multicast weight tiles to 2-CTA clusters. Few rows
     (decode): the GEMM streams each active expert's weights once and is memory-bound: 64-row tiles,
     the narrowest N tile that keeps all tiles in one wave.
     """
@@ -92,13 +100,14 @@ def pick_config(rows: int, n: int, k: int, num_experts: int, gated: bool, num_sm
         # tile): DeepSeek-V3 1.44x vs 1.64x, GPT-OSS 1.28x vs 1.53x.
         if rows_per_expert > 64:
             return GemmConfig(128, 128, cluster_m=2 if rows_per_expert >= 1024 else 1,
-                              overlap_promotion=-(-k // 128) % 2 == 0)
+                              overlap_promotion=-(-k // 128) % 2 == 0, dynamic=rows_per_expert < DYNAMIC_BELOW)
         return GemmConfig(64, 128)
     if rows_per_expert > 64:
         # measured on H200 (perf/results/sm90_grouped_gemm_sweep): multicast pays off for the wide
         # gated GEMM1 of large experts only
-        return GemmConfig(128, prefill_tile_n(n // 2 if gated else n, gated),
-                          cluster_m=2 if gated and rows_per_expert >= 1024 else 1)
+        if rows_per_expert >= DYNAMIC_BELOW:
+            return GemmConfig(128, prefill_tile_n(n // 2 if gated else n, gated), cluster_m=2 if gated else 1)
+        return GemmConfig(128, prefill_tile_n(n // 2 if gated else n, gated), dynamic=True)
     # Decode: memory-bound, one wave at most. Measured (H200, perf/results/sm90_decode_gemm_sweep, T=1, 8,
     # weights cold, every width of TILE_N): the narrowest tile whose tiles still fit in one wave streams
     # fastest (GPT-OSS GEMM1 192 wide: 120 tiles, 9% faster than 92 tiles of 256; Qwen3 GEMM1 96 wide:
