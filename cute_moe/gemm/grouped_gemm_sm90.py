@@ -8,10 +8,14 @@ start = e * max_m, count = masked_m[e]). B is `[E, N, K]` (K-major), C is `[M_to
 Design:
 - warp specialization: warpgroup 0 is the producer (one warp issues TMA loads), one or two consumer
   warpgroups issue WGMMA on a (tile_m x tile_n) fp32 accumulator; setmaxnreg moves registers to them.
-- persistent: each CTA walks tiles t = blockIdx.x, + gridDim.x, ... over all experts' tiles. The tile
-  list (per expert: ceil(count_e / tile_m) M-tiles x N-tiles, M fastest so co-resident CTAs share a
-  weight tile in L2) is prefix-summed once per CTA into shared memory from the device offsets:
-  no host sync, any routing, same binary.
+- persistent: each CTA walks tiles t = blockIdx.x, + gridDim.x, ... over all experts' tiles, or with
+  `GemmConfig.dynamic` draws every tile after its first from a global counter (the producer warp
+  draws, a shared-memory ring hands the index to the consumers), so tiles start in list order even
+  when their costs differ. The tile list (per expert: ceil(count_e / tile_m) M-tiles x N-tiles, M
+  fastest so co-resident CTAs share a weight tile in L2) is prefix-summed once per CTA into shared
+  memory from the device offsets: no host sync, any routing, same binary.
+- a consumer warpgroup whose 64 rows all lie past its expert's end (dynamic scheduling only) follows
+  the pipeline without issuing WGMMA.
 - tiles never straddle experts: an M-tile starts at start_e + i * tile_m; its A rows past the expert's
   end belong to the next expert (or are zero-filled past M_total) and are never stored, because the
   output TMA store goes through a "clipped" view of C whose row bound is the expert's end row (see

@@ -207,7 +207,8 @@ _FAST: dict = {}  # plain-tuple key -> compiled kernel: cheaper to hash than a K
 # Tile counters of dynamically scheduled GEMMs: one zeroed int32 pair per (device, stream), slots of one
 # buffer per device allocated on the first call outside CUDA-graph capture. The kernel's last CTA
 # zeroes its pair again, so launches on one stream (stream-ordered, PDL-waited) reuse it, and GEMMs on
-# different streams never share one. A graph keeps the pair of the stream it was captured on.
+# different streams never share one (up to COUNTER_SLOTS streams per device; more reuse slots in turn).
+# A graph keeps the pair of the stream it was captured on.
 COUNTER_SLOTS = 256
 _COUNTERS: dict = {}  # device index -> int32 [COUNTER_SLOTS, 2]
 _COUNTER_SLOT: dict = {}  # (device index, raw stream) -> [2] view
