@@ -134,3 +134,37 @@ def test_dynamic_scheduling_below_1024_rows_per_expert(blockwise):
             assert not pick_config(shape.top_k, n, k, shape.num_experts, gated, 132, blockwise=blockwise).dynamic
     with pytest.raises(ValueError, match="cluster_m=1"):
         GemmConfig(128, 256, cluster_m=2, dynamic=True)
+
+
+def test_tile_counter_per_stream_and_capture_fallback(monkeypatch):
+    """Counter pairs (CPU stand-in for the device buffer): one slot per (device, stream), reused by
+    later calls on that stream; under graph capture with no buffer yet the call gets the static order
+    (flag 0) and allocates nothing; a buffer made eagerly serves capture streams too."""
+    from cute_moe.gemm import interface
+
+    state = {"stream": 1, "capturing": False}
+    monkeypatch.setattr(interface, "_COUNTERS", {})
+    monkeypatch.setattr(interface, "_COUNTER_SLOT", {})
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda dev: state["stream"], raising=False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: state["capturing"])
+    real_zeros = torch.zeros
+    monkeypatch.setattr(torch, "zeros", lambda *shape, dtype=None, device=None: real_zeros(*shape, dtype=dtype))
+    dummy = torch.empty(3, dtype=torch.int32)
+
+    state["capturing"] = True
+    pair, on = interface._tile_counter(0, dummy)
+    assert pair is dummy and on == 0 and interface._COUNTERS == {}
+    state["capturing"] = False
+    a, on = interface._tile_counter(0, dummy)
+    assert on == 1 and a.shape == (2,) and a.dtype == torch.int32 and not a.any()
+    assert interface._tile_counter(0, dummy)[0] is a  # same stream: same pair
+    state["stream"] = 2
+    b, _ = interface._tile_counter(0, dummy)
+    assert b.data_ptr() != a.data_ptr()
+    state["stream"], state["capturing"] = 3, True  # a capture stream once the buffer exists
+    c, on = interface._tile_counter(0, dummy)
+    assert on == 1 and c.data_ptr() not in (a.data_ptr(), b.data_ptr())
+    assert interface._tile_counter(1, dummy) == (dummy, 0)  # another device, no buffer there yet
+    state["capturing"] = False
+    d, on = interface._tile_counter(1, dummy)
+    assert on == 1 and len(interface._COUNTERS) == 2 and d.data_ptr() not in (a.data_ptr(), b.data_ptr())
