@@ -99,8 +99,9 @@ def pick_config(rows: int, n: int, k: int, num_experts: int, gated: bool, num_sm
         # instead of 1.32x / 1.30x; slower where experts hold few M-tiles (an odd count leaves an empty
         # tile): DeepSeek-V3 1.44x vs 1.64x, GPT-OSS 1.28x vs 1.53x.
         if rows_per_expert > 64:
-            return GemmConfig(128, 128, cluster_m=2 if rows_per_expert >= 1024 else 1,
-                              overlap_promotion=-(-k // 128) % 2 == 0, dynamic=rows_per_expert < DYNAMIC_BELOW)
+            large = rows_per_expert >= DYNAMIC_BELOW
+            return GemmConfig(128, 128, cluster_m=2 if large else 1, overlap_promotion=-(-k // 128) % 2 == 0,
+                              dynamic=not large)
         return GemmConfig(64, 128)
     if rows_per_expert > 64:
         # measured on H200 (perf/results/sm90_grouped_gemm_sweep): multicast pays off for the wide

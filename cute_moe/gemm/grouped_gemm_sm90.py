@@ -572,14 +572,16 @@ class GroupedGemmSm90:
             defer_sync=True,
         )
         # dynamic scheduling: the producer warp draws each tile index and hands it to the consumers
-        sched = pipeline.PipelineAsync.create(
-            barrier_storage=storage.sched_mbar.data_ptr(),
-            num_stages=SCHED_STAGES,
-            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 32),
-            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.num_mma_threads),
-            defer_sync=True,
-        )
-        sTile = storage.sched_tile.get_tensor(cute.make_layout(SCHED_STAGES))
+        sched = sTile = None
+        if const_expr(self.dynamic):
+            sched = pipeline.PipelineAsync.create(
+                barrier_storage=storage.sched_mbar.data_ptr(),
+                num_stages=SCHED_STAGES,
+                producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 32),
+                consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.num_mma_threads),
+                defer_sync=True,
+            )
+            sTile = storage.sched_tile.get_tensor(cute.make_layout(SCHED_STAGES))
         pipeline_init_arrive(cluster_shape_mn=(self.cm, 1), is_relaxed=True)
         rank = Int32(0)
         if const_expr(self.cm > 1):
